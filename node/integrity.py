@@ -1,0 +1,135 @@
+"""Structural check of an encoded dataset: every element's value lies inside the bytes received.
+
+pydicom reads a truncated stream without complaint (a short last value is simply short), so a
+sender that stopped mid-file would otherwise get Success for a file that no viewer can open. This
+walks the element structure, nested sequences and encapsulated pixel data included, without
+decoding any value.
+"""
+
+from __future__ import annotations
+
+import struct
+
+__all__ = ["IncompleteDataset", "check_complete"]
+
+_UNDEFINED = 0xFFFFFFFF
+_ITEM = (0xFFFE, 0xE000)
+_ITEM_END = (0xFFFE, 0xE00D)
+_SEQUENCE_END = (0xFFFE, 0xE0DD)
+# Explicit VRs whose length field is 4 bytes after 2 reserved bytes (PS3.5 7.1.2).
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+class IncompleteDataset(ValueError):
+    """The encoded dataset ends inside an element or lacks a delimiter."""
+
+
+class _Reader:
+    def __init__(self, data: bytes, implicit: bool, little: bool) -> None:
+        self.data = memoryview(data)
+        self.implicit = implicit
+        self.order = "<" if little else ">"
+
+    def tag(self, offset: int) -> tuple[int, int]:
+        if offset + 4 > len(self.data):
+            raise IncompleteDataset(f"dataset ends inside a tag at byte {offset}")
+        return struct.unpack_from(self.order + "HH", self.data, offset)
+
+    def header(self, offset: int) -> tuple[tuple[int, int], bytes | None, int, int]:
+        """Tag, VR (None when implicit), value length and offset of the value."""
+        tag = self.tag(offset)
+        if tag[0] == 0xFFFE:  # item and delimiters have no VR in either encoding
+            (length,) = self._unpack("L", offset + 4)
+            return tag, None, length, offset + 8
+        if self.implicit:
+            (length,) = self._unpack("L", offset + 4)
+            return tag, None, length, offset + 8
+        if offset + 6 > len(self.data):
+            raise IncompleteDataset(f"dataset ends inside the header of element {_name(tag)}")
+        vr = bytes(self.data[offset + 4 : offset + 6])
+        if vr in _LONG_VRS:
+            (length,) = self._unpack("L", offset + 8)
+            return tag, vr, length, offset + 12
+        (length,) = self._unpack("H", offset + 6)
+        return tag, vr, length, offset + 8
+
+    def _unpack(self, code: str, offset: int) -> tuple[int]:
+        size = struct.calcsize(code)
+        if offset + size > len(self.data):
+            raise IncompleteDataset(f"dataset ends inside an element header at byte {offset}")
+        return struct.unpack_from(self.order + code, self.data, offset)
+
+
+def _name(tag: tuple[int, int]) -> str:
+    return f"({tag[0]:04X},{tag[1]:04X})"
+
+
+def _skip_value(reader: _Reader, tag: tuple[int, int], vr: bytes | None, length: int, start: int, depth: int) -> int:
+    if length != _UNDEFINED:
+        end = start + length
+        if end > len(reader.data):
+            raise IncompleteDataset(
+                f"element {_name(tag)} declares {length} bytes but only {len(reader.data) - start} remain"
+            )
+        return end
+    # Undefined length: a sequence, or encapsulated pixel data (OB) made of items. In implicit VR
+    # an undefined length can only be a sequence or pixel data, both made of items.
+    if vr == b"UN":
+        # PS3.5 6.2.2: an undefined-length UN holds a sequence encoded in implicit VR.
+        nested = _Reader(b"", implicit=True, little=reader.order == "<")
+        nested.data = reader.data
+        return _walk_items(nested, start, tag, depth)
+    return _walk_items(reader, start, tag, depth)
+
+
+def _walk_items(reader: _Reader, offset: int, owner: tuple[int, int], depth: int) -> int:
+    if depth > 32:
+        raise IncompleteDataset("sequences nested deeper than 32 levels")
+    while True:
+        tag, _, length, start = reader.header(offset)
+        if tag == _SEQUENCE_END:
+            return start
+        if tag != _ITEM:
+            raise IncompleteDataset(f"expected an item in {_name(owner)}, found {_name(tag)}")
+        if length == _UNDEFINED:
+            offset = _walk_dataset(reader, start, depth + 1, until_item_end=True)
+        else:
+            end = start + length
+            if end > len(reader.data):
+                raise IncompleteDataset(f"an item of {_name(owner)} ends beyond the data received")
+            offset = end
+
+
+def _walk_dataset(reader: _Reader, offset: int, depth: int, until_item_end: bool = False) -> int:
+    while offset < len(reader.data):
+        tag, vr, length, start = reader.header(offset)
+        if tag == _ITEM_END:
+            if not until_item_end:
+                raise IncompleteDataset("an item delimiter outside any item")
+            return start
+        offset = _skip_value(reader, tag, vr, length, start, depth)
+    if until_item_end:
+        raise IncompleteDataset("dataset ends inside a sequence item")
+    return offset
+
+
+def check_complete(data: bytes, implicit: bool, little: bool = True) -> None:
+    """Check that an encoded dataset (without file meta) is structurally complete.
+
+    Parameters
+    ----------
+    data : bytes
+        The dataset as encoded in its transfer syntax (deflated data must be inflated first).
+    implicit : bool
+        Whether the transfer syntax uses implicit VR.
+    little : bool
+        Whether it is little endian.
+
+    Raises
+    ------
+    IncompleteDataset
+        If any element, item or sequence extends beyond the data, or a delimiter is missing.
+    """
+    if not data:
+        raise IncompleteDataset("the dataset is empty")
+    _walk_dataset(_Reader(data, implicit, little), 0, depth=0)

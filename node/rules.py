@@ -1,0 +1,340 @@
+"""Selection rules: which assembled series the node processes, and why or why not.
+
+In the spirit of MONAI Deploy's series selection rules, but fixed to what lumbar muscle analysis
+needs. Each series of a study is judged on its headers alone (pure functions, no I/O):
+
+1. modality and SOP class (an MR image);
+2. lumbar region: BodyPartExamined, then study, series and protocol descriptions;
+3. axial: every slice's normal within ``max_oblique_degrees`` of the patient's long axis, judged
+   per slice so that angled slabs in one series still count;
+4. no fat suppression (there is no fat signal left to measure);
+5. the contrast: a Dixon component (water, fat, in-phase, opposed-phase, fat fraction) from
+   ImageType values and vendor descriptions, otherwise T1 or T2 from the enhanced contrast
+   attribute, TR and TE, or the description.
+
+Dixon components of one acquisition (same study, frame of reference and slice geometry) are then
+grouped; a group is selected when it holds both water and fat, or a vendor fat-fraction map.
+Every series gets exactly one :class:`Decision` with a reason a person can read.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+from .config import Rules
+
+__all__ = ["Decision", "SeriesHeaders", "decide_study", "dixon_role", "orientation_name"]
+
+MR_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image Storage",
+}
+
+# ImageType values for Dixon components as the main vendors write them: Siemens (WATER, FAT,
+# IN_PHASE, OPP_PHASE, with DIXON), Philips mDixon (W, F, IP, OP, FF), GE IDEAL/FLEX (WATER, FAT,
+# IN PHASE, OUT PHASE), and fat-fraction maps (FF, FAT_FRACTION, PDFF).
+_DIXON_IMAGE_TYPES = {
+    "water": {"W", "WATER"},
+    "fat": {"F", "FAT"},
+    "in_phase": {"IP", "IN_PHASE", "IN PHASE", "INPHASE"},
+    "opposed_phase": {"OP", "OPP_PHASE", "OUT_PHASE", "OUT PHASE", "OPPOSED_PHASE", "OUTPHASE"},
+    "fat_fraction": {"FF", "FAT_FRACTION", "FATFRACTION", "PDFF"},
+}
+# Series descriptions that name a Dixon component, as scanners write them when ImageType does not.
+_DIXON_DESCRIPTIONS = {
+    "fat_fraction": re.compile(r"(fat[ _-]?frac|\bpdff\b|\bff\b|_ff$)", re.I),
+    "opposed_phase": re.compile(r"(opp|out[ _-]?phase|_op$|\bop\b)", re.I),
+    "in_phase": re.compile(r"(in[ _-]?phase|_in$|_ip$|\bip\b)", re.I),
+    "water": re.compile(r"(water|_w$|\bw\b)", re.I),
+    "fat": re.compile(r"(\bfat\b|_f$|\bf\b)", re.I),
+}
+_DIXON_HINT = re.compile(r"dixon|ideal|flex|mdixon|\bvibe\b.*_(w|f|in|opp)$", re.I)
+
+
+@dataclass(frozen=True)
+class SeriesHeaders:
+    """What the rules know of one assembled series: the header summaries of its instances."""
+
+    series_uid: str
+    study_uid: str
+    version: int
+    headers: tuple[dict[str, Any], ...]
+
+    def first(self, key: str, default: Any = "") -> Any:
+        for header in self.headers:
+            value = header.get(key)
+            if value not in (None, "", []):
+                return value
+        return default
+
+    @property
+    def frames(self) -> list[dict[str, Any]]:
+        return [frame for header in self.headers for frame in header.get("frames", [])]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The verdict on one series.
+
+    Attributes
+    ----------
+    selected : bool
+        Whether the series will be processed.
+    kind : str or None
+        ``"dixon"``, ``"t1"`` or ``"t2"`` for a selected series.
+    role : str or None
+        Its part in the group: a Dixon component (``"water"``, ``"fat"``, ``"in_phase"``,
+        ``"opposed_phase"``, ``"fat_fraction"``) or the weighting of a single series.
+    grouping : str or None
+        Series with the same grouping are processed together.
+    reason : str
+        Why, in words a radiographer or an IT person understands.
+    """
+
+    series_uid: str
+    version: int
+    selected: bool
+    reason: str
+    kind: str | None = None
+    role: str | None = None
+    grouping: str | None = None
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "series_uid": self.series_uid, "version": self.version, "selected": self.selected,
+            "kind": self.kind, "role": self.role, "grouping": self.grouping, "reason": self.reason,
+        }
+
+
+def _normal(orientation: Sequence[float]) -> tuple[float, float, float] | None:
+    row, column = orientation[:3], orientation[3:]
+    n = (
+        row[1] * column[2] - row[2] * column[1],
+        row[2] * column[0] - row[0] * column[2],
+        row[0] * column[1] - row[1] * column[0],
+    )
+    length = math.sqrt(sum(c * c for c in n))
+    return None if length < 1e-6 else (n[0] / length, n[1] / length, n[2] / length)
+
+
+def orientation_name(orientation: Sequence[float]) -> str:
+    """``"axial"``, ``"coronal"`` or ``"sagittal"``: the plane a slice is closest to."""
+    normal = _normal(orientation)
+    if normal is None:
+        return "degenerate"
+    axis = max(range(3), key=lambda i: abs(normal[i]))
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+def _tilt_degrees(orientation: Sequence[float]) -> float | None:
+    """Angle between a slice's normal and the patient's head-foot axis."""
+    normal = _normal(orientation)
+    if normal is None:
+        return None
+    return math.degrees(math.acos(min(1.0, abs(normal[2]))))
+
+
+def _descriptions(series: SeriesHeaders) -> list[str]:
+    return [series.first(k) for k in ("SeriesDescription", "ProtocolName", "StudyDescription") if series.first(k)]
+
+
+def _search(patterns: Iterable[str], texts: Iterable[str]) -> tuple[str, str] | None:
+    for text in texts:
+        for pattern in patterns:
+            if re.search(pattern, text, re.I):
+                return pattern, text
+    return None
+
+
+def _check_modality(series: SeriesHeaders, rules: Rules) -> str | None:
+    modality = series.first("Modality").upper()
+    if modality not in rules.modalities:
+        return f"modality {modality or '(none)'} is not one of {', '.join(rules.modalities)}"
+    sop_class = series.first("SOPClassUID")
+    if sop_class not in MR_IMAGE_SOP_CLASSES:
+        return f"SOP class {sop_class} is not an MR image"
+    return None
+
+
+def _check_lumbar(series: SeriesHeaders, rules: Rules) -> tuple[str | None, str]:
+    """Return (reason to skip, or None; what made it lumbar)."""
+    own = [series.first(k) for k in ("SeriesDescription", "ProtocolName") if series.first(k)]
+    excluded = _search(rules.exclude_patterns, own)
+    if excluded:
+        return f"description {excluded[1]!r} matches the exclusion pattern {excluded[0]!r}", ""
+    body_part = series.first("BodyPartExamined").upper()
+    if body_part in rules.lumbar_body_parts:
+        return None, f"BodyPartExamined {body_part}"
+    if body_part not in rules.ambiguous_body_parts:
+        return f"not lumbar: BodyPartExamined {body_part} is not a lumbar body part", ""
+    texts = _descriptions(series)
+    excluded = _search(rules.exclude_patterns, texts)
+    if excluded:
+        return f"not lumbar: description {excluded[1]!r} matches the exclusion pattern {excluded[0]!r}", ""
+    lumbar = _search(rules.lumbar_patterns, texts)
+    if lumbar:
+        return None, f"description {lumbar[1]!r}"
+    shown = f"BodyPartExamined {body_part}" if body_part else "no BodyPartExamined"
+    return f"not lumbar: {shown} and no description matches a lumbar pattern", ""
+
+
+def _check_axial(series: SeriesHeaders, rules: Rules) -> tuple[str | None, str]:
+    frames = series.frames
+    orientations = [f.get("orientation") for f in frames]
+    if not orientations or any(o is None for o in orientations):
+        return "no ImageOrientationPatient on every slice", ""
+    tilts = [_tilt_degrees(o) for o in orientations]
+    if any(t is None for t in tilts):
+        return "degenerate ImageOrientationPatient", ""
+    off = [t for t in tilts if t > rules.max_oblique_degrees]
+    if off:
+        planes = sorted({orientation_name(o) for o, t in zip(orientations, tilts) if t > rules.max_oblique_degrees})
+        return (
+            f"not axial: {len(off)} of {len(tilts)} slices are tilted more than {rules.max_oblique_degrees:g}°"
+            f" from the axial plane (closest to {', '.join(planes)})"
+        ), ""
+    stacks = len({tuple(round(v, 3) for v in o) for o in orientations})
+    detail = f"axial, tilt up to {max(tilts):.1f}°"
+    return None, detail + (f" in {stacks} orientations (angled slabs)" if stacks > 1 else "")
+
+
+def _check_fat_suppression(series: SeriesHeaders, rules: Rules) -> str | None:
+    options = set(series.first("ScanOptions", []))
+    if options & {"FS", "FAT SAT", "FATSAT", "SFS"}:
+        return "fat-suppressed (ScanOptions FS): no fat signal left to measure"
+    found = _search(rules.fat_suppressed_patterns, [series.first("SeriesDescription"), series.first("ProtocolName")])
+    if found:
+        return f"fat-suppressed (description {found[1]!r}): no fat signal left to measure"
+    return None
+
+
+def dixon_role(image_type: Sequence[str], description: str) -> tuple[str | None, str]:
+    """The Dixon component named by ImageType values or, failing that, by the description.
+
+    Returns
+    -------
+    tuple
+        The role (or ``None``) and the evidence for it.
+    """
+    values = {v.upper() for v in image_type[2:]} if len(image_type) > 2 else set()
+    for role, names in _DIXON_IMAGE_TYPES.items():
+        found = values & names
+        if found:
+            return role, "ImageType " + "\\".join(image_type)
+    if description and (_DIXON_HINT.search(description) or "DIXON" in values):
+        for role, pattern in _DIXON_DESCRIPTIONS.items():
+            if pattern.search(description):
+                return role, f"description {description!r}"
+    return None, ""
+
+
+def _weighting(series: SeriesHeaders) -> tuple[str | None, str]:
+    """T1 or T2 from the enhanced contrast attribute, TR and TE, or the description."""
+    contrast = str(series.first("AcquisitionContrast")).upper()
+    if contrast in ("T1", "T2"):
+        return contrast.lower(), f"AcquisitionContrast {contrast}"
+    tr, te = series.first("RepetitionTime", None), series.first("EchoTime", None)
+    if tr is not None and te is not None:
+        if te <= 30 and tr <= 1200:
+            return "t1", f"TR {tr:g} ms, TE {te:g} ms"
+        if te >= 60 and tr >= 1500:
+            return "t2", f"TR {tr:g} ms, TE {te:g} ms"
+    description = " ".join(_descriptions(series)[:2])
+    match = re.search(r"\bt([12])(?![0-9])", description, re.I)
+    if match:
+        return f"t{match.group(1)}", f"description {description!r}"
+    shown = f"TR {tr:g} ms, TE {te:g} ms" if tr is not None and te is not None else "no TR/TE"
+    return None, shown
+
+
+def _geometry_key(series: SeriesHeaders) -> tuple[Any, ...]:
+    # Components of one Dixon acquisition share every slice position and orientation.
+    frames = series.frames
+    return (
+        series.study_uid,
+        series.first("FrameOfReferenceUID"),
+        tuple(sorted(
+            tuple(round(v, 2) for v in (f.get("position") or []) + (f.get("orientation") or []))
+            for f in frames
+        )),
+    )
+
+
+def decide_study(series_list: Sequence[SeriesHeaders], rules: Rules) -> list[Decision]:
+    """Judge every series of one study.
+
+    Parameters
+    ----------
+    series_list : sequence of SeriesHeaders
+        The assembled series of the study.
+    rules : Rules
+        The configured rules.
+
+    Returns
+    -------
+    list of Decision
+        One per series, in the order given.
+    """
+    decisions: dict[str, Decision] = {}
+    dixon: dict[tuple[Any, ...], dict[str, tuple[SeriesHeaders, str]]] = {}
+    for series in series_list:
+        skip = _check_modality(series, rules)
+        lumbar_evidence = axial_evidence = ""
+        if skip is None:
+            skip, lumbar_evidence = _check_lumbar(series, rules)
+        if skip is None:
+            skip, axial_evidence = _check_axial(series, rules)
+        role = evidence = None
+        if skip is None:
+            role, evidence = dixon_role(series.first("ImageType", []), series.first("SeriesDescription"))
+            if role is None:
+                skip = _check_fat_suppression(series, rules)
+        if skip is not None:
+            decisions[series.series_uid] = Decision(series.series_uid, series.version, False, skip)
+            continue
+        basis = f"lumbar ({lumbar_evidence}), {axial_evidence}"
+        if role is not None:
+            components = dixon.setdefault(_geometry_key(series), {})
+            if role in components:
+                decisions[series.series_uid] = Decision(
+                    series.series_uid, series.version, False,
+                    f"a second Dixon {role} series of the same acquisition; "
+                    f"series {components[role][0].series_uid} is used",
+                )
+                continue
+            components[role] = (series, f"Dixon {role} ({evidence}); {basis}")
+            continue
+        weighting, evidence = _weighting(series)
+        if weighting is None:
+            decisions[series.series_uid] = Decision(
+                series.series_uid, series.version, False,
+                f"neither a Dixon component nor T1- or T2-weighted ({evidence})",
+            )
+        else:
+            decisions[series.series_uid] = Decision(
+                series.series_uid, series.version, True, f"{weighting.upper()}-weighted ({evidence}); {basis}",
+                kind=weighting, role=weighting, grouping=f"{weighting}:{series.series_uid}",
+            )
+
+    for components in dixon.values():
+        usable = ("water" in components and "fat" in components) or "fat_fraction" in components
+        anchor = components.get("water") or components.get("fat_fraction") or next(iter(components.values()))
+        grouping = f"dixon:{anchor[0].series_uid}"
+        names = ", ".join(sorted(components))
+        for role, (series, reason) in components.items():
+            if usable:
+                decisions[series.series_uid] = Decision(
+                    series.series_uid, series.version, True, f"{reason}; paired with {names}",
+                    kind="dixon", role=role, grouping=grouping,
+                )
+            else:
+                decisions[series.series_uid] = Decision(
+                    series.series_uid, series.version, False,
+                    f"Dixon {role} without a water and fat pair or a fat-fraction map of the same "
+                    f"acquisition (have: {names})",
+                )
+    return [decisions[s.series_uid] for s in series_list]

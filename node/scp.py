@@ -1,0 +1,333 @@
+"""The DICOM SCP: Verification and Storage, with peers checked at association time.
+
+The C-STORE handler does the minimum that durability needs before it answers: check the dataset
+is complete, read its header (not its pixels), write the bytes as they came with file meta,
+fsync, rename, index. Everything slower (assembly, rules, inference) happens elsewhere.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import struct
+import threading
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID
+from pynetdicom import AE, evt
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.events import Event
+
+from . import IMPLEMENTATION_VERSION_NAME
+from .assembly import Assembler
+from .config import Config
+from .headers import summarise
+from .index import Index, InstanceRecord
+from .integrity import IncompleteDataset, check_complete
+from .store import DiskFull, InstanceStore
+
+__all__ = ["STORAGE_SOP_CLASSES", "TRANSFER_SYNTAXES", "StorageSCP", "Status"]
+
+log = logging.getLogger(__name__)
+
+STORAGE_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.1": "Enhanced MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.4.4": "Legacy Converted Enhanced MR Image Storage",
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation Storage",
+    "1.2.840.10008.5.1.4.1.1.88.34": "Comprehensive 3D SR Storage",
+    "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR Storage",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF Storage",
+}
+
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+]
+VERIFICATION = "1.2.840.10008.1.1"
+_PIXEL_DATA = Tag(0x7FE0, 0x0010)
+
+
+class Status:
+    """C-STORE status codes the node answers with (PS3.4 Annex B.2.3)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    DATASET_MISMATCH = 0xA900
+    CANNOT_UNDERSTAND = 0xC210
+    INVALID_IDENTIFIERS = 0xC211
+    PROCESSING_FAILURE = 0xC001
+
+
+def _status(code: int, comment: str) -> Dataset:
+    # An Error Comment lets the sender's log say why, not just that, it failed (LO: 64 characters).
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:64]
+    return status
+
+
+class Refused(Exception):
+    """A C-STORE that is answered with a failure status."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass
+class _AssociationState:
+    id: int
+    calling_ae: str
+    address: str
+    outcome: str = "closed"
+    instances: int = 0
+    failures: int = 0
+    series: set[str] = field(default_factory=set)
+
+
+def _stop_before_pixels(tag: Any, vr: Any, length: int) -> bool:
+    return tag == _PIXEL_DATA
+
+
+def read_header(stream: bytes, transfer_syntax: UID) -> Dataset:
+    """Check an encoded dataset for completeness and read everything before its pixel data.
+
+    Raises
+    ------
+    IncompleteDataset
+        If the bytes end inside an element.
+    """
+    if transfer_syntax == "1.2.840.10008.1.2.1.99":
+        try:
+            stream = zlib.decompress(stream, -zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise IncompleteDataset(f"deflated dataset cannot be inflated: {exc}") from None
+    implicit = transfer_syntax.is_implicit_VR
+    little = transfer_syntax.is_little_endian
+    check_complete(stream, implicit, little)
+    return read_dataset(io.BytesIO(stream), implicit, little, stop_when=_stop_before_pixels)
+
+
+class StorageSCP:
+    """The node's listening application entity.
+
+    Parameters
+    ----------
+    config : Config
+        AE title, address, peers.
+    store : InstanceStore
+        Where files go.
+    index : Index
+        Where they are recorded.
+    assembler : Assembler
+        Told when an association ends.
+    """
+
+    def __init__(self, config: Config, store: InstanceStore, index: Index, assembler: Assembler) -> None:
+        self.config = config
+        self.store = store
+        self.index = index
+        self.assembler = assembler
+        self._associations: dict[int, _AssociationState] = {}
+        self._lock = threading.Lock()
+        self._server: Any = None
+        self.ae = self._make_ae()
+
+    def _make_ae(self) -> AE:
+        ae = AE(ae_title=self.config.ae_title)
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        # 0 = no limit: the sender chooses its PDU size and large instances arrive in few PDUs.
+        ae.maximum_pdu_size = self.config.max_pdu
+        ae.require_called_aet = True
+        ae.maximum_associations = 32
+        ae.network_timeout = 120
+        ae.dimse_timeout = 120
+        ae.add_supported_context(VERIFICATION)
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        return ae
+
+    @property
+    def handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+
+    def start(self) -> None:
+        """Listen for associations (in background threads)."""
+        self._server = self.ae.start_server(
+            (self.config.host, self.config.port), block=False, evt_handlers=self.handlers
+        )
+        log.info("listening as %s on %s:%d", self.config.ae_title, self.config.host, self.config.port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # -- association life cycle ---------------------------------------------------------------
+
+    def _on_requested(self, event: Event) -> None:
+        calling = event.assoc.requestor.primitive.calling_ae_title.strip()
+        address = event.assoc.requestor.address
+        if self.config.open or self.config.peer_for(calling, address) is not None:
+            return
+        log.warning("rejected association from %s at %s: not a configured peer", calling, address)
+        # Rejected-permanent, by the service user, calling AE title not recognised (PS3.8 9.3.4).
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+    def _on_accepted(self, event: Event) -> None:
+        calling = event.assoc.requestor.ae_title.strip()
+        address = event.assoc.requestor.address
+        association_id = self.index.association_started(calling, address)
+        with self._lock:
+            self._associations[id(event.assoc)] = _AssociationState(association_id, calling, address)
+        log.info("association %d accepted from %s at %s", association_id, calling, address)
+
+    def _state(self, event: Event) -> _AssociationState | None:
+        with self._lock:
+            return self._associations.get(id(event.assoc))
+
+    def _on_released(self, event: Event) -> None:
+        state = self._state(event)
+        if state is not None:
+            state.outcome = "released"
+
+    def _on_aborted(self, event: Event) -> None:
+        state = self._state(event)
+        if state is not None:
+            state.outcome = "aborted"
+
+    def _on_closed(self, event: Event) -> None:
+        with self._lock:
+            state = self._associations.pop(id(event.assoc), None)
+        if state is None:
+            return  # rejected or never accepted
+        series = self.index.association_ended(state.id, state.outcome, state.instances, state.failures)
+        log.info(
+            "association %d %s: %d instances stored, %d refused",
+            state.id, state.outcome, state.instances, state.failures,
+        )
+        self.assembler.association_ended(series)
+
+    # -- services -----------------------------------------------------------------------------
+
+    def _on_echo(self, event: Event) -> int:
+        return Status.SUCCESS
+
+    def _on_store(self, event: Event) -> int | Dataset:
+        state = self._state(event)
+        try:
+            self._store(event, state)
+        except Refused as refused:
+            if state is not None:
+                state.failures += 1
+            log.warning(
+                "association %s: refused a %s instance with 0x%04X: %s",
+                state.id if state else "?", STORAGE_SOP_CLASSES.get(event.request.AffectedSOPClassUID, "?"),
+                refused.code, refused.reason,
+            )
+            return _status(refused.code, refused.reason)
+        except Exception as exc:  # the node keeps serving whatever one instance does
+            if state is not None:
+                state.failures += 1
+            log.exception("association %s: storing an instance failed", state.id if state else "?")
+            return _status(Status.PROCESSING_FAILURE, f"internal error: {type(exc).__name__}")
+        if state is not None:
+            state.instances += 1
+        return Status.SUCCESS
+
+    def _store(self, event: Event, state: _AssociationState | None) -> None:
+        request = event.request
+        transfer_syntax = UID(event.context.transfer_syntax)
+        stream = request.DataSet.getvalue()
+        try:
+            ds = read_header(stream, transfer_syntax)
+        except IncompleteDataset as exc:
+            raise Refused(Status.CANNOT_UNDERSTAND, f"incomplete dataset: {exc}") from None
+        except Exception as exc:
+            raise Refused(Status.CANNOT_UNDERSTAND, f"unreadable dataset: {exc}") from None
+
+        sop_instance_uid = str(ds.get("SOPInstanceUID", "")).strip()
+        sop_class_uid = str(ds.get("SOPClassUID", "")).strip()
+        if sop_class_uid != request.AffectedSOPClassUID:
+            raise Refused(Status.DATASET_MISMATCH, "SOP Class UID differs from the request")
+        if sop_instance_uid != request.AffectedSOPInstanceUID:
+            raise Refused(Status.DATASET_MISMATCH, "SOP Instance UID differs from the request")
+        study_uid = str(ds.get("StudyInstanceUID", "")).strip()
+        series_uid = str(ds.get("SeriesInstanceUID", "")).strip()
+        try:
+            path = self.store.path_for(study_uid, series_uid, sop_instance_uid)
+        except ValueError as exc:
+            raise Refused(Status.INVALID_IDENTIFIERS, str(exc)) from None
+
+        meta = create_file_meta(
+            sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid, transfer_syntax=transfer_syntax
+        )
+        if state is not None:
+            meta.SourceApplicationEntityTitle = state.calling_ae
+        header = b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
+
+        if self._already_stored(sop_instance_uid, path, stream):
+            return  # the same instance again: nothing changes, so the series is not re-processed
+        try:
+            self.store.write(path, [header, stream])
+        except DiskFull as exc:
+            raise Refused(Status.OUT_OF_RESOURCES, f"disk full: {exc}") from None
+        except OSError as exc:
+            raise Refused(Status.OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}") from None
+        self.index.add_instance(
+            InstanceRecord(
+                sop_instance_uid=sop_instance_uid,
+                sop_class_uid=sop_class_uid,
+                transfer_syntax=str(transfer_syntax),
+                study_uid=study_uid,
+                series_uid=series_uid,
+                path=str(path.relative_to(self.store.root)),
+                size=len(header) + len(stream),
+                header=summarise(ds),
+            ),
+            association_id=state.id if state else None,
+            calling_ae=state.calling_ae if state else "",
+            address=state.address if state else "",
+        )
+
+    def _already_stored(self, sop_instance_uid: str, path: Path, stream: bytes) -> bool:
+        """Whether this exact dataset is on disk already under the same name."""
+        existing = self.index.instance_path(sop_instance_uid)
+        if existing is None or self.store.root / existing != path or not path.exists():
+            return False
+        on_disk = path.read_bytes()
+        # Compare the dataset, not the file meta: another sender writes another Source AE Title.
+        (meta_length,) = struct.unpack_from("<I", on_disk, 140)
+        return on_disk[144 + meta_length :] == stream
