@@ -54,7 +54,7 @@ class _Reader:
         return tag, vr, length, offset + 8
 
     def _unpack(self, code: str, offset: int) -> tuple[int]:
-        size = struct.calcsize(code)
+        size = struct.calcsize(self.order + code)
         if offset + size > len(self.data):
             raise IncompleteDataset(f"dataset ends inside an element header at byte {offset}")
         return struct.unpack_from(self.order + code, self.data, offset)

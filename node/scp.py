@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_context, evt
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.events import Event
 
@@ -132,6 +132,25 @@ def read_header(stream: bytes, transfer_syntax: UID) -> Dataset:
     return read_dataset(io.BytesIO(stream), implicit, little, stop_when=_stop_before_pixels)
 
 
+def _prefer_senders_transfer_syntax(assoc: Any) -> None:
+    """Accept, of the transfer syntaxes a sender proposes in one context, the one it lists first.
+
+    pynetdicom picks the first of the acceptor's own list that the sender proposed, which would
+    make a sender convert a JPEG-LS file to explicit little endian (or worse, compress an
+    uncompressed one) before sending. The sender's first choice is normally the file as it is, and
+    storing what came is the point of the store.
+    """
+    preferred: dict[str, list[str]] = {}
+    for context in assoc.requestor.primitive.presentation_context_definition_list:
+        preferred.setdefault(context.abstract_syntax, list(context.transfer_syntax))
+    reordered = []
+    for context in assoc.acceptor.supported_contexts:
+        ours = list(context.transfer_syntax)
+        theirs = [ts for ts in preferred.get(context.abstract_syntax, []) if ts in ours]
+        reordered.append(build_context(context.abstract_syntax, theirs + [ts for ts in ours if ts not in theirs]))
+    assoc.acceptor.supported_contexts = reordered
+
+
 class StorageSCP:
     """The node's listening application entity.
 
@@ -201,10 +220,14 @@ class StorageSCP:
         calling = event.assoc.requestor.primitive.calling_ae_title.strip()
         address = event.assoc.requestor.address
         if self.config.open or self.config.peer_for(calling, address) is not None:
+            _prefer_senders_transfer_syntax(event.assoc)
             return
         log.warning("rejected association from %s at %s: not a configured peer", calling, address)
         # Rejected-permanent, by the service user, calling AE title not recognised (PS3.8 9.3.4).
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        # As pynetdicom does after its own rejections: wait until the DUL has sent the PDU, or
+        # the socket would be closed under it and the peer would see an abort, not a reason.
+        event.assoc.kill()
 
     def _on_accepted(self, event: Event) -> None:
         calling = event.assoc.requestor.ae_title.strip()

@@ -273,3 +273,38 @@ class Orthanc:
     def send(self, modality: str, resources: list[str]) -> Any:
         """Make Orthanc C-STORE resources to a configured modality, waiting until done."""
         return self.post(f"/modalities/{modality}/store", {"Resources": resources, "Synchronous": True})
+
+
+def bit_preserving_reference(folder: Path, files: Iterable[Path], *storescu_options: str) -> dict[str, bytes]:
+    """What storescu actually puts on the wire, as DCMTK's bit-preserving storescp records it.
+
+    DCMTK re-encodes some datasets while sending (sequence lengths, for example), so "byte for byte"
+    is judged against this reference: the dataset bytes received by ``storescp +B``, by SOP
+    Instance UID.
+    """
+    from pydicom import dcmread
+
+    from tests.dicomfiles import dataset_bytes
+
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    scp = subprocess.Popen(
+        [require_tool("storescp"), "+B", "+xa", "-od", str(folder), "-aet", "REFERENCE", str(port)],
+        env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        run_dcmtk("storescu", "-aec", "REFERENCE", *storescu_options, "127.0.0.1", str(port), *map(str, files), check=True)
+    finally:
+        scp.terminate()
+        scp.wait()
+    return {
+        str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): dataset_bytes(p)
+        for p in folder.iterdir() if p.is_file()
+    }
