@@ -144,8 +144,10 @@ def _descriptions(series: SeriesHeaders) -> list[str]:
 
 def _search(patterns: Iterable[str], texts: Iterable[str]) -> tuple[str, str] | None:
     for text in texts:
+        # Scanners join words with underscores ("t2_stir_tra"); patterns use word boundaries.
+        words = text.replace("_", " ")
         for pattern in patterns:
-            if re.search(pattern, text, re.I):
+            if re.search(pattern, words, re.I):
                 return pattern, text
     return None
 
