@@ -1,0 +1,68 @@
+"""kill -9 in the middle of a transfer: nothing acknowledged is lost, timers resume after restart."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from pydicom import dcmread
+
+from tests import studies
+from tests.peers import dcmtk_env, require_tool
+
+
+def _acknowledged(storescu_output: str) -> list[str]:
+    """Files for which storescu received a Success response, in order."""
+    acknowledged, current = [], None
+    for line in storescu_output.splitlines():
+        sending = re.match(r"I: Sending file: (.+)$", line)
+        if sending:
+            current = sending.group(1).strip()
+        elif "Received Store Response (Success)" in line and current:
+            acknowledged.append(current)
+            current = None
+    return acknowledged
+
+
+def test_kill_9_during_transfer_loses_nothing_acknowledged(node_factory, tmp_path: Path) -> None:
+    studies.require_data()
+    copies = studies.write_copies(tmp_path / "send", n_series=8)
+    files = [f for study in copies for f in study.files]
+    node = node_factory(assembly={"quiet_seconds": 1})
+
+    sender = subprocess.Popen(
+        [require_tool("storescu"), "-v", "-aec", node.ae_title, "127.0.0.1", str(node.port), *map(str, files)],
+        env=dcmtk_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    stored = node.data / "studies"
+    deadline = time.monotonic() + 60
+    while len(list(stored.glob("*/*/*.dcm"))) < 40 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    node.kill9()
+    output, _ = sender.communicate(timeout=60)
+    acknowledged = _acknowledged(output)
+    assert 40 <= len(acknowledged) < len(files), f"kill came too late or too early: {len(acknowledged)} acknowledged"
+
+    node.restarts += 1
+    node.start()
+    status = node.wait_for(
+        lambda s: s["series"] and all(x["state"] == "ready" for x in s["series"]), timeout=60,
+        what="all series ready after restart",
+    )
+    assert status["associations"][-1]["outcome"] == "interrupted"
+    indexed = status["counts"]["instances"]
+    assert indexed >= len(acknowledged)
+    for path in acknowledged:
+        original = dcmread(path)
+        on_disk = list(stored.glob(f"*/*/{original.SOPInstanceUID}.dcm"))
+        assert len(on_disk) == 1, f"acknowledged instance {path} is missing"
+        copy = dcmread(on_disk[0])
+        assert copy.PixelData == original.PixelData and copy.SeriesInstanceUID == original.SeriesInstanceUID
+    assert not list((node.data / "incoming").iterdir()), "partial files must not survive a restart"
+    # Every file on disk is indexed, and nothing indexed lacks its file.
+    assert len(list(stored.glob("*/*/*.dcm"))) == indexed
+    # The sender can finish the job: what is re-sent is idempotent, the rest arrives.
+    node.storescu(files)
+    node.wait_for(lambda s: s["counts"]["instances"] == len(files), what="every instance after the re-send")
