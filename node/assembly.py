@@ -16,6 +16,7 @@ from typing import Callable
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from .config import Config
+from .headers import parse_header, summarise
 from .index import Index
 from .rules import Decision, SeriesHeaders, decide_study
 
@@ -108,11 +109,22 @@ class Assembler:
             self.on_ready(series.study_uid, decisions)
         return True
 
+    def _summaries(self, series_uid: str) -> list[dict]:
+        """Header summaries of a series' instances, made now for those received since last time."""
+        instances = self.index.instances(series_uid, with_header_bytes=True)
+        missing = {
+            i["sop_instance_uid"]: summarise(parse_header(i["header_bytes"], i["transfer_syntax"]))
+            for i in instances if i["header"] is None
+        }
+        if missing:
+            self.index.set_headers(missing)
+        return [i["header"] or missing[i["sop_instance_uid"]] for i in instances]
+
     def judge_study(self, study_uid: str) -> list[Decision]:
         """Apply the rules to the ready series of a study and record the decisions that changed."""
         ready = [s for s in self.index.study_series(study_uid) if s.state == "ready"]
         headers = [
-            SeriesHeaders(s.series_uid, s.study_uid, s.version, tuple(i["header"] for i in self.index.instances(s.series_uid)))
+            SeriesHeaders(s.series_uid, s.study_uid, s.version, tuple(self._summaries(s.series_uid)))
             for s in ready
         ]
         decisions = decide_study(headers, self.config.rules)

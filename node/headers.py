@@ -7,11 +7,36 @@ multi-frame images alike), so that a series can be judged without opening its fi
 
 from __future__ import annotations
 
+import io
+import zlib
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import Tag
+from pydicom.uid import UID
 
-__all__ = ["summarise"]
+__all__ = ["inflate", "parse_header", "summarise"]
+
+DEFLATED = "1.2.840.10008.1.2.1.99"
+_PIXEL_DATA = Tag(0x7FE0, 0x0010)
+
+
+def inflate(stream: bytes) -> bytes:
+    """The dataset of a deflated transfer syntax, inflated (raw deflate, PS3.5 A.5)."""
+    return zlib.decompress(stream, -zlib.MAX_WBITS)
+
+
+def parse_header(encoded: bytes, transfer_syntax: str) -> Dataset:
+    """Read the elements of an encoded dataset up to its pixel data.
+
+    ``encoded`` is already inflated for the deflated transfer syntax, which is then explicit VR
+    little endian.
+    """
+    syntax = UID(transfer_syntax)
+    implicit = False if syntax == DEFLATED else syntax.is_implicit_VR
+    little = True if syntax == DEFLATED else syntax.is_little_endian
+    return read_dataset(io.BytesIO(encoded), implicit, little, stop_when=lambda tag, vr, length: tag == _PIXEL_DATA)
 
 _TEXT = (
     "Modality",

@@ -55,7 +55,10 @@ CREATE TABLE IF NOT EXISTS instances (
     size INTEGER NOT NULL,
     received REAL NOT NULL,
     association_id INTEGER,
-    header TEXT NOT NULL
+    -- The encoded elements before the pixel data, as received; the summary (JSON) is made from
+    -- them off the receiving path, when the series is judged.
+    header_bytes BLOB NOT NULL,
+    header TEXT
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances (series_uid);
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -89,7 +92,10 @@ class InstanceRecord:
     series_uid: str
     path: str
     size: int
-    header: dict[str, Any]
+    modality: str
+    series_description: str
+    header_bytes: bytes
+    header: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -215,18 +221,19 @@ class Index:
         A new instance in a series that was ready marks the series ``changed`` with a new version.
         """
         now = time.time()
-        header = record.header
+        header = None if record.header is None else json.dumps(record.header, separators=(",", ":"))
         with self._transaction() as db:
             previous = db.execute(
                 "SELECT series_uid FROM instances WHERE sop_instance_uid = ?", (record.sop_instance_uid,)
             ).fetchone()
             db.execute(
                 "INSERT OR REPLACE INTO instances (sop_instance_uid, sop_class_uid, transfer_syntax, study_uid,"
-                " series_uid, path, size, received, association_id, header) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                " series_uid, path, size, received, association_id, header_bytes, header)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     record.sop_instance_uid, record.sop_class_uid, record.transfer_syntax, record.study_uid,
                     record.series_uid, record.path, record.size, now, association_id,
-                    json.dumps(header, separators=(",", ":")),
+                    record.header_bytes, header,
                 ),
             )
             new = previous is None
@@ -239,8 +246,8 @@ class Index:
                 " version = version + (state = 'ready'),"
                 " state = CASE state WHEN 'ready' THEN 'changed' ELSE state END",
                 (
-                    record.series_uid, record.study_uid, header.get("Modality", ""),
-                    header.get("SeriesDescription", ""), calling_ae, address, now, now, added, added,
+                    record.series_uid, record.study_uid, record.modality,
+                    record.series_description, calling_ae, address, now, now, added, added,
                 ),
             )
             if not new and previous[0] != record.series_uid:
@@ -261,14 +268,23 @@ class Index:
         rows = self._query("SELECT path FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,))
         return rows[0][0] if rows else None
 
-    def instances(self, series_uid: str) -> list[dict[str, Any]]:
-        """The indexed instances of a series, each with its header summary decoded."""
+    def instances(self, series_uid: str, with_header_bytes: bool = False) -> list[dict[str, Any]]:
+        """The indexed instances of a series, each with its header summary (``None`` if not made yet)."""
+        extra = ", header_bytes" if with_header_bytes else ""
         rows = self._query(
-            "SELECT sop_instance_uid, sop_class_uid, transfer_syntax, path, size, header FROM instances"
+            f"SELECT sop_instance_uid, sop_class_uid, transfer_syntax, path, size, header{extra} FROM instances"
             " WHERE series_uid = ? ORDER BY sop_instance_uid",
             (series_uid,),
         )
-        return [{**dict(r), "header": json.loads(r["header"])} for r in rows]
+        return [{**dict(r), "header": None if r["header"] is None else json.loads(r["header"])} for r in rows]
+
+    def set_headers(self, summaries: dict[str, dict[str, Any]]) -> None:
+        """Store header summaries by SOP Instance UID."""
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE instances SET header = ? WHERE sop_instance_uid = ?",
+                [(json.dumps(h, separators=(",", ":")), uid) for uid, h in summaries.items()],
+            )
 
     def indexed_paths(self) -> set[str]:
         """Every indexed file path, to compare with the store after a power cut."""

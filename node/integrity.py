@@ -3,21 +3,40 @@
 pydicom reads a truncated stream without complaint (a short last value is simply short), so a
 sender that stopped mid-file would otherwise get Success for a file that no viewer can open. This
 walks the element structure, nested sequences and encapsulated pixel data included, without
-decoding any value.
+decoding any value, and on the way picks up the raw values of a few top-level elements (the UIDs
+the store needs), so that the C-STORE handler needs no full parse.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass, field
 
-__all__ = ["IncompleteDataset", "check_complete"]
+__all__ = ["IncompleteDataset", "Scan", "check_complete", "scan"]
 
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = (0xFFFE, 0xE000)
 _ITEM_END = (0xFFFE, 0xE00D)
 _SEQUENCE_END = (0xFFFE, 0xE0DD)
+_PIXEL_DATA = (0x7FE0, 0x0010)
 # Explicit VRs whose length field is 4 bytes after 2 reserved bytes (PS3.5 7.1.2).
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_SHORT_VRS = {
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN", b"SH",
+    b"SL", b"SS", b"ST", b"TM", b"UI", b"UL", b"US",
+}
+
+
+@dataclass
+class Scan:
+    """What a scan found: raw values of the wanted top-level elements and where pixel data starts."""
+
+    values: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    pixel_data_offset: int | None = None
+
+    def text(self, group: int, element: int) -> str:
+        """A wanted value as text, without the padding DICOM adds to odd lengths."""
+        return self.values.get((group, element), b"").decode("ascii", "replace").strip(" \x00")
 
 
 class IncompleteDataset(ValueError):
@@ -50,6 +69,8 @@ class _Reader:
         if vr in _LONG_VRS:
             (length,) = self._unpack("L", offset + 8)
             return tag, vr, length, offset + 12
+        if vr not in _SHORT_VRS:
+            raise IncompleteDataset(f"element {_name(tag)} has no valid VR ({vr!r}): garbled data")
         (length,) = self._unpack("H", offset + 6)
         return tag, vr, length, offset + 8
 
@@ -100,17 +121,58 @@ def _walk_items(reader: _Reader, offset: int, owner: tuple[int, int], depth: int
             offset = end
 
 
-def _walk_dataset(reader: _Reader, offset: int, depth: int, until_item_end: bool = False) -> int:
+def _walk_dataset(
+    reader: _Reader, offset: int, depth: int, until_item_end: bool = False, found: Scan | None = None,
+    wanted: frozenset[tuple[int, int]] = frozenset(),
+) -> int:
+    previous = (-1, -1)
     while offset < len(reader.data):
         tag, vr, length, start = reader.header(offset)
         if tag == _ITEM_END:
             if not until_item_end:
                 raise IncompleteDataset("an item delimiter outside any item")
             return start
+        if tag <= previous:
+            raise IncompleteDataset(f"element {_name(tag)} follows {_name(previous)}: out of order, garbled data")
+        previous = tag
+        if found is not None:
+            if tag == _PIXEL_DATA:
+                found.pixel_data_offset = offset
+            elif tag in wanted and length != _UNDEFINED:
+                found.values[tag] = bytes(reader.data[start : start + length])
         offset = _skip_value(reader, tag, vr, length, start, depth)
     if until_item_end:
         raise IncompleteDataset("dataset ends inside a sequence item")
     return offset
+
+
+def scan(
+    data: bytes, implicit: bool, little: bool = True, wanted: frozenset[tuple[int, int]] = frozenset()
+) -> Scan:
+    """Check an encoded dataset (without file meta) for completeness and pick up values.
+
+    Parameters
+    ----------
+    data : bytes
+        The dataset as encoded in its transfer syntax (deflated data must be inflated first).
+    implicit : bool
+        Whether the transfer syntax uses implicit VR.
+    little : bool
+        Whether it is little endian.
+    wanted : frozenset of (group, element)
+        Top-level elements whose raw values to return.
+
+    Raises
+    ------
+    IncompleteDataset
+        If any element, item or sequence extends beyond the data, a delimiter is missing, or the
+        structure is garbled (an unknown VR, elements out of order).
+    """
+    if not data:
+        raise IncompleteDataset("the dataset is empty")
+    found = Scan()
+    _walk_dataset(_Reader(data, implicit, little), 0, depth=0, found=found, wanted=wanted)
+    return found
 
 
 def check_complete(data: bytes, implicit: bool, little: bool = True) -> None:
@@ -130,6 +192,4 @@ def check_complete(data: bytes, implicit: bool, little: bool = True) -> None:
     IncompleteDataset
         If any element, item or sequence extends beyond the data, or a delimiter is missing.
     """
-    if not data:
-        raise IncompleteDataset("the dataset is empty")
-    _walk_dataset(_Reader(data, implicit, little), 0, depth=0)
+    scan(data, implicit, little)

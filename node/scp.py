@@ -7,29 +7,27 @@ fsync, rename, index. Everything slower (assembly, rules, inference) happens els
 
 from __future__ import annotations
 
-import io
 import logging
 import struct
 import threading
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
-from pydicom.tag import Tag
 from pydicom.uid import UID
 from pynetdicom import AE, build_context, evt
-from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.events import Event
 
 from . import IMPLEMENTATION_VERSION_NAME
 from .assembly import Assembler
 from .config import Config
-from .headers import summarise
+from .filemeta import file_preamble_and_meta
+from .headers import DEFLATED, inflate
 from .index import Index, InstanceRecord
-from .integrity import IncompleteDataset, check_complete
+from .integrity import IncompleteDataset, Scan, scan
 from .store import DiskFull, InstanceStore
 
 __all__ = ["STORAGE_SOP_CLASSES", "TRANSFER_SYNTAXES", "StorageSCP", "Status"]
@@ -67,7 +65,6 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.5",  # RLE Lossless
 ]
 VERIFICATION = "1.2.840.10008.1.1"
-_PIXEL_DATA = Tag(0x7FE0, 0x0010)
 
 
 class Status:
@@ -106,30 +103,36 @@ class _AssociationState:
     outcome: str = "closed"
     instances: int = 0
     failures: int = 0
-    series: set[str] = field(default_factory=set)
+    # Seconds spent in the C-STORE handler by step, so a slow transfer can be explained.
+    timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("read", "write", "index"), 0.0))
 
 
-def _stop_before_pixels(tag: Any, vr: Any, length: int) -> bool:
-    return tag == _PIXEL_DATA
+# Top-level elements the store needs before it answers; everything else is read later.
+_SOP_CLASS, _SOP_INSTANCE = (0x0008, 0x0016), (0x0008, 0x0018)
+_STUDY, _SERIES = (0x0020, 0x000D), (0x0020, 0x000E)
+_MODALITY, _SERIES_DESCRIPTION = (0x0008, 0x0060), (0x0008, 0x103E)
+_WANTED = frozenset((_SOP_CLASS, _SOP_INSTANCE, _STUDY, _SERIES, _MODALITY, _SERIES_DESCRIPTION))
 
 
-def read_header(stream: bytes, transfer_syntax: UID) -> Dataset:
-    """Check an encoded dataset for completeness and read everything before its pixel data.
+def inspect(stream: bytes, transfer_syntax: str) -> tuple[Scan, bytes]:
+    """Check a received dataset and return its scan and its encoded header (before pixel data).
 
     Raises
     ------
     IncompleteDataset
-        If the bytes end inside an element.
+        If the bytes are truncated, garbled or cannot be inflated.
     """
-    if transfer_syntax == "1.2.840.10008.1.2.1.99":
+    syntax = UID(transfer_syntax)
+    if syntax == DEFLATED:
         try:
-            stream = zlib.decompress(stream, -zlib.MAX_WBITS)
+            stream = inflate(stream)
         except zlib.error as exc:
             raise IncompleteDataset(f"deflated dataset cannot be inflated: {exc}") from None
-    implicit = transfer_syntax.is_implicit_VR
-    little = transfer_syntax.is_little_endian
-    check_complete(stream, implicit, little)
-    return read_dataset(io.BytesIO(stream), implicit, little, stop_when=_stop_before_pixels)
+        found = scan(stream, implicit=False, little=True, wanted=_WANTED)
+    else:
+        found = scan(stream, syntax.is_implicit_VR, syntax.is_little_endian, wanted=_WANTED)
+    end = found.pixel_data_offset if found.pixel_data_offset is not None else len(stream)
+    return found, bytes(stream[:end])
 
 
 def _prefer_senders_transfer_syntax(assoc: Any) -> None:
@@ -258,8 +261,9 @@ class StorageSCP:
             return  # rejected or never accepted
         series = self.index.association_ended(state.id, state.outcome, state.instances, state.failures)
         log.info(
-            "association %d %s: %d instances stored, %d refused",
+            "association %d %s: %d instances stored, %d refused; handler seconds: %s",
             state.id, state.outcome, state.instances, state.failures,
+            ", ".join(f"{step} {seconds:.3f}" for step, seconds in state.timings.items()),
         )
         self.assembler.association_ended(series)
 
@@ -292,58 +296,58 @@ class StorageSCP:
 
     def _store(self, event: Event, state: _AssociationState | None) -> None:
         request = event.request
-        transfer_syntax = UID(event.context.transfer_syntax)
+        transfer_syntax = str(event.context.transfer_syntax)
         stream = request.DataSet.getvalue()
+        timings = state.timings if state is not None else dict.fromkeys(("read", "write", "index"), 0.0)
+        started = time.perf_counter()
         try:
-            ds = read_header(stream, transfer_syntax)
+            found, header_bytes = inspect(stream, transfer_syntax)
         except IncompleteDataset as exc:
             raise Refused(Status.CANNOT_UNDERSTAND, f"incomplete dataset: {exc}") from None
-        except Exception as exc:
-            raise Refused(Status.CANNOT_UNDERSTAND, f"unreadable dataset: {exc}") from None
 
-        sop_instance_uid = str(ds.get("SOPInstanceUID", "")).strip()
-        sop_class_uid = str(ds.get("SOPClassUID", "")).strip()
+        sop_class_uid, sop_instance_uid = found.text(*_SOP_CLASS), found.text(*_SOP_INSTANCE)
         if sop_class_uid != request.AffectedSOPClassUID:
             raise Refused(Status.DATASET_MISMATCH, "SOP Class UID differs from the request")
         if sop_instance_uid != request.AffectedSOPInstanceUID:
             raise Refused(Status.DATASET_MISMATCH, "SOP Instance UID differs from the request")
-        study_uid = str(ds.get("StudyInstanceUID", "")).strip()
-        series_uid = str(ds.get("SeriesInstanceUID", "")).strip()
+        study_uid, series_uid = found.text(*_STUDY), found.text(*_SERIES)
         try:
             path = self.store.path_for(study_uid, series_uid, sop_instance_uid)
         except ValueError as exc:
             raise Refused(Status.INVALID_IDENTIFIERS, str(exc)) from None
-
-        meta = create_file_meta(
-            sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid, transfer_syntax=transfer_syntax
-        )
-        if state is not None:
-            meta.SourceApplicationEntityTitle = state.calling_ae
-        header = b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
-
         if self._already_stored(sop_instance_uid, path, stream):
             return  # the same instance again: nothing changes, so the series is not re-processed
+        meta = file_preamble_and_meta(
+            sop_class_uid, sop_instance_uid, transfer_syntax, state.calling_ae if state else None
+        )
+        read_done = time.perf_counter()
+        timings["read"] += read_done - started
         try:
-            self.store.write(path, [header, stream])
+            self.store.write(path, [meta, stream])
         except DiskFull as exc:
             raise Refused(Status.OUT_OF_RESOURCES, f"disk full: {exc}") from None
         except OSError as exc:
             raise Refused(Status.OUT_OF_RESOURCES, f"cannot write: {exc.strerror or exc}") from None
+        written = time.perf_counter()
+        timings["write"] += written - read_done
         self.index.add_instance(
             InstanceRecord(
                 sop_instance_uid=sop_instance_uid,
                 sop_class_uid=sop_class_uid,
-                transfer_syntax=str(transfer_syntax),
+                transfer_syntax=transfer_syntax,
                 study_uid=study_uid,
                 series_uid=series_uid,
                 path=str(path.relative_to(self.store.root)),
-                size=len(header) + len(stream),
-                header=summarise(ds),
+                size=len(meta) + len(stream),
+                modality=found.text(*_MODALITY),
+                series_description=found.text(*_SERIES_DESCRIPTION),
+                header_bytes=header_bytes,
             ),
             association_id=state.id if state else None,
             calling_ae=state.calling_ae if state else "",
             address=state.address if state else "",
         )
+        timings["index"] += time.perf_counter() - written
 
     def _already_stored(self, sop_instance_uid: str, path: Path, stream: bytes) -> bool:
         """Whether this exact dataset is on disk already under the same name."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
 from pathlib import Path
 
@@ -12,9 +13,8 @@ from pydicom import dcmread
 from . import reactor
 from .assembly import Assembler, ReadyCallback
 from .config import Config
-from .headers import summarise
 from .index import Index, InstanceRecord
-from .scp import StorageSCP
+from .scp import StorageSCP, inspect
 from .store import InstanceStore
 
 __all__ = ["Node", "setup_logging"]
@@ -77,22 +77,7 @@ class Node:
             if relative in indexed:
                 continue
             try:
-                ds = dcmread(path, stop_before_pixels=True)
-                self.index.add_instance(
-                    InstanceRecord(
-                        sop_instance_uid=str(ds.SOPInstanceUID),
-                        sop_class_uid=str(ds.SOPClassUID),
-                        transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
-                        study_uid=str(ds.StudyInstanceUID),
-                        series_uid=str(ds.SeriesInstanceUID),
-                        path=relative,
-                        size=path.stat().st_size,
-                        header=summarise(ds),
-                    ),
-                    association_id=None,
-                    calling_ae=str(ds.file_meta.get("SourceApplicationEntityTitle", "")),
-                    address="",
-                )
+                self.index.add_instance(record_for_file(path, relative), None, source_ae_title(path), "")
                 restored += 1
             except Exception:
                 log.exception("could not index %s during recovery", relative)
@@ -109,6 +94,32 @@ class Node:
 
     def wait(self) -> None:
         self._stopped.wait()
+
+
+def source_ae_title(path: Path) -> str:
+    meta = dcmread(path, stop_before_pixels=True).file_meta
+    return str(meta.get("SourceApplicationEntityTitle", ""))
+
+
+def record_for_file(path: Path, relative: str) -> InstanceRecord:
+    """The index record of a stored file, made the way the SCP makes it on receipt."""
+    raw = path.read_bytes()
+    (meta_length,) = struct.unpack_from("<I", raw, 140)
+    stream = raw[144 + meta_length :]
+    syntax = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    found, header_bytes = inspect(stream, syntax)
+    return InstanceRecord(
+        sop_instance_uid=found.text(0x0008, 0x0018),
+        sop_class_uid=found.text(0x0008, 0x0016),
+        transfer_syntax=syntax,
+        study_uid=found.text(0x0020, 0x000D),
+        series_uid=found.text(0x0020, 0x000E),
+        path=relative,
+        size=len(raw),
+        modality=found.text(0x0008, 0x0060),
+        series_description=found.text(0x0008, 0x103E),
+        header_bytes=header_bytes,
+    )
 
 
 def data_folder_writable(path: Path) -> str | None:

@@ -9,7 +9,8 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from node.integrity import IncompleteDataset, check_complete
-from node.scp import read_header
+from node.headers import inflate, parse_header
+from node.scp import inspect
 
 # Real files shipped with pydicom: native and encapsulated pixel data, implicit, explicit, big endian.
 FILES = [
@@ -36,8 +37,15 @@ def _dataset_bytes(name: str) -> tuple[bytes, object]:
 @pytest.mark.parametrize("name", FILES)
 def test_complete_files_pass_and_headers_read(name: str) -> None:
     stream, syntax = _dataset_bytes(name)
-    ds = read_header(stream, syntax)
-    assert ds.SOPInstanceUID == dcmread(get_testdata_file(name)).SOPInstanceUID
+    found, header = inspect(stream, syntax)
+    original = dcmread(get_testdata_file(name))
+    assert found.text(0x0008, 0x0018) == original.SOPInstanceUID
+    assert found.text(0x0020, 0x000E) == original.SeriesInstanceUID
+    ds = parse_header(header, syntax)
+    assert ds.SOPInstanceUID == original.SOPInstanceUID and "PixelData" not in ds
+    if found.pixel_data_offset is not None:
+        plain = inflate(stream) if syntax == "1.2.840.10008.1.2.1.99" else stream
+        assert plain[found.pixel_data_offset : found.pixel_data_offset + 4] in (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -49,7 +57,15 @@ def test_truncated_files_are_caught(name: str, keep: float) -> None:
         # A truncated deflate stream is caught by the inflater or by the walk after it.
         cut = zlib.compress(zlib.decompress(stream, -15)[: int(len(stream) * keep)])[2:-4]
     with pytest.raises(IncompleteDataset):
-        read_header(cut, syntax)
+        inspect(cut, syntax)
+
+
+def test_out_of_order_and_bad_vr_are_caught() -> None:
+    ordered = b"\x08\x00\x18\x00UI\x02\x001\x00" + b"\x08\x00\x16\x00UI\x02\x002\x00"
+    with pytest.raises(IncompleteDataset, match="out of order"):
+        check_complete(ordered, implicit=False)
+    with pytest.raises(IncompleteDataset, match="no valid VR"):
+        check_complete(b"\x08\x00\x18\x00\x01\x02\x02\x001\x00", implicit=False)
 
 
 def test_garbage_is_caught() -> None:
