@@ -113,3 +113,8 @@ def test_config_show_round_trips(tmp_path: Path) -> None:
     shown.write_text(result.stdout)
     assert load_config(shown, environ={}) == load_config(environ={"MUSCLENODE_AE_TITLE": "SHOWN"})
     assert to_toml(load_config(shown, environ={})).count("[[peers]]") == 1
+
+
+def test_example_configuration_is_valid() -> None:
+    config = load_config(REPO / "deploy" / "musclenode.example.toml", environ={})
+    assert config.peers[0].ae_title == "ORTHANC" and config.destinations[0].name == "pacs"

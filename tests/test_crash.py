@@ -66,3 +66,27 @@ def test_kill_9_during_transfer_loses_nothing_acknowledged(node_factory, tmp_pat
     # The sender can finish the job: what is re-sent is idempotent, the rest arrives.
     node.storescu(files)
     node.wait_for(lambda s: s["counts"]["instances"] == len(files), what="every instance after the re-send")
+
+
+def test_files_the_index_lost_are_indexed_again_at_start(node, tmp_path: Path) -> None:
+    """A power cut can lose the last index commits (WAL, synchronous=NORMAL) but not an fsynced
+    file: after an unclean stop the node indexes such files again and drops partial ones."""
+    import sqlite3
+
+    from tests.dicomfiles import sample
+
+    path = sample("explicit VR little endian")
+    node.storescu([path])
+    node.wait_for(lambda s: s["counts"]["instances"] == 1, what="instance indexed")
+    node.kill9()
+    with sqlite3.connect(node.data / "index.sqlite") as db:
+        db.execute("DELETE FROM instances")
+        db.execute("DELETE FROM series")
+    (node.data / "incoming" / "1.2.3.dcm.99.abc.part").write_bytes(b"half a file")
+    node.restarts += 1
+    node.start()
+    status = node.wait_for(lambda s: s["counts"]["instances"] == 1, what="lost instance indexed again")
+    assert status["series"][0]["instances"] == 1
+    assert "indexed 1 stored files that the index had lost" in node.log()
+    assert not list((node.data / "incoming").iterdir())
+    node.wait_for(lambda s: s["series"][0]["decision"] is not None, what="the series judged after recovery")
