@@ -1,0 +1,44 @@
+"""Vertebral levels of slices.
+
+Metrics can be grouped by level when the level of a slice is known. Today a level comes from an
+assignment of head-foot ranges (from the configuration or a research sidecar); a level model
+(vertebra or disc labels) plugs in as another function with the same signature, a
+:data:`reports.metrics.LevelAssigner`: frame geometry in, level name or ``None`` out.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+from inference.geometry import FrameGeometry
+
+__all__ = ["levels_by_height"]
+
+
+def levels_by_height(ranges: Mapping[str, tuple[float, float]]) -> Callable[[FrameGeometry], str | None]:
+    """Assign levels by the height of a frame's centre along the patient's head-foot axis.
+
+    Parameters
+    ----------
+    ranges : mapping of str to (float, float)
+        Level name to an inclusive range of LPS z (mm, +z towards the head), for example
+        ``{"L3": (-40.0, -5.0), "L4": (-75.0, -40.0)}``. Ranges must not overlap.
+
+    Returns
+    -------
+    callable
+        Frame geometry to level name, ``None`` outside every range.
+    """
+    ordered = sorted((min(low, high), max(low, high), name) for name, (low, high) in ranges.items())
+    for (low_a, high_a, a), (low_b, _, b) in zip(ordered, ordered[1:]):
+        if low_b < high_a:
+            raise ValueError(f"level ranges {a} and {b} overlap")
+
+    def level_of(frame: FrameGeometry) -> str | None:
+        height = float(frame.centre[2])
+        for low, high, name in ordered:
+            if low <= height <= high:
+                return name
+        return None
+
+    return level_of

@@ -1,0 +1,315 @@
+"""Muscle metrics from a label map: areas, volumes, fat, asymmetry, per side and level.
+
+For each muscle, left, right and both sides together:
+
+- cross-sectional area (CSA) per slice, in the slice's own plane (pixel count x pixel area, so an
+  oblique slice is measured in its own plane, not projected);
+- mean CSA over the slices that contain the muscle, and the number of those slices;
+- volume over the imaged range: the sum of slice areas x the slice spacing of their stack (slice
+  gaps count as muscle, as in any slice-based volume; overlapping slabs are counted once each);
+- fat: the Dixon fat fraction (mean and median of F / (F + W) in the mask, after a one-pixel
+  erosion by default), the vendor's fat-fraction map, or, for T1/T2 images, fat infiltration by
+  clustering (see :mod:`reports.fat`);
+- functional (lean) CSA = mean CSA x (1 - fat fraction);
+- left/right asymmetry = (right - left) / mean(right, left) x 100 of the mean CSA (signed:
+  positive when the right side is larger);
+- the covered range along the patient's head-foot axis.
+
+Metrics are grouped by vertebral level when a level is known for a slice (see
+:mod:`reports.levels`); the group ``"all"`` is always present. Everything here is a pure function
+of the label map and images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from inference.card import MUSCLES
+from inference.geometry import FrameGeometry, LabelMap, SeriesImage, pair_frames
+
+from .fat import CLUSTER_METHODS, cluster_fat, dixon_fat_fraction, erode, summarise_fraction, vendor_fraction
+
+__all__ = ["ALL_LEVELS", "FatSource", "FatResult", "MuscleMetrics", "SliceArea", "measure"]
+
+ALL_LEVELS = "all"
+#: A level assigner: the vertebral level (e.g. "L3", "L4-L5") of a frame, or None if unknown.
+LevelAssigner = Callable[[FrameGeometry], "str | None"]
+_RELIABILITY_NOTE = (
+    "psoas fat by T1/T2 thresholding is unreliable (ICC <= 0.01, Wesselink et al. 2024, "
+    "N Am Spine Soc J 17:100313): shown for completeness, never graded"
+)
+
+
+@dataclass(frozen=True)
+class FatSource:
+    """Where fat comes from for a label map.
+
+    Exactly one of: ``water`` and ``fat`` (Dixon components of the label map's acquisition),
+    ``fraction`` (a vendor fat-fraction series), or ``cluster`` (a method of
+    :data:`reports.fat.CLUSTER_METHODS`, applied to the label map's own images).
+    """
+
+    water: SeriesImage | None = None
+    fat: SeriesImage | None = None
+    fraction: SeriesImage | None = None
+    cluster: str | None = None
+    erode: bool = True
+
+    def __post_init__(self) -> None:
+        dixon = self.water is not None or self.fat is not None
+        chosen = [dixon, self.fraction is not None, self.cluster is not None]
+        if sum(chosen) != 1:
+            raise ValueError("a fat source is Dixon water and fat, a fat-fraction map, or a cluster method")
+        if dixon and (self.water is None or self.fat is None):
+            raise ValueError("Dixon fat needs both the water and the fat series")
+        if self.cluster is not None and self.cluster not in CLUSTER_METHODS:
+            raise ValueError(f"unknown cluster method {self.cluster!r}")
+
+    @property
+    def method(self) -> str:
+        if self.cluster is not None:
+            return self.cluster
+        return "dixon_vendor_ff" if self.fraction is not None else "dixon_ff"
+
+
+@dataclass(frozen=True)
+class SliceArea:
+    """A muscle on one frame."""
+
+    frame_index: int
+    sop_instance_uid: str
+    frame_number: int
+    level: str | None
+    area_mm2: float
+    voxels: int
+    centroid_lps: tuple[float, float, float]
+    fat_percent: float | None = None
+
+
+@dataclass(frozen=True)
+class FatResult:
+    """Fat of one muscle group.
+
+    Attributes
+    ----------
+    method : str
+        ``"dixon_ff"``, ``"dixon_vendor_ff"`` or a clustering method (``"gmm3"``, ...).
+    quantity : str
+        ``"fat_fraction"`` (Dixon) or ``"fat_infiltration"`` (clustering of T1/T2 intensities):
+        different quantities, never compared with each other's references.
+    mean_percent, median_percent : float or None
+        Over the voxels of the mask (eroded if ``eroded``); clustering gives the share of fat
+        voxels as the mean and no median.
+    intermediate_percent : float or None
+        The middle class of a 3-class clustering.
+    eroded : bool
+    voxels : int
+    reliable : bool
+        False for psoas measured by clustering.
+    note : str
+    """
+
+    method: str
+    quantity: str
+    mean_percent: float | None
+    median_percent: float | None
+    eroded: bool
+    voxels: int
+    intermediate_percent: float | None = None
+    reliable: bool = True
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class MuscleMetrics:
+    """Metrics of one muscle, one side (``"left"``, ``"right"`` or ``"both"``), one level group."""
+
+    muscle: str
+    side: str
+    level: str
+    slices: tuple[SliceArea, ...]
+    mean_csa_mm2: float
+    volume_cm3: float | None
+    fat: FatResult | None
+    functional_csa_mm2: float | None
+    asymmetry_percent: float | None
+    range_mm: tuple[float, float]
+    label_values: tuple[int, ...] = field(default=())
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.slices)
+
+
+def _stack_spacing(series: SeriesImage) -> dict[int, float | None]:
+    """Slice spacing (mm) for each frame: the median step between neighbours of its stack."""
+    spacing: dict[int, float | None] = {}
+    for number in range(len(series.stacks)):
+        indices = series.stacks[number]
+        offsets = series.stack_offsets(number)
+        steps = np.diff(offsets)
+        steps = steps[steps > 1e-3]
+        if steps.size:
+            step = float(np.median(steps))
+        else:
+            thickness = series.geometry[indices[0]].slice_thickness
+            step = float(thickness) if thickness else None
+        for index in indices:
+            spacing[index] = step
+    return spacing
+
+
+def _fraction_frames(label_map: LabelMap, source: FatSource) -> list[np.ndarray] | None:
+    """Per label-map frame, the voxel fat fraction on the same grid (None for clustering)."""
+    series = label_map.series
+    if source.cluster is not None:
+        return None
+    if source.fraction is not None:
+        pairs = pair_frames(series, source.fraction)
+        return [vendor_fraction(source.fraction.frames[j]) for j in pairs]
+    water_pairs = pair_frames(series, source.water)
+    fat_pairs = pair_frames(series, source.fat)
+    return [
+        dixon_fat_fraction(source.water.frames[w], source.fat.frames[f])
+        for w, f in zip(water_pairs, fat_pairs)
+    ]
+
+
+def _group_metrics(
+    label_map: LabelMap,
+    muscle: str,
+    side: str,
+    values: tuple[int, ...],
+    frames: Sequence[int],
+    level: str,
+    levels: Mapping[int, str | None],
+    spacing: Mapping[int, float | None],
+    fractions: list[np.ndarray] | None,
+    source: FatSource | None,
+) -> MuscleMetrics | None:
+    series = label_map.series
+    slices: list[SliceArea] = []
+    fat_values: list[np.ndarray] = []
+    intensities: list[np.ndarray] = []
+    volume = 0.0
+    volume_known = True
+    for index in frames:
+        mask = np.isin(label_map.labels[index], values)
+        voxels = int(mask.sum())
+        if voxels == 0:
+            continue
+        geometry = series.geometry[index]
+        area = voxels * geometry.pixel_spacing[0] * geometry.pixel_spacing[1]
+        rows, columns = np.nonzero(mask)
+        centroid = geometry.pixel_to_lps(rows.mean(), columns.mean())
+        slice_fat = None
+        if fractions is not None:
+            inside = fractions[index][erode(mask) if source.erode else mask]
+            fat_values.append(inside)
+            summary = summarise_fraction(inside)
+            slice_fat = summary.mean_percent if summary else None
+        elif source is not None:
+            intensities.append(series.frames[index][mask])
+        slices.append(SliceArea(
+            frame_index=index, sop_instance_uid=geometry.sop_instance_uid, frame_number=geometry.frame_number,
+            level=levels.get(index), area_mm2=float(area), voxels=voxels,
+            centroid_lps=tuple(float(v) for v in centroid), fat_percent=slice_fat,
+        ))
+        if spacing.get(index) is None:
+            volume_known = False
+        else:
+            volume += area * spacing[index]
+    if not slices:
+        return None
+    mean_csa = float(np.mean([s.area_mm2 for s in slices]))
+    fat = _fat_result(muscle, fat_values, intensities, source)
+    fat_percent = fat.mean_percent if fat is not None else None
+    functional = mean_csa * (1 - fat_percent / 100) if fat_percent is not None else None
+    heights = [s.centroid_lps[2] for s in slices]
+    return MuscleMetrics(
+        muscle=muscle, side=side, level=level, slices=tuple(slices), mean_csa_mm2=mean_csa,
+        volume_cm3=volume / 1000 if volume_known else None, fat=fat, functional_csa_mm2=functional,
+        asymmetry_percent=None, range_mm=(float(min(heights)), float(max(heights))), label_values=values,
+    )
+
+
+def _fat_result(
+    muscle: str, fat_values: list[np.ndarray], intensities: list[np.ndarray], source: FatSource | None
+) -> FatResult | None:
+    if source is None:
+        return None
+    if source.cluster is None:
+        summary = summarise_fraction(np.concatenate(fat_values)) if fat_values else None
+        if summary is None:
+            return None
+        return FatResult(source.method, "fat_fraction", summary.mean_percent, summary.median_percent,
+                         source.erode, summary.voxels)
+    reliable = muscle != "psoas_major"
+    try:
+        clustered = cluster_fat(intensities, source.cluster)
+    except ValueError as exc:
+        return FatResult(source.cluster, "fat_infiltration", None, None, False,
+                         int(sum(v.size for v in intensities)), reliable=reliable, note=str(exc))
+    return FatResult(
+        source.cluster, "fat_infiltration", clustered.fat_percent, None, False, clustered.voxels,
+        intermediate_percent=clustered.intermediate_percent, reliable=reliable,
+        note="" if reliable else _RELIABILITY_NOTE,
+    )
+
+
+def measure(
+    label_map: LabelMap,
+    fat: FatSource | None = None,
+    level_of: LevelAssigner | None = None,
+) -> list[MuscleMetrics]:
+    """Metrics of every muscle in a label map, per side and both sides, overall and per level.
+
+    Parameters
+    ----------
+    label_map : LabelMap
+        Labels on the source grid, with their meaning.
+    fat : FatSource, optional
+        Where fat comes from; without it, no fat metrics.
+    level_of : callable, optional
+        Vertebral level of a frame; without it, only the group ``"all"``.
+
+    Returns
+    -------
+    list of MuscleMetrics
+        Ordered by muscle (canonical order), level (``"all"`` first), side (left, right, both).
+    """
+    series = label_map.series
+    spacing = _stack_spacing(series)
+    levels = {i: (level_of(g) if level_of else None) for i, g in enumerate(series.geometry)}
+    fractions = _fraction_frames(label_map, fat) if fat is not None else None
+    groups: dict[str, list[int]] = {ALL_LEVELS: list(range(len(series)))}
+    for index, level in levels.items():
+        if level:
+            groups.setdefault(level, []).append(index)
+
+    results: list[MuscleMetrics] = []
+    for muscle in MUSCLES:
+        sides = {
+            side: tuple(v for v, info in label_map.meaning.items() if info.muscle == muscle and info.side == side)
+            for side in ("left", "right")
+        }
+        if not any(sides.values()):
+            continue
+        sides["both"] = sides["left"] + sides["right"]
+        for level, frames in groups.items():
+            found = {}
+            for side, values in sides.items():
+                if values:
+                    metrics = _group_metrics(label_map, muscle, side, values, frames, level, levels, spacing,
+                                             fractions, fat)
+                    if metrics is not None:
+                        found[side] = metrics
+            if "left" in found and "right" in found and "both" in found:
+                left, right = found["left"].mean_csa_mm2, found["right"].mean_csa_mm2
+                asymmetry = (right - left) / ((right + left) / 2) * 100
+                found["both"] = replace(found["both"], asymmetry_percent=asymmetry)
+            results.extend(found[s] for s in ("left", "right", "both") if s in found)
+    return results
