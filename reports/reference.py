@@ -1,0 +1,741 @@
+"""The reference standard: how a measurement compares with healthy people of the same age and sex.
+
+Two kinds of reference answer the same question:
+
+- the **published table** shipped with musclenode (``reports/data/reference-v1.csv``, sources and
+  caveats in ``reports/data/README.md``): mean and SD of healthy cohorts, by method, muscle,
+  measurement, vertebral levels, sex and age band;
+- a **site reference** fitted from a site's own control cohort (``musclenode reference fit``, see
+  :mod:`reports.reference_fit`): per method, muscle, measurement and levels, a linear model of age,
+  sex and BMI with its residual SD.
+
+:func:`compare` gives, for one measurement, the z-score, the percentile and the reference used.
+It prefers a site reference when one is given and it fits the patient, and falls back to the
+published table with a note otherwise.
+
+Rules
+-----
+- **Never across methods.** A reference is used only for the method that measured the value:
+  a fat percentage from T1/T2 thresholding is never compared with a Dixon fat fraction (the
+  two are different quantities; Masi et al. 2023, Wesselink et al. 2024). The published table has
+  no ``t1t2_threshold`` rows, so such values get "no reference for this method".
+- **Levels must be equal.** Fat fraction rises steeply at L4–L5 (Crawford et al. 2016), so a
+  measurement over L3–L5 is not compared with a reference over L1–L5, nor an unknown level range
+  with any. ``lumbar`` is a level key of its own: the whole lumbar muscle as a source segmented
+  it, when the source does not state the levels.
+- **Stratum choice** among the published rows that match method, muscle, measurement, levels,
+  the patient's sex (or ``any``) and age (inside the row's band): most specific first (a row
+  specific to sex counts one, a row that is one age band of a cohort counts one), then the larger
+  n (an unknown n ranks last), then the narrower age band, then the source key and table order.
+  Rows that need a missing age or sex are skipped; when nothing is left the result says which
+  value was missing and why.
+- **Ages** are matched in completed years ("20–29" includes 29.9). A blank age bound means the
+  source does not state it; such rows are used only from :data:`ADULT_AGE` years, because every
+  published cohort here is adult.
+- **Percentile** = 100 × Φ(z), the normal cumulative distribution function: it assumes the
+  reference values are normally distributed, which fat fractions (bounded at 0, skewed) only
+  approximate. The result says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import math
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .patient import PatientContext
+
+__all__ = [
+    "ADULT_AGE",
+    "COEFFICIENT_TERMS",
+    "Comparison",
+    "MEASUREMENTS",
+    "METHODS",
+    "MUSCLES",
+    "PERCENTILE_BASIS",
+    "PIPELINE_METHODS",
+    "PUBLISHED_VERSION",
+    "ReferenceTableError",
+    "ReferenceRow",
+    "ReferenceTable",
+    "SiteModel",
+    "SiteReference",
+    "Stratum",
+    "compare",
+    "level_key",
+    "load_site_reference",
+    "load_table",
+    "muscle_key",
+    "normal_percentile",
+    "published_table",
+    "reference_method",
+    "save_site_reference",
+    "select_stratum",
+    "z_score",
+]
+
+PUBLISHED_VERSION = "reference-v1"
+#: Measurement methods. ``dixon_ff``: fat fraction from chemical-shift (Dixon) water and fat
+#: images, F / (F + W) or PDFF. ``t1t2_threshold``: fat percentage of the cross-section from
+#: thresholding or clustering a T1- or T2-weighted image (e.g. a 3-class Gaussian mixture).
+METHODS = ("dixon_ff", "t1t2_threshold")
+MEASUREMENTS = ("fat_fraction_percent", "csa_mm2")
+#: Single muscles, in the canonical order used to spell combined keys ("multifidus+erector_spinae").
+MUSCLES = ("multifidus", "erector_spinae", "psoas_major", "quadratus_lumborum")
+SEXES = ("F", "M", "any")
+LUMBAR = "lumbar"
+ADULT_AGE = 18
+PERCENTILE_BASIS = ("normal CDF of the z-score: assumes normally distributed values in the reference "
+                    "group, which fat fractions only approximate")
+#: Terms of a site model, in the order of its coefficients.
+COEFFICIENT_TERMS = ("intercept", "age", "male", "bmi")
+
+_TABLE_COLUMNS = ("method", "muscle", "measurement", "levels", "sex", "age_low", "age_high",
+                  "age_specific", "mean", "sd", "n", "source", "note")
+_SOURCE_COLUMNS = ("source", "citation", "link")
+_SITE_COLUMNS = ("name", "method", "muscle", "measurement", "levels", "coef_intercept", "coef_age",
+                 "coef_male", "coef_bmi", "residual_sd", "n", "n_subjects", "age_min", "age_max",
+                 "bmi_min", "bmi_max", "sexes", "note")
+_LEVEL = re.compile(r"^L([1-5])(?:-L([1-5]))?$")
+
+
+class ReferenceTableError(ValueError):
+    """A reference table or site reference file has a row the lookup cannot use."""
+
+
+#: Fat methods of the pipeline (reports.metrics / reports.fat) and the reference method each is
+#: compared under. A scanner's own fat-fraction map is a chemical-shift fat fraction like F/(F+W);
+#: the published Dixon rows already mix 2-point fat signal fractions and 6-echo PDFF.
+PIPELINE_METHODS = {
+    "dixon_ff": "dixon_ff",
+    "dixon_vendor_ff": "dixon_ff",
+    "gmm2": "t1t2_threshold",
+    "gmm3": "t1t2_threshold",
+    "kmeans2": "t1t2_threshold",
+    "kmeans3": "t1t2_threshold",
+    "t1t2_threshold": "t1t2_threshold",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabulary
+
+
+def reference_method(method: str) -> str | None:
+    """The reference method (one of :data:`METHODS`) for a pipeline fat method, or None if unknown."""
+    return PIPELINE_METHODS.get(method)
+
+
+def muscle_key(muscles: str | Iterable[str]) -> str:
+    """Canonical key of one muscle or a group: members in :data:`MUSCLES` order, joined by "+".
+
+    >>> muscle_key(["erector_spinae", "multifidus"])
+    'multifidus+erector_spinae'
+    """
+    names = muscles.split("+") if isinstance(muscles, str) else list(muscles)
+    names = [n.strip() for n in names]
+    unknown = [n for n in names if n not in MUSCLES]
+    if unknown or not names:
+        raise ReferenceTableError(f"muscle {'+'.join(names)!r}: each member must be one of {', '.join(MUSCLES)}")
+    if len(set(names)) != len(names):
+        raise ReferenceTableError(f"muscle {'+'.join(names)!r} names a muscle twice")
+    return "+".join(sorted(names, key=MUSCLES.index))
+
+
+def level_key(levels: str) -> str:
+    """Canonical key of a vertebral level range: "L5", "L3-L5" (inclusive) or "lumbar".
+
+    Accepts an en dash and lower case ("l3–l5"); a range of one level collapses ("L5-L5" -> "L5").
+    """
+    text = levels.strip().replace("\u2013", "-").replace("\u2014", "-").replace(" ", "")
+    if text.lower() == LUMBAR:
+        return LUMBAR
+    match = _LEVEL.match(text.upper())
+    if not match:
+        raise ReferenceTableError(f"levels {levels!r}: expected L1..L5, a range such as L3-L5, or {LUMBAR!r}")
+    first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+    if last < first:
+        raise ReferenceTableError(f"levels {levels!r}: the range must run from cranial to caudal")
+    return f"L{first}" if first == last else f"L{first}-L{last}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Published table
+
+
+@dataclass(frozen=True)
+class ReferenceRow:
+    """One stratum of the published table (a row of ``reference-vN.csv``).
+
+    ``age_low``/``age_high`` are inclusive completed years; None when the source does not state
+    the bound. ``age_specific`` says whether the row is one age band of a cohort (True) or the
+    whole cohort, whose age range the bounds then give (False).
+    """
+
+    method: str
+    muscle: str
+    measurement: str
+    levels: str
+    sex: str
+    age_low: int | None
+    age_high: int | None
+    age_specific: bool
+    mean: float
+    sd: float
+    n: int | None
+    source: str
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ReferenceTableError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.measurement not in MEASUREMENTS:
+            raise ReferenceTableError(f"measurement {self.measurement!r} is not one of {', '.join(MEASUREMENTS)}")
+        if muscle_key(self.muscle) != self.muscle:
+            raise ReferenceTableError(f"muscle {self.muscle!r} is not in canonical order ({muscle_key(self.muscle)})")
+        if level_key(self.levels) != self.levels:
+            raise ReferenceTableError(f"levels {self.levels!r} is not canonical ({level_key(self.levels)})")
+        if self.sex not in SEXES:
+            raise ReferenceTableError(f"sex {self.sex!r} is not one of {', '.join(SEXES)}")
+        if self.age_low is not None and self.age_high is not None and self.age_low > self.age_high:
+            raise ReferenceTableError(f"age band {self.age_low}-{self.age_high} is empty")
+        if self.age_specific and self.age_low is None and self.age_high is None:
+            raise ReferenceTableError("an age-specific row needs at least one age bound")
+        if not (math.isfinite(self.mean) and math.isfinite(self.sd) and self.sd > 0):
+            raise ReferenceTableError(f"mean {self.mean} and sd {self.sd} must be finite, sd positive")
+        if self.n is not None and self.n < 2:
+            raise ReferenceTableError(f"n {self.n} must be at least 2")
+        if not self.source:
+            raise ReferenceTableError("every row needs a source")
+
+    @property
+    def key(self) -> tuple:
+        """What makes a row unique in its table."""
+        return (self.method, self.muscle, self.measurement, self.levels, self.sex, self.age_low, self.age_high)
+
+    def age_band(self) -> str:
+        low = "?" if self.age_low is None else str(self.age_low)
+        high = "?" if self.age_high is None else str(self.age_high)
+        return f"{low}-{high} y"
+
+
+@dataclass(frozen=True)
+class ReferenceTable:
+    """A versioned published table: its rows and the short citations of their sources."""
+
+    version: str
+    rows: tuple[ReferenceRow, ...]
+    citations: dict[str, str] = field(default_factory=dict)
+    links: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        seen: dict[tuple, int] = {}
+        for number, row in enumerate(self.rows, start=1):
+            if row.key in seen:
+                raise ReferenceTableError(
+                    f"{self.version}: row {number} repeats the key of row {seen[row.key]}: {row.key}")
+            seen[row.key] = number
+            if self.citations and row.source not in self.citations:
+                raise ReferenceTableError(
+                    f"{self.version}: row {number} names source {row.source!r}, which has no citation")
+
+    def citation(self, source: str) -> str:
+        return self.citations.get(source, source)
+
+
+def _optional_int(text: str, what: str) -> int | None:
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ReferenceTableError(f"{what} {text!r} is not a whole number") from None
+
+
+def _float(text: str, what: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ReferenceTableError(f"{what} {text!r} is not a number") from None
+
+
+def _read_csv(path: Path, columns: Sequence[str]) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ReferenceTableError(f"{path}: missing columns {', '.join(missing)}")
+        return list(reader)
+
+
+def load_table(path: str | Path, version: str | None = None) -> ReferenceTable:
+    """Read a published table CSV and the sources CSV beside it (``NAME-sources.csv``).
+
+    Parameters
+    ----------
+    path : path
+        The table, e.g. ``reference-v1.csv``.
+    version : str, optional
+        Defaults to the file name without ``.csv``.
+
+    Raises
+    ------
+    ReferenceTableError
+        Naming the file and line of a row that does not parse or validate.
+    """
+    path = Path(path)
+    version = version or path.stem
+    rows: list[ReferenceRow] = []
+    for line, raw in enumerate(_read_csv(path, _TABLE_COLUMNS), start=2):
+        try:
+            specific = raw["age_specific"].strip().lower()
+            if specific not in ("yes", "no"):
+                raise ReferenceTableError(f"age_specific {raw['age_specific']!r} must be yes or no")
+            rows.append(ReferenceRow(
+                method=raw["method"].strip(), muscle=raw["muscle"].strip(),
+                measurement=raw["measurement"].strip(), levels=raw["levels"].strip(), sex=raw["sex"].strip(),
+                age_low=_optional_int(raw["age_low"], "age_low"), age_high=_optional_int(raw["age_high"], "age_high"),
+                age_specific=specific == "yes", mean=_float(raw["mean"], "mean"), sd=_float(raw["sd"], "sd"),
+                n=_optional_int(raw["n"], "n"), source=raw["source"].strip(), note=raw["note"].strip(),
+            ))
+        except ReferenceTableError as exc:
+            raise ReferenceTableError(f"{path}, line {line}: {exc}") from None
+    citations: dict[str, str] = {}
+    links: dict[str, str] = {}
+    sources = path.with_name(f"{path.stem}-sources.csv")
+    if sources.exists():
+        for raw in _read_csv(sources, _SOURCE_COLUMNS):
+            citations[raw["source"].strip()] = raw["citation"].strip()
+            links[raw["source"].strip()] = raw["link"].strip()
+    try:
+        return ReferenceTable(version, tuple(rows), citations, links)
+    except ReferenceTableError as exc:
+        raise ReferenceTableError(f"{path}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=1)
+def published_table() -> ReferenceTable:
+    """The table shipped with this version of musclenode (:data:`PUBLISHED_VERSION`)."""
+    with resources.as_file(resources.files("reports") / "data" / f"{PUBLISHED_VERSION}.csv") as path:
+        return load_table(path, PUBLISHED_VERSION)
+
+
+# ---------------------------------------------------------------------------------------------
+# Site reference
+
+
+@dataclass(frozen=True)
+class SiteModel:
+    """A linear reference fitted from a site's controls for one method, muscle, measurement, levels.
+
+    ``predicted = coef_intercept + coef_age * age + coef_male * (sex == "M") + coef_bmi * bmi``;
+    a coefficient is None when the term was not fitted (e.g. no sex term for a one-sex cohort).
+    ``levels`` None means the cohort file gave no levels for these values.
+    """
+
+    name: str
+    method: str
+    muscle: str
+    measurement: str
+    levels: str | None
+    coef_intercept: float
+    coef_age: float | None
+    coef_male: float | None
+    coef_bmi: float | None
+    residual_sd: float
+    n: int
+    n_subjects: int
+    age_min: float
+    age_max: float
+    bmi_min: float | None
+    bmi_max: float | None
+    sexes: tuple[str, ...]
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ReferenceTableError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.measurement not in MEASUREMENTS:
+            raise ReferenceTableError(f"measurement {self.measurement!r} is not one of {', '.join(MEASUREMENTS)}")
+        muscle_key(self.muscle)
+        if self.levels is not None:
+            level_key(self.levels)
+        if not (math.isfinite(self.residual_sd) and self.residual_sd > 0):
+            raise ReferenceTableError(f"residual_sd {self.residual_sd} must be positive")
+        if not self.sexes or any(s not in ("F", "M") for s in self.sexes):
+            raise ReferenceTableError(f"sexes {self.sexes!r} must list F and/or M")
+        if self.coef_male is not None and set(self.sexes) != {"F", "M"}:
+            raise ReferenceTableError("a sex coefficient needs both sexes in the cohort")
+
+    def needs(self) -> tuple[str, ...]:
+        """Patient values the prediction uses: ``age_years``, ``sex``, ``bmi``."""
+        needed = []
+        if self.coef_age is not None:
+            needed.append("age_years")
+        # A one-sex model has no sex term but still applies to that sex only.
+        needed.append("sex")
+        if self.coef_bmi is not None:
+            needed.append("bmi")
+        return tuple(needed)
+
+    def predict(self, age_years: float | None, sex: str | None, bmi: float | None) -> float:
+        """Expected value for a person; raises ValueError when a needed value is None."""
+        value = self.coef_intercept
+        if self.coef_age is not None:
+            if age_years is None:
+                raise ValueError("age is needed")
+            value += self.coef_age * age_years
+        if self.coef_male is not None:
+            if sex not in ("F", "M"):
+                raise ValueError("sex F or M is needed")
+            value += self.coef_male * (sex == "M")
+        if self.coef_bmi is not None:
+            if bmi is None:
+                raise ValueError("BMI is needed")
+            value += self.coef_bmi * bmi
+        return value
+
+
+@dataclass(frozen=True)
+class SiteReference:
+    """A site's own reference: its name (reported as the reference version) and models."""
+
+    name: str
+    models: tuple[SiteModel, ...]
+
+    def find(self, method: str, muscle: str, measurement: str, levels: str | None) -> SiteModel | None:
+        """The model for exactly these levels, else one fitted without levels, else None."""
+        exact = unlevelled = None
+        for model in self.models:
+            if (model.method, model.muscle, model.measurement) != (method, muscle, measurement):
+                continue
+            if model.levels is not None and model.levels == levels:
+                exact = exact or model
+            elif model.levels is None:
+                unlevelled = unlevelled or model
+        return exact or unlevelled
+
+
+def _cell(value: float | int | str | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)  # round-trips exactly
+    return str(value)
+
+
+def save_site_reference(reference: SiteReference, path: str | Path) -> None:
+    """Write a site reference as CSV, one model a row (columns :data:`_SITE_COLUMNS`)."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(_SITE_COLUMNS)
+        for m in reference.models:
+            writer.writerow([_cell(v) for v in (
+                reference.name, m.method, m.muscle, m.measurement, m.levels, m.coef_intercept, m.coef_age,
+                m.coef_male, m.coef_bmi, m.residual_sd, m.n, m.n_subjects, m.age_min, m.age_max,
+                m.bmi_min, m.bmi_max, "+".join(m.sexes), m.note)])
+
+
+def load_site_reference(path: str | Path) -> SiteReference:
+    """Read a site reference written by :func:`save_site_reference`."""
+    path = Path(path)
+    models: list[SiteModel] = []
+    names: set[str] = set()
+
+    def optional(text: str, what: str) -> float | None:
+        return None if not text.strip() else _float(text, what)
+
+    for line, raw in enumerate(_read_csv(path, _SITE_COLUMNS), start=2):
+        try:
+            names.add(raw["name"].strip())
+            models.append(SiteModel(
+                name=raw["name"].strip(), method=raw["method"].strip(), muscle=raw["muscle"].strip(),
+                measurement=raw["measurement"].strip(), levels=raw["levels"].strip() or None,
+                coef_intercept=_float(raw["coef_intercept"], "coef_intercept"),
+                coef_age=optional(raw["coef_age"], "coef_age"), coef_male=optional(raw["coef_male"], "coef_male"),
+                coef_bmi=optional(raw["coef_bmi"], "coef_bmi"), residual_sd=_float(raw["residual_sd"], "residual_sd"),
+                n=int(raw["n"]), n_subjects=int(raw["n_subjects"]), age_min=_float(raw["age_min"], "age_min"),
+                age_max=_float(raw["age_max"], "age_max"), bmi_min=optional(raw["bmi_min"], "bmi_min"),
+                bmi_max=optional(raw["bmi_max"], "bmi_max"), sexes=tuple(raw["sexes"].split("+")),
+                note=raw["note"].strip(),
+            ))
+        except (ReferenceTableError, ValueError) as exc:
+            raise ReferenceTableError(f"{path}, line {line}: {exc}") from None
+    if len(names) > 1:
+        raise ReferenceTableError(f"{path}: rows name different references: {', '.join(sorted(names))}")
+    keys = [(m.method, m.muscle, m.measurement, m.levels) for m in models]
+    if len(set(keys)) != len(keys):
+        raise ReferenceTableError(f"{path}: two models for the same method, muscle, measurement and levels")
+    return SiteReference(names.pop() if names else path.stem, tuple(models))
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers
+
+
+def z_score(value: float, mean: float, sd: float) -> float:
+    """(value − mean) / sd."""
+    if not sd > 0:
+        raise ValueError(f"sd must be positive, got {sd}")
+    return (value - mean) / sd
+
+
+def normal_percentile(z: float) -> float:
+    """100 × Φ(z), the standard normal cumulative distribution function, in percent."""
+    return 50.0 * (1.0 + math.erf(z / math.sqrt(2.0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Lookup
+
+
+@dataclass(frozen=True)
+class Stratum:
+    """The reference group a measurement was compared with.
+
+    Attributes
+    ----------
+    kind : {"published", "site"}
+    version : str
+        Published table version (``reference-v1``) or the site reference's name.
+    description : str
+        For people: method, muscle, levels, sex and ages of the group.
+    mean, sd : float
+        Expected value (the group mean, or a site model's prediction) and SD (residual SD).
+    n : int or None
+    source : str
+        Source key of the published row, or the site reference's name.
+    citation : str
+    note : str
+    """
+
+    kind: str
+    version: str
+    description: str
+    mean: float
+    sd: float
+    n: int | None
+    source: str
+    citation: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One measurement against the reference standard.
+
+    ``z`` and ``percentile`` are None exactly when ``reason`` says why there is no comparison.
+    """
+
+    value: float
+    method: str
+    muscle: str
+    measurement: str
+    levels: str | None
+    z: float | None
+    percentile: float | None
+    stratum: Stratum | None
+    reason: str | None
+    reference_version: str
+    notes: tuple[str, ...] = ()
+    percentile_basis: str = PERCENTILE_BASIS
+
+
+def _describe(row: ReferenceRow) -> str:
+    who = {"F": "women", "M": "men", "any": "women and men"}[row.sex]
+    ages = row.age_band() + ("" if row.age_specific else " (whole cohort)")
+    return f"{row.method} {row.muscle} {row.measurement} {row.levels}, {who}, {ages}"
+
+
+def _rank(indexed: tuple[int, ReferenceRow]) -> tuple:
+    index, row = indexed
+    specificity = (row.sex != "any") + row.age_specific
+    width = math.inf if row.age_low is None or row.age_high is None else row.age_high - row.age_low
+    return (-specificity, row.n is None, -(row.n or 0), width, row.source, index)
+
+
+def select_stratum(rows: Sequence[ReferenceRow],
+                   patient: PatientContext) -> tuple[ReferenceRow | None, str | None, tuple[str, ...]]:
+    """Choose among rows that already match method, muscle, measurement and levels.
+
+    Returns
+    -------
+    row, reason, notes
+        The chosen row (None with a reason when none fits the patient) and remarks on the choice.
+    """
+    age = patient.age_completed_years
+    usable: list[tuple[int, ReferenceRow]] = []
+    need_sex = need_age = 0
+    other_sex: set[str] = set()
+    outside: list[str] = []
+    for index, row in enumerate(rows):
+        if row.sex != "any":
+            if patient.sex is None:
+                need_sex += 1
+                continue
+            if patient.sex != row.sex:
+                other_sex.add(row.sex)
+                continue
+        if age is None:
+            if row.age_specific:
+                need_age += 1
+                continue
+        else:
+            low = ADULT_AGE if row.age_low is None else row.age_low
+            high = math.inf if row.age_high is None else row.age_high
+            if not low <= age <= high:
+                outside.append(row.age_band())
+                continue
+        usable.append((index, row))
+    if usable:
+        row = min(usable, key=_rank)[1]
+        notes = []
+        if age is None:
+            notes.append(f"age unknown ({patient.why_missing('age_years')}): not checked against the cohort's "
+                         f"ages {row.age_band()}")
+        elif row.age_low is None or row.age_high is None:
+            notes.append("the source does not state every bound of this group's ages")
+        if len(usable) > 1:
+            notes.append(f"chosen from {len(usable)} matching groups: most specific (sex, age band), then larger n")
+        return row, None, tuple(notes)
+    reasons = []
+    if need_sex:
+        reasons.append(f"sex is missing ({patient.why_missing('sex')}) and {need_sex} of the matching groups "
+                       "are sex-specific")
+    if other_sex:
+        reasons.append(f"sex {patient.sex}: the groups are for {' and '.join(sorted(other_sex))} only")
+    if need_age:
+        reasons.append(f"age is missing ({patient.why_missing('age_years')}) and {need_age} of the matching "
+                       "groups are age bands")
+    if outside:
+        reasons.append(f"age {age} is outside the groups' ages ({', '.join(sorted(set(outside)))})")
+    return None, "no reference group fits this patient: " + "; ".join(reasons), ()
+
+
+def _no_method_reason(method: str, version: str) -> str:
+    if method == "t1t2_threshold":
+        return (f"no reference for this method: {version} has no t1t2_threshold groups; a fat percentage from "
+                "T1/T2 thresholding is not the quantity a Dixon fat fraction is and is never compared with Dixon "
+                "references (Masi et al. 2023; Wesselink et al. 2024)")
+    return f"no reference for this method: {version} has no {method} groups"
+
+
+def _published(method: str, muscle: str, measurement: str, levels: str | None,
+               patient: PatientContext, table: ReferenceTable) -> tuple[Stratum | None, str | None, tuple[str, ...]]:
+    same_method = [r for r in table.rows if r.method == method]
+    if not same_method:
+        return None, _no_method_reason(method, table.version), ()
+    same_quantity = [r for r in same_method if r.muscle == muscle and r.measurement == measurement]
+    if not same_quantity:
+        return None, f"{table.version} has no {method} {measurement} reference for {muscle}", ()
+    available = sorted({r.levels for r in same_quantity})
+    if levels is None:
+        return None, (f"the measurement's vertebral levels are unknown, and the references are level-specific "
+                      f"(available for {muscle}: {', '.join(available)})"), ()
+    rows = [r for r in same_quantity if r.levels == levels]
+    if not rows:
+        return None, (f"{table.version} has no {method} {muscle} reference over {levels} "
+                      f"(available: {', '.join(available)})"), ()
+    row, reason, notes = select_stratum(rows, patient)
+    if row is None:
+        return None, reason, notes
+    stratum = Stratum(kind="published", version=table.version, description=_describe(row), mean=row.mean,
+                      sd=row.sd, n=row.n, source=row.source, citation=table.citation(row.source), note=row.note)
+    return stratum, None, notes
+
+
+def _site(method: str, muscle: str, measurement: str, levels: str | None, patient: PatientContext,
+          site: SiteReference) -> tuple[Stratum | None, str | None, tuple[str, ...]]:
+    model = site.find(method, muscle, measurement, levels)
+    if model is None:
+        return None, f"site reference {site.name} has no {method} {muscle} {measurement} model over {levels}", ()
+    lacking = [n for n in model.needs() if getattr(patient, n) is None]
+    if lacking:
+        why = "; ".join(f"{n.replace('_years', '')} missing ({patient.why_missing(n)})" for n in lacking)
+        return None, f"site reference {site.name} needs {', '.join(lacking)}: {why}", ()
+    if patient.sex not in model.sexes:
+        return None, f"site reference {site.name} was fitted on sex {'+'.join(model.sexes)} only, not {patient.sex}", ()
+    notes = []
+    if model.levels is None and levels is not None:
+        notes.append(f"the site model was fitted without levels; the measurement is over {levels}")
+    if model.coef_age is not None and not model.age_min <= patient.age_years <= model.age_max:
+        notes.append(f"age {patient.age_years:.0f} is outside the site cohort's {model.age_min:g}-{model.age_max:g}: "
+                     "extrapolated")
+    if model.coef_bmi is not None and model.bmi_min is not None and model.bmi_max is not None \
+            and not model.bmi_min <= patient.bmi <= model.bmi_max:
+        notes.append(f"BMI {patient.bmi:.1f} is outside the site cohort's {model.bmi_min:g}-{model.bmi_max:g}: "
+                     "extrapolated")
+    expected = model.predict(patient.age_years, patient.sex, patient.bmi)
+    coefficients = (model.coef_age, model.coef_male, model.coef_bmi)
+    terms = [t for t, c in zip(COEFFICIENT_TERMS[1:], coefficients) if c is not None]
+    description = (f"{method} {muscle} {measurement} {model.levels or 'levels not given'}, site controls, "
+                   f"linear in {', '.join(terms) or 'nothing'} (n {model.n}, {model.n_subjects} people)")
+    stratum = Stratum(kind="site", version=site.name, description=description, mean=expected,
+                      sd=model.residual_sd, n=model.n, source=site.name, citation=f"site reference {site.name}",
+                      note=model.note)
+    return stratum, None, tuple(notes)
+
+
+def compare(value: float, *, method: str, muscle: str | Iterable[str], measurement: str, levels: str | None,
+            patient: PatientContext, table: ReferenceTable | None = None,
+            site: SiteReference | None = None) -> Comparison:
+    """Compare one measurement with the reference standard.
+
+    Parameters
+    ----------
+    value : float
+        The measurement (fat fraction in percent, or CSA in mm²).
+    method : str
+        How the value was measured: one of :data:`METHODS`, or a pipeline method named in
+        :data:`PIPELINE_METHODS` (``gmm3`` counts as ``t1t2_threshold``). Only references of the
+        same method are used; the result records the reference method.
+    muscle : str or iterable of str
+        A muscle or group (see :func:`muscle_key`).
+    measurement : str
+        One of :data:`MEASUREMENTS`.
+    levels : str or None
+        Vertebral levels the value covers (see :func:`level_key`); None when unknown.
+    patient : PatientContext
+    table : ReferenceTable, optional
+        Defaults to :func:`published_table`.
+    site : SiteReference, optional
+        Preferred when it has a model for this measurement and the patient has what it needs.
+
+    Returns
+    -------
+    Comparison
+        With z-score, percentile and stratum, or with the reason there is none.
+    """
+    if not math.isfinite(value):
+        raise ValueError(f"value must be finite, got {value}")
+    if measurement not in MEASUREMENTS:
+        raise ReferenceTableError(f"measurement {measurement!r} is not one of {', '.join(MEASUREMENTS)}")
+    muscle = muscle_key(muscle)
+    levels = None if levels is None else level_key(levels)
+    method = reference_method(method) or method
+    table = table or published_table()
+    notes: list[str] = []
+    stratum = reason = None
+    if site is not None:
+        stratum, site_reason, site_notes = _site(method, muscle, measurement, levels, patient, site)
+        notes.extend(site_notes)
+        if stratum is None:
+            notes.append(f"{site_reason}; published {table.version} used instead")
+    if stratum is None:
+        stratum, reason, published_notes = _published(method, muscle, measurement, levels, patient, table)
+        notes.extend(published_notes)
+    if stratum is not None:
+        version = stratum.version
+    else:
+        version = table.version if site is None else f"{site.name}, {table.version}"
+    if stratum is None:
+        return Comparison(value, method, muscle, measurement, levels, None, None, None, reason, version, tuple(notes))
+    z = z_score(value, stratum.mean, stratum.sd)
+    return Comparison(value, method, muscle, measurement, levels, z, normal_percentile(z), stratum, None, version,
+                      tuple(notes))
