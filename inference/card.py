@@ -69,9 +69,12 @@ class ModelCard:
     labels : dict of int to LabelInfo
         Output label value to canonical muscle and side. Values not listed are ignored.
     output_labels : list of int
-        Label value of each output class after the background (class ``k`` -> ``output_labels[k-1]``).
+        Label value of each output class after the background (class ``k`` -> ``output_labels[k-1]``);
+        0 for a class the node ignores (counted as background), such as the non-lumbar muscles
+        of a whole-body model. Label values are 1 to 255 (label maps are 8-bit).
     contrasts : list of str
-        Input contrasts the model accepts (one is fed per channel when ``channels`` is 1).
+        Input contrasts: with one channel, those the model accepts, preferred first; with several
+        channels, one per channel, in channel order.
     channels : int
         Input channels.
     array_axes : list of two str
@@ -129,8 +132,11 @@ class ModelCard:
         problems = []
         if not self.name or not self.version:
             problems.append("name and version are required")
-        if sorted(self.output_labels) != sorted(set(self.output_labels)):
-            problems.append("output_labels repeats a value")
+        used = [v for v in self.output_labels if v != 0]
+        if len(used) != len(set(used)):
+            problems.append("output_labels repeats a label value")
+        if any(not 0 < v < 256 for v in self.labels):
+            problems.append("label values must be 1 to 255")
         missing = [v for v in self.output_labels if v not in self.labels and v != 0]
         if missing and len(missing) == len(self.output_labels):
             problems.append("no output label is described in labels")

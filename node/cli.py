@@ -127,6 +127,132 @@ def _config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _label_summary(card: Any) -> str:
+    """Muscles with their sides, e.g. ``multifidus L/R, erector spinae L/R``."""
+    sides: dict[str, list[str]] = {}
+    for value in card.output_labels:
+        info = card.labels.get(value)
+        if info is not None:
+            sides.setdefault(info.muscle.replace("_", " "), []).append(info.side[0].upper())
+    return ", ".join(f"{muscle} {'/'.join(sorted(s))}" for muscle, s in sides.items())
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from inference.registry import accuracy_summary, default_model_name, scan_models
+
+    scan = scan_models(args.dir or ())
+    for problem in scan.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    default = default_model_name()
+    if args.json:
+        print(json.dumps([{"name": c.name, "version": c.version, "default": c.name == default,
+                           "contrasts": c.contrasts, "labels": _label_summary(c),
+                           "accuracy": accuracy_summary(c), "card": str(c.path)} for c in scan.cards], indent=2))
+        return 0
+    if not scan.cards:
+        print("no models found")
+        return 1
+    rows = [("", "name", "version", "contrasts", "labels", "accuracy")]
+    rows += [("*" if c.name == default else "", c.name, c.version, ",".join(c.contrasts), _label_summary(c),
+              accuracy_summary(c)) for c in scan.cards]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print(" ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " " + row[-1])
+    print(f"(* default model, {default})")
+    return 0
+
+
+def _models_show(args: argparse.Namespace) -> int:
+    from inference.card import CardError, file_sha256
+    from inference.registry import accuracy_summary, default_model_name, load_model
+
+    try:
+        card = load_model(args.name, args.dir or (), verify=False)
+    except CardError as exc:
+        print(f"musclenode: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(card.to_dict(), indent=2))
+        return 0
+    onnx = card.onnx_path
+    intact = "matches the card" if file_sha256(onnx) == card.sha256 else "DOES NOT MATCH the card"
+    sigma = f" (sigma {card.sigma_scale} x window)" if card.blend == "gaussian" else ""
+    lines = [
+        f"{card.name} {card.version}" + ("  (default model)" if card.name == default_model_name() else ""),
+        f"  card           {card.path}",
+        f"  model          {onnx.name}, {onnx.stat().st_size / 1e6:.1f} MB, sha256 {card.sha256[:16]}... {intact}",
+        f"  licence        {card.licence or '-'}",
+        f"  contrasts      {', '.join(card.contrasts)} ({card.channels} channel{'s' if card.channels > 1 else ''})",
+        f"  array axes     rows towards {card.array_axes[0]}, columns towards {card.array_axes[1]}",
+        f"  spacing        {card.spacing_mm[0]} x {card.spacing_mm[1]} mm",
+        f"  normalisation  {json.dumps(card.normalisation)}",
+        f"  windows        {card.window[0]} x {card.window[1]}, overlap {card.overlap}, {card.blend} blending{sigma}",
+        f"  post-process   largest component {'yes' if card.largest_component else 'no'},"
+        f" crop foreground {'yes' if card.crop_foreground else 'no'}",
+        "  labels         " + "; ".join(
+            f"{v} {card.labels[v].name}" if v in card.labels else f"{v} (not described)" for v in card.output_labels),
+        f"  accuracy       {accuracy_summary(card)}",
+    ]
+    for title, value in (("provenance", card.provenance), ("training", card.training),
+                         ("accuracy in full", card.accuracy)):
+        if value:
+            lines.append(f"  {title}:")
+            lines += ["    " + line for line in json.dumps(value, indent=2).splitlines()]
+    print("\n".join(lines))
+    return 0
+
+
+def _reference_fit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from reports.reference import save_site_reference
+    from reports.reference_fit import CohortError, describe, fit_site_reference, read_cohort
+
+    try:
+        observations, skipped = read_cohort(args.cohort)
+    except (OSError, CohortError) as exc:
+        print(f"musclenode: {exc}", file=sys.stderr)
+        return 1
+    report = fit_site_reference(observations, args.name or Path(args.out).stem, skipped)
+    if not report.reference.models:
+        print(f"musclenode: no model could be fitted from {args.cohort}", file=sys.stderr)
+        for line in describe(report):
+            print(line, file=sys.stderr)
+        return 1
+    save_site_reference(report.reference, args.out)
+    for line in describe(report):
+        print(line)
+    print(f"saved to {args.out}")
+    return 0
+
+
+def _reference_show(args: argparse.Namespace) -> int:
+    from reports.reference import ReferenceTableError, load_site_reference, published_table
+
+    if args.site:
+        try:
+            site = load_site_reference(args.site)
+        except (OSError, ReferenceTableError) as exc:
+            print(f"musclenode: {exc}", file=sys.stderr)
+            return 1
+        print(f"site reference {site.name}: {len(site.models)} models")
+        for m in site.models:
+            print(f"  {m.method} {m.muscle} {m.measurement} {m.levels or '(no levels)'}:"
+                  f" intercept {m.coef_intercept:.4g}, age {m.coef_age}, male {m.coef_male}, BMI {m.coef_bmi},"
+                  f" residual SD {m.residual_sd:.4g},"
+                  f" n {m.n} ({m.n_subjects} people)")
+        return 0
+    table = published_table()
+    print(f"published reference {table.version}: {len(table.rows)} groups")
+    for r in table.rows:
+        print(f"  {r.method} {r.muscle} {r.measurement} {r.levels} sex {r.sex} {r.age_band()}"
+              f"{' (band)' if r.age_specific else ''}: {r.mean:g} +/- {r.sd:g}, n {r.n or '?'} [{r.source}]")
+    print("sources:")
+    for source, citation in table.citations.items():
+        print(f"  {source}: {citation} {table.links.get(source, '')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="musclenode", description=__doc__)
     parser.add_argument("--version", action="version", version=f"musclenode {__version__}")
@@ -155,6 +281,31 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser("show", help="print the effective configuration and where each value came from")
     show.set_defaults(run=_config_show)
+
+    models = commands.add_parser("models", help="segmentation models: bundled and in extra folders")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    folder_help = "also search this folder of model cards, before the bundled models (repeatable)"
+    models_list = models_commands.add_parser("list", help="name, version, contrasts, labels and accuracy of each model")
+    models_list.add_argument("--dir", action="append", help=folder_help)
+    models_list.add_argument("--json", action="store_true", help="machine-readable output")
+    models_list.set_defaults(run=_models_list)
+    models_show = models_commands.add_parser("show", help="the whole model card of one model")
+    models_show.add_argument("name", help="model name, as models list shows it")
+    models_show.add_argument("--dir", action="append", help=folder_help)
+    models_show.add_argument("--json", action="store_true", help="the card as JSON")
+    models_show.set_defaults(run=_models_show)
+
+    reference = commands.add_parser("reference", help="the reference standard: published table and site references")
+    reference_commands = reference.add_subparsers(dest="reference_command", required=True)
+    fit = reference_commands.add_parser("fit", help="fit a site reference from a control cohort CSV")
+    fit.add_argument("cohort", help="CSV: patient_id, muscle, side, level (optional), age, sex, bmi,"
+                     " fat_fraction_percent and/or csa_mm2, method")
+    fit.add_argument("--out", required=True, help="where to write the site reference (CSV)")
+    fit.add_argument("--name", help="name reported as the reference version (default: the file name)")
+    fit.set_defaults(run=_reference_fit)
+    reference_show = reference_commands.add_parser("show", help="print the published table, or a site reference")
+    reference_show.add_argument("--site", help="a site reference file written by reference fit")
+    reference_show.set_defaults(run=_reference_show)
     return parser
 
 

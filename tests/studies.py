@@ -954,7 +954,8 @@ def _set_pixels(ds: Dataset, stored: np.ndarray, encoded: Encoded,
     ds.PixelData = np.ascontiguousarray(stored, dtype="<u2").tobytes()
     if transfer_syntax.is_compressed:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.compress(transfer_syntax)  # needs the matching pydicom encoder plugin
+        # pydicom 3 gives a compressed dataset a new SOP Instance UID unless told not to.
+        ds.compress(transfer_syntax, generate_instance_uid=False)  # needs the matching encoder plugin
 
 
 def _window(values: np.ndarray) -> tuple[str, str]:

@@ -1,0 +1,171 @@
+"""The model registry: model cards found in the bundled folder and in folders a site adds.
+
+A model is a card ``NAME.json`` beside its ONNX file (see :mod:`inference.card`). The bundled
+models live in ``inference/models/``; a site adds folders of its own. Folders are searched in
+the order given and the bundled folder last, so a site can replace a bundled model by placing a
+card of the same name in its own folder; the card that is shadowed is reported, not used.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .card import CardError, ModelCard
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "ModelNotFound",
+    "Scan",
+    "accuracy_summary",
+    "bundled_dir",
+    "default_model_name",
+    "list_models",
+    "load_model",
+    "scan_models",
+]
+
+log = logging.getLogger(__name__)
+
+#: Name of the bundled model the node uses unless configured otherwise.
+DEFAULT_MODEL = "musclenode-lumbar-dixon"
+
+
+class ModelNotFound(CardError, LookupError):
+    """No card of the requested name in the searched folders."""
+
+
+def bundled_dir() -> Path:
+    """The folder of the models shipped with musclenode."""
+    return Path(__file__).resolve().parent / "models"
+
+
+def default_model_name() -> str:
+    """Name of the model used when the configuration names none."""
+    return DEFAULT_MODEL
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What a search of the model folders found.
+
+    Attributes
+    ----------
+    cards : list of ModelCard
+        Usable cards, one per name, sorted by name.
+    problems : list of str
+        Cards that could not be read, folders that do not exist, cards shadowed by a card of the
+        same name in an earlier folder.
+    """
+
+    cards: list[ModelCard] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _folders(extra_dirs: Iterable[str | Path]) -> list[Path]:
+    folders = [Path(d).expanduser() for d in extra_dirs] + [bundled_dir()]
+    return list(dict.fromkeys(f.resolve() for f in folders))
+
+
+def scan_models(extra_dirs: Iterable[str | Path] = ()) -> Scan:
+    """Read every card in the extra folders (in order), then in the bundled folder.
+
+    Parameters
+    ----------
+    extra_dirs : iterable of path-like
+        Site folders of models, searched before the bundled one.
+
+    Returns
+    -------
+    Scan
+    """
+    found: dict[str, ModelCard] = {}
+    problems: list[str] = []
+    for folder in _folders(extra_dirs):
+        if not folder.is_dir():
+            if folder != bundled_dir():
+                problems.append(f"{folder}: model folder does not exist")
+            continue
+        for path in sorted(folder.glob("*.json")):
+            try:
+                card = ModelCard.load(path)
+            except CardError as exc:
+                problems.append(str(exc))
+                continue
+            if card.name in found:
+                problems.append(f"{path}: model {card.name} is shadowed by {found[card.name].path}")
+                continue
+            found[card.name] = card
+    return Scan(cards=[found[name] for name in sorted(found)], problems=problems)
+
+
+def list_models(extra_dirs: Iterable[str | Path] = ()) -> list[ModelCard]:
+    """The usable model cards, sorted by name; unreadable or shadowed cards are logged."""
+    scan = scan_models(extra_dirs)
+    for problem in scan.problems:
+        log.warning("model registry: %s", problem)
+    return scan.cards
+
+
+def load_model(name: str, extra_dirs: Iterable[str | Path] = (), verify: bool = True) -> ModelCard:
+    """The card of a model by name, its ONNX file checked against the card's checksum.
+
+    Parameters
+    ----------
+    name : str
+        Model name (the card's ``name``, not its file name).
+    extra_dirs : iterable of path-like
+        Site folders, searched before the bundled one.
+    verify : bool
+        Check the ONNX file's sha256 now, so that a damaged model fails when the node starts
+        rather than at the first series.
+
+    Raises
+    ------
+    ModelNotFound
+        With the names that do exist.
+    CardError
+        When the ONNX file does not match the card.
+    """
+    scan = scan_models(extra_dirs)
+    for card in scan.cards:
+        if card.name == name:
+            if verify:
+                card.verify()
+            return card
+    known = ", ".join(c.name for c in scan.cards) or "none"
+    where = ", ".join(str(f) for f in _folders(extra_dirs))
+    raise ModelNotFound(f"no model named {name!r} in {where} (available: {known})")
+
+
+def _mean(values: Iterable[Any]) -> float | None:
+    numbers = [float(v) for v in values if isinstance(v, (int, float)) and not math.isnan(float(v))]
+    return sum(numbers) / len(numbers) if numbers else None
+
+
+def accuracy_summary(card: ModelCard) -> str:
+    """One line on a card's measured accuracy.
+
+    A card's ``accuracy`` may carry ``"summary"`` text, which is used as is; otherwise Dice per
+    contrast as the training tools write it (``dice -> contrast -> group -> label -> value``) is
+    reduced to the mean over labels of the ``"all"`` group (else the last group), e.g.
+    ``"Dice water 0.87, fat 0.80"``.
+    """
+    accuracy: Mapping[str, Any] = card.accuracy or {}
+    if isinstance(accuracy.get("summary"), str) and accuracy["summary"]:
+        return accuracy["summary"]
+    dice = accuracy.get("dice")
+    if not isinstance(dice, Mapping) or not dice:
+        return "not measured"
+    parts = []
+    for contrast, groups in dice.items():
+        if not isinstance(groups, Mapping) or not groups:
+            continue
+        group = groups.get("all", list(groups.values())[-1])
+        mean = _mean(group.values()) if isinstance(group, Mapping) else None
+        if mean is not None:
+            parts.append(f"{contrast} {mean:.2f}")
+    return f"{accuracy.get('metric', 'Dice')} " + ", ".join(parts) if parts else "not measured"

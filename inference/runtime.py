@@ -1,0 +1,577 @@
+"""Slice-wise segmentation with ONNX Runtime, as a model card prescribes.
+
+One 2D frame at a time, in its own plane:
+
+1. resample the frame in-plane onto the card's canonical grid (``array_axes``, ``spacing_mm``),
+   bilinear, the grid built from the frame's patient geometry;
+2. normalise as the card says; crop to the non-zero bounding box if it says so; pad to the window;
+3. sliding windows with the card's overlap, run in batches, blended with a Gaussian (or
+   constant) weight map;
+4. class scores to probabilities, back onto the frame's own pixel grid (bilinear), argmax;
+5. class index to the card's label value; largest connected component per label if asked;
+6. left/right checked against patient coordinates (see :func:`check_laterality`).
+
+No torch here: the runtime needs only numpy, scipy and onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+from scipy import ndimage
+
+from .card import CardError, LabelInfo, ModelCard
+from .geometry import FrameGeometry, LabelMap, LateralityFinding, SeriesImage, pair_frames
+from .resample import canonical_grid, resample
+
+__all__ = [
+    "CPU",
+    "CUDA",
+    "InputError",
+    "Segmenter",
+    "available_cores",
+    "choose_providers",
+    "choose_contrast",
+    "select_inputs",
+    "normalise",
+    "foreground_box",
+    "window_starts",
+    "gaussian_weights",
+    "sliding_window",
+    "keep_largest_components",
+    "check_laterality",
+]
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+#: A label centroid closer than this to the midline is on neither side (mm).
+MIDLINE_MARGIN_MM = 2.0
+
+
+class InputError(ValueError):
+    """The images given cannot be what the model expects."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Execution providers and sessions
+# ---------------------------------------------------------------------------------------------
+
+
+def choose_providers(available: Sequence[str], preference: str | Sequence[str] | None = None) -> list[str]:
+    """Execution providers to ask ONNX Runtime for, best first.
+
+    Parameters
+    ----------
+    available : sequence of str
+        What ``onnxruntime.get_available_providers()`` says.
+    preference : None, "auto", "cpu", "cuda" or sequence of str
+        ``None``/``"auto"``: CUDA when available, then CPU. ``"cpu"``: CPU only. ``"cuda"``: CUDA
+        then CPU, and an error when CUDA is not available (a GPU was required). A sequence:
+        those provider names in that order, skipping the ones not available.
+
+    Returns
+    -------
+    list of str
+        Always ending with the CPU provider, which every ONNX Runtime build has.
+
+    Raises
+    ------
+    ValueError
+        When ``"cuda"`` is asked for but not available, or the preference is not understood.
+    """
+    available = list(available)
+    if preference is None or preference == "auto":
+        wanted = [CUDA]
+    elif preference == "cpu":
+        wanted = []
+    elif preference == "cuda":
+        if CUDA not in available:
+            raise ValueError("CUDA execution was required but this onnxruntime offers only "
+                             + ", ".join(available) + " (install onnxruntime-gpu and a CUDA runtime)")
+        wanted = [CUDA]
+    elif isinstance(preference, str):
+        raise ValueError(f"provider preference {preference!r} is not auto, cpu, cuda or a list of providers")
+    else:
+        wanted = list(preference)
+    chosen = [p for p in wanted if p in available and p != CPU]
+    return list(dict.fromkeys(chosen)) + [CPU]
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (respects affinity masks and container cpusets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _open_session(card: ModelCard, providers: list[str], threads: int, verify: bool) -> ort.InferenceSession:
+    if card.path is None:
+        raise CardError(f"model card {card.name} was not loaded from a file: no model to open")
+    model = card.onnx_path.read_bytes()
+    # One read both checks and loads, so the bytes that run are the bytes that were checked.
+    if verify:
+        if hashlib.sha256(model).hexdigest() != card.sha256:
+            raise CardError(f"model {card.name}: {card.onnx_path.name} does not match its card's sha256")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: provider fallbacks are reported by Segmenter
+    return ort.InferenceSession(model, sess_options=options, providers=providers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def choose_contrast(card: ModelCard, available: Iterable[str]) -> str:
+    """The first contrast in the card's order that is among the available components.
+
+    Parameters
+    ----------
+    card : ModelCard
+    available : iterable of str
+        Roles of one acquisition's components, e.g. ``{"water", "fat", "in_phase"}``.
+
+    Raises
+    ------
+    InputError
+        When none is accepted.
+    """
+    available = set(available)
+    for contrast in card.contrasts:
+        if contrast in available:
+            return contrast
+    raise InputError(f"model {card.name} accepts {', '.join(card.contrasts)};"
+                     f" the acquisition has {', '.join(sorted(available)) or 'nothing'}")
+
+
+def select_inputs(card: ModelCard, components: Mapping[str, SeriesImage]) -> list[SeriesImage]:
+    """The series to feed, one per input channel, from one acquisition's components.
+
+    A one-channel card takes the first of its contrasts that is present (:func:`choose_contrast`);
+    a card with several channels takes its contrasts in order, one per channel, and all must be
+    present.
+    """
+    if card.channels == 1:
+        return [components[choose_contrast(card, components)]]
+    if len(card.contrasts) != card.channels:
+        raise CardError(f"model {card.name}: {card.channels} channels but {len(card.contrasts)} contrasts")
+    missing = [c for c in card.contrasts if c not in components]
+    if missing:
+        raise InputError(f"model {card.name} needs {', '.join(card.contrasts)}; missing {', '.join(missing)}")
+    return [components[c] for c in card.contrasts]
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers: normalisation, windows, blending
+# ---------------------------------------------------------------------------------------------
+
+
+def normalise(image: np.ndarray, normalisation: Mapping[str, object]) -> np.ndarray:
+    """Intensity normalisation of a ``(channels, rows, columns)`` slice, per channel.
+
+    ``zscore_nonzero`` leaves zero pixels at zero (they are outside the field of view or the
+    body) and standardises the rest, as MONAI's NormalizeIntensity(nonzero=True) does;
+    ``zscore`` uses every pixel; ``percentile`` maps the ``low`` and ``high`` percentiles to 0
+    and 1 and clips. A flat channel is only shifted, never divided by zero.
+    """
+    method = normalisation.get("method")
+    out = np.empty(image.shape, dtype=np.float32)
+    for c, channel in enumerate(image.astype(np.float64)):
+        if method == "zscore_nonzero":
+            mask = channel != 0
+            if not mask.any():
+                out[c] = channel
+                continue
+            values = channel[mask]
+            std = values.std() or 1.0
+            out[c] = np.where(mask, (channel - values.mean()) / std, 0.0)
+        elif method == "zscore":
+            out[c] = (channel - channel.mean()) / (channel.std() or 1.0)
+        elif method == "percentile":
+            low, high = np.percentile(channel, [float(normalisation.get("low", 0.5)),
+                                                float(normalisation.get("high", 99.5))])
+            out[c] = np.clip((channel - low) / (high - low), 0, 1) if high > low else 0.0
+        else:
+            raise CardError(f"unknown normalisation {method!r}")
+    return out
+
+
+def foreground_box(image: np.ndarray) -> tuple[slice, slice] | None:
+    """Bounding box of pixels non-zero in any channel of ``(channels, rows, columns)``; None if none."""
+    mask = np.any(image != 0, axis=0)
+    if not mask.any():
+        return None
+    rows = np.flatnonzero(mask.any(axis=1))
+    columns = np.flatnonzero(mask.any(axis=0))
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(columns[0]), int(columns[-1]) + 1)
+
+
+def window_starts(size: int, window: int, overlap: float) -> list[int]:
+    """Start offsets of sliding windows along one axis of length ``size`` (``size >= window``).
+
+    Windows advance by ``window * (1 - overlap)`` (at least one pixel); the last one is pulled
+    back to end exactly at the border, so every pixel is covered and no window sticks out.
+    """
+    if size < window:
+        raise ValueError(f"axis of {size} is shorter than the window {window}: pad first")
+    if size == window:
+        return [0]
+    step = max(1, int(window * (1.0 - overlap)))
+    count = -(-(size - window) // step) + 1
+    return sorted({min(i * step, size - window) for i in range(count)})
+
+
+def gaussian_weights(window: Sequence[int], sigma_scale: float) -> np.ndarray:
+    """Blending weights for a window: a Gaussian centred on it, sigma = ``sigma_scale`` x size.
+
+    Predictions near a window's border see less context; weighting by distance from the centre
+    lets the neighbouring window, which sees that spot centrally, dominate. Scaled to a peak of
+    1 and floored at 1e-6 so that every covered pixel keeps a non-zero total weight.
+    """
+    axes = []
+    for size in window:
+        sigma = max(float(sigma_scale) * size, 1e-6)
+        x = np.arange(size, dtype=np.float64) - (size - 1) / 2
+        axes.append(np.exp(-0.5 * (x / sigma) ** 2))
+    weights = np.outer(axes[0], axes[1])
+    return np.maximum(weights / weights.max(), 1e-6).astype(np.float32)
+
+
+def sliding_window(image: np.ndarray, predict: Callable[[np.ndarray], np.ndarray],
+                   window: Sequence[int], overlap: float, weights: np.ndarray,
+                   batch_size: int) -> np.ndarray:
+    """Blend window predictions over a ``(channels, rows, columns)`` image at least a window big.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        Input, each spatial size at least the window's.
+    predict : callable
+        ``(batch, channels, window_rows, window_columns)`` to ``(batch, classes, wr, wc)``.
+    window : sequence of two int
+    overlap : float
+    weights : numpy.ndarray
+        ``window``-shaped blending weights.
+    batch_size : int
+        Windows per call of ``predict`` (a short last batch is padded to this size when the
+        model's batch dimension is fixed, see :class:`Segmenter`).
+
+    Returns
+    -------
+    numpy.ndarray
+        float32 ``(classes, rows, columns)``: the weighted mean of all windows covering a pixel.
+    """
+    wr, wc = int(window[0]), int(window[1])
+    corners = [(r, c) for r in window_starts(image.shape[1], wr, overlap)
+               for c in window_starts(image.shape[2], wc, overlap)]
+    total: np.ndarray | None = None
+    norm = np.zeros(image.shape[1:], dtype=np.float32)
+    for first in range(0, len(corners), batch_size):
+        chunk = corners[first:first + batch_size]
+        batch = np.stack([image[:, r:r + wr, c:c + wc] for r, c in chunk]).astype(np.float32)
+        scores = np.asarray(predict(batch), dtype=np.float32)
+        if scores.ndim != 4 or scores.shape[0] < len(chunk) or scores.shape[2:] != (wr, wc):
+            raise InputError(f"the model returned {scores.shape} for windows {batch.shape}")
+        if total is None:
+            total = np.zeros((scores.shape[1],) + image.shape[1:], dtype=np.float32)
+        for (r, c), window_scores in zip(chunk, scores):
+            total[:, r:r + wr, c:c + wc] += weights * window_scores
+            norm[r:r + wr, c:c + wc] += weights
+    assert total is not None
+    return total / norm
+
+
+def _pad_to(image: np.ndarray, window: Sequence[int]) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """Zero-pad ``(channels, rows, columns)`` symmetrically to at least ``window``."""
+    pads = []
+    for size, want in zip(image.shape[1:], window):
+        extra = max(0, int(want) - size)
+        pads.append((extra // 2, extra - extra // 2))
+    padded = np.pad(image, [(0, 0)] + pads)
+    inner = tuple(slice(before, before + size) for (before, _), size in zip(pads, image.shape[1:]))
+    return padded, inner  # type: ignore[return-value]
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = scores - scores.max(axis=0, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=0, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Post-processing
+# ---------------------------------------------------------------------------------------------
+
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+
+
+def keep_largest_components(labels: np.ndarray) -> np.ndarray:
+    """Per label value, keep only its largest 8-connected component (ties: the first found)."""
+    out = labels.copy()
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        components, count = ndimage.label(labels == value, structure=_EIGHT_CONNECTED)
+        if count <= 1:
+            continue
+        sizes = np.bincount(components.ravel())[1:]
+        out[(components != 0) & (components != int(np.argmax(sizes)) + 1)] = 0
+    return out
+
+
+def check_laterality(labels: np.ndarray, frame: FrameGeometry, meaning: Mapping[int, LabelInfo],
+                     frame_index: int = 0) -> tuple[np.ndarray, list[LateralityFinding]]:
+    """Check every left/right label against patient coordinates on one frame.
+
+    The midline is the mean patient x (LPS: +x is the patient's left) of all labelled pixels.
+    A left label's centroid must lie more than :data:`MIDLINE_MARGIN_MM` to the patient's left
+    of it, a right label's to the right; within the margin it counts as neither.
+
+    Policy: when BOTH sides of a muscle are on the wrong side, the input was mirrored (or the
+    model's card has its axes the wrong way round): the pair's values are exchanged and a
+    ``"swapped"`` finding says so. When only one side is wrong (the other correct, absent or on
+    the midline), nothing reliable can be said about which pixels belong to which side, so the
+    labels stay as they are and a ``"kept"`` finding asks for review.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        uint8 ``(rows, columns)`` on ``frame``.
+    frame : FrameGeometry
+    meaning : mapping of int to LabelInfo
+    frame_index : int
+        Written into the findings.
+
+    Returns
+    -------
+    labels : numpy.ndarray
+        The labels, with swapped pairs exchanged (a new array when anything changed).
+    findings : list of LateralityFinding
+    """
+    labelled = labels != 0
+    if not labelled.any():
+        return labels, []
+    rows, columns = np.nonzero(labelled)
+    x = frame.pixel_to_lps(rows, columns)[:, 0]
+    midline = float(x.mean())
+    values = labels[rows, columns]
+    # Signed distance of each label's centroid from the midline towards the side it should be on.
+    towards_own_side = {
+        int(v): (float(x[values == v].mean()) - midline) * (1.0 if meaning[int(v)].side == "left" else -1.0)
+        for v in np.unique(values) if int(v) in meaning}
+    wrong = {v: d < -MIDLINE_MARGIN_MM for v, d in towards_own_side.items()}
+    pairs: dict[str, dict[str, int]] = {}
+    for value, info in meaning.items():
+        pairs.setdefault(info.muscle, {})[info.side] = value
+    findings = []
+    out = labels
+    for muscle, sides in sorted(pairs.items()):
+        left, right = sides.get("left", -1), sides.get("right", -1)
+        wrong_left, wrong_right = wrong.get(left, False), wrong.get(right, False)
+        if wrong_left and wrong_right:
+            out = labels.copy() if out is labels else out
+            out[labels == left] = right
+            out[labels == right] = left
+            findings.append(LateralityFinding(
+                frame_index, muscle, "swapped",
+                f"left and right centroids {-towards_own_side[left]:.1f} mm and {-towards_own_side[right]:.1f} mm "
+                "across the midline from their sides: both on the wrong side, exchanged"))
+        elif wrong_left or wrong_right:
+            side, value = ("left", left) if wrong_left else ("right", right)
+            findings.append(LateralityFinding(
+                frame_index, muscle, "kept",
+                f"{side} centroid {-towards_own_side[value]:.1f} mm across the midline from its side "
+                "while its partner is not: left as segmented"))
+    return out, findings
+
+
+# ---------------------------------------------------------------------------------------------
+# The segmenter
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _SliceResult:
+    labels: np.ndarray
+    findings: list[LateralityFinding]
+
+
+class Segmenter:
+    """Runs one model card's ONNX model over series, slice by slice.
+
+    Parameters
+    ----------
+    card : ModelCard
+        Loaded from a file (its ONNX file lies beside it); the file is checked against the
+        card's sha256 before the session opens.
+    providers : None, "auto", "cpu", "cuda" or sequence of str
+        See :func:`choose_providers`.
+    threads : int, optional
+        ONNX Runtime intra-op threads (default: every core this process may use).
+    batch_size : int
+        Windows per model call when the model's batch dimension is dynamic.
+
+    Raises
+    ------
+    CardError
+        When the model does not match its card (checksum, channels, classes, window) or a label
+        value does not fit in the uint8 label map.
+    """
+
+    def __init__(self, card: ModelCard, providers: str | Sequence[str] | None = None,
+                 threads: int | None = None, batch_size: int = 4) -> None:
+        self.card = card
+        too_big = [v for v in card.output_labels if not 0 < v < 256]
+        if too_big:
+            raise CardError(f"model {card.name}: label values {too_big} do not fit a uint8 label map (1..255)")
+        self.meaning = {v: card.labels[v] for v in card.output_labels if v in card.labels}
+        # Class k -> label value; classes whose value the card does not describe become background.
+        self._lookup = np.array([0] + [v if v in self.meaning else 0 for v in card.output_labels], dtype=np.uint8)
+        self.threads = int(threads) if threads else available_cores()
+        requested = choose_providers(ort.get_available_providers(), providers)
+        self.session = _open_session(card, requested, self.threads, verify=True)
+        if self.providers[0] != requested[0]:
+            log.warning("model %s: asked for %s, ONNX Runtime uses %s", card.name, requested[0], self.providers[0])
+        model_input = self.session.get_inputs()[0]
+        self._input_name = model_input.name
+        self._output_name = self.session.get_outputs()[0].name
+        shape = list(model_input.shape)
+        if len(shape) != 4:
+            raise CardError(f"model {card.name}: input has rank {len(shape)}, the card contract is 4")
+        static = [d if isinstance(d, int) else None for d in shape]
+        if static[1] is not None and static[1] != card.channels:
+            raise CardError(f"model {card.name}: {static[1]} input channels, the card says {card.channels}")
+        if any(static[axis] not in (None, size) for axis, size in zip((2, 3), card.window)):
+            raise CardError(f"model {card.name}: fixed input size {shape[2:]} is not the window {card.window}")
+        classes = self.session.get_outputs()[0].shape
+        if len(classes) == 4 and isinstance(classes[1], int) and classes[1] != card.classes:
+            raise CardError(f"model {card.name}: {classes[1]} output classes, the card says {card.classes}")
+        # A model exported with a fixed batch size gets exactly that many windows per call.
+        self._fixed_batch = static[0]
+        self.batch_size = static[0] or max(1, int(batch_size))
+        self._weights = (gaussian_weights(card.window, card.sigma_scale) if card.blend == "gaussian"
+                         else np.ones(tuple(card.window), dtype=np.float32))
+
+    @property
+    def providers(self) -> list[str]:
+        """Execution providers the session actually uses, best first."""
+        return list(self.session.get_providers())
+
+    @property
+    def device(self) -> str:
+        """``"cuda"`` when the session runs on the CUDA provider, else ``"cpu"``."""
+        return "cuda" if self.providers[0] == CUDA else "cpu"
+
+    def _predict(self, batch: np.ndarray) -> np.ndarray:
+        count = batch.shape[0]
+        if self._fixed_batch and count < self._fixed_batch:
+            batch = np.concatenate([batch, np.zeros((self._fixed_batch - count,) + batch.shape[1:], batch.dtype)])
+        scores = self.session.run([self._output_name], {self._input_name: batch})[0]
+        if scores.shape[1] != self.card.classes:
+            raise CardError(
+                f"model {self.card.name}: {scores.shape[1]} output classes, the card says {self.card.classes}")
+        return scores[:count]
+
+    def _as_channels(self, image: np.ndarray) -> np.ndarray:
+        image = np.asarray(image, dtype=np.float32)
+        if image.ndim == 2:
+            image = image[None]
+        if image.ndim != 3 or image.shape[0] != self.card.channels:
+            raise InputError(
+                f"model {self.card.name} takes {self.card.channels} channel(s), got an array {image.shape}")
+        return image
+
+    def _segment(self, image: np.ndarray, frame: FrameGeometry, frame_index: int) -> _SliceResult:
+        card = self.card
+        image = self._as_channels(image)
+        if image.shape[1:] != frame.shape:
+            raise InputError(f"image {image.shape[1:]} does not match its frame {frame.shape}")
+        if not image.any():  # nothing to see: spare the model a blank slice
+            return _SliceResult(np.zeros(frame.shape, np.uint8), [])
+        grid = canonical_grid(frame, card.array_axes, card.spacing_mm)
+        canonical = resample(image, frame, grid)
+        normalised = normalise(canonical, card.normalisation)
+        box = foreground_box(canonical) if card.crop_foreground else None
+        box = box or (slice(0, grid.rows), slice(0, grid.columns))
+        padded, inner = _pad_to(normalised[(slice(None),) + box], card.window)
+        scores = sliding_window(padded, self._predict, card.window, card.overlap, self._weights, self.batch_size)
+        # Probabilities, so that what the model never saw (outside the crop) can be certain
+        # background and interpolation mixes comparable numbers.
+        probabilities = np.zeros((card.classes,) + grid.shape, dtype=np.float32)
+        probabilities[0] = 1.0
+        probabilities[(slice(None),) + box] = _softmax(scores[(slice(None),) + inner])
+        on_frame = resample(probabilities, grid, frame, fill=[1.0] + [0.0] * (card.classes - 1))
+        labels = self._lookup[np.argmax(on_frame, axis=0)]
+        if card.largest_component:
+            labels = keep_largest_components(labels)
+        labels, findings = check_laterality(labels, frame, self.meaning, frame_index)
+        return _SliceResult(labels, findings)
+
+    def segment_slice(self, image: np.ndarray, frame: FrameGeometry) -> np.ndarray:
+        """Segment one frame.
+
+        Parameters
+        ----------
+        image : numpy.ndarray
+            ``(rows, columns)``, or ``(channels, rows, columns)`` for a multi-channel card.
+        frame : FrameGeometry
+            Where the frame lies in the patient.
+
+        Returns
+        -------
+        numpy.ndarray
+            uint8 label values on the frame's own grid (laterality findings are logged).
+        """
+        result = self._segment(image, frame, 0)
+        for finding in result.findings:
+            log.warning("laterality: %s %s: %s", finding.muscle, finding.action, finding.detail)
+        return result.labels
+
+    def segment(self, series: SeriesImage | Sequence[SeriesImage]) -> LabelMap:
+        """Segment every frame of a series.
+
+        Parameters
+        ----------
+        series : SeriesImage or sequence of SeriesImage
+            One series, or one per input channel in the card's contrast order (see
+            :func:`select_inputs`); further channels are matched to the first by position.
+
+        Returns
+        -------
+        LabelMap
+            On the first series' frames, with the laterality findings.
+        """
+        channels = [series] if isinstance(series, SeriesImage) else list(series)
+        if len(channels) != self.card.channels:
+            raise InputError(f"model {self.card.name} takes {self.card.channels} series, got {len(channels)}")
+        reference = channels[0]
+        partners = [pair_frames(reference, other) for other in channels[1:]]
+        labels, findings = [], []
+        for index, frame in enumerate(reference.geometry):
+            image = np.stack([reference.frames[index]]
+                             + [other.frames[pairs[index]] for other, pairs in zip(channels[1:], partners)])
+            result = self._segment(image, frame, index)
+            labels.append(result.labels)
+            findings.extend(result.findings)
+        if findings:
+            swapped = sum(f.action == "swapped" for f in findings)
+            # No UIDs: logs stay free of anything that links to a patient.
+            log.warning("model %s: left/right swapped on %d and questioned on %d frame/muscle pairs of %d frames",
+                        self.card.name, swapped, len(findings) - swapped, len(reference))
+        return LabelMap(series=reference, labels=tuple(labels), meaning=dict(self.meaning),
+                        model_name=self.card.name, model_version=self.card.version, findings=tuple(findings))
+
+    def segment_components(self, components: Mapping[str, SeriesImage]) -> LabelMap:
+        """Segment one acquisition given as role -> series (``"water"``, ``"fat"``, ...)."""
+        return self.segment(select_inputs(self.card, components))
