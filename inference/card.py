@@ -135,8 +135,8 @@ class ModelCard:
         used = [v for v in self.output_labels if v != 0]
         if len(used) != len(set(used)):
             problems.append("output_labels repeats a label value")
-        if any(not 0 < v < 256 for v in self.labels):
-            problems.append("label values must be 1 to 255")
+        if any(not 0 < v < 256 for v in self.labels) or any(not 0 <= v < 256 for v in self.output_labels):
+            problems.append("label values must be 1 to 255 (0 for an ignored class)")
         missing = [v for v in self.output_labels if v not in self.labels and v != 0]
         if missing and len(missing) == len(self.output_labels):
             problems.append("no output label is described in labels")

@@ -432,9 +432,6 @@ class Segmenter:
     def __init__(self, card: ModelCard, providers: str | Sequence[str] | None = None,
                  threads: int | None = None, batch_size: int = 4) -> None:
         self.card = card
-        too_big = [v for v in card.output_labels if not 0 < v < 256]
-        if too_big:
-            raise CardError(f"model {card.name}: label values {too_big} do not fit a uint8 label map (1..255)")
         self.meaning = {v: card.labels[v] for v in card.output_labels if v in card.labels}
         # Class k -> label value; classes whose value the card does not describe become background.
         self._lookup = np.array([0] + [v if v in self.meaning else 0 for v in card.output_labels], dtype=np.uint8)
