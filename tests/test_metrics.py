@@ -212,3 +212,27 @@ def test_psoas_by_clustering_is_flagged_unreliable() -> None:
     image = [rng.normal(100, 10, g.shape).astype(np.float32) for g in geometry]
     result = measure(LabelMap(_series(image, geometry), tuple(labels), psoas), FatSource(cluster="gmm3"))
     assert not result[0].fat.reliable and "unreliable" in result[0].fat.note
+
+
+def test_real_metrics_are_assessed_against_the_reference(tum01) -> None:
+    from reports.assessment import assess
+    from reports.patient import from_sidecar
+
+    series, label_map, _ = tum01
+    results = [m for m in measure(label_map, FatSource(water=series["water"], fat=series["fat"]))
+               if m.level == "all"]
+    patient = from_sidecar({"age": 34, "sex": "M", "height_m": 1.78, "weight_kg": 74})
+    assessed = {(a.metrics.muscle, a.metrics.side): a for a in assess(results, patient)}
+    multifidus = assessed[("multifidus", "left")]
+    assert multifidus.fat.z is not None and 0 < multifidus.fat.percentile < 100
+    assert multifidus.fat.stratum.source and "L1-L5" in multifidus.levels_note
+    assert multifidus.grade.value == 0 and multifidus.severe.value is False
+    assert multifidus.csa.z is None and multifidus.csa.reason
+    unknown_sex = from_sidecar({"age": 34, "height_m": 1.78, "weight_kg": 74})
+    again = {(a.metrics.muscle, a.metrics.side): a for a in assess(results, unknown_sex)}
+    # The decade rows pool the sexes, so a missing sex still gets a comparison; a missing age
+    # with a missing sex gets none, and says why.
+    nobody = from_sidecar({})
+    none = {(a.metrics.muscle, a.metrics.side): a for a in assess(results, nobody)}
+    assert none[("multifidus", "left")].fat.z is None and none[("multifidus", "left")].fat.reason
+    assert again[("multifidus", "left")].fat is not None

@@ -1,0 +1,91 @@
+"""Each muscle's metrics set against the reference standard and the published grades.
+
+This is where a number becomes something a clinician can read: the fat fraction with its z-score,
+percentile and the reference group it was compared with; the fat infiltration grade and the
+multifidus "severe" flag with their citations; and, for every comparison that could not be made,
+the reason.
+
+Levels: the published references are per vertebral level range. When the slices' levels are not
+known (no level model yet), the measurement over the whole series is compared with the lumbar
+reference of ``assume_levels`` (by default L1-L5), and the comparison says so in a note. A
+reader can then judge, for example, that a series reaching into L5/S1 reads fattier than L1-L5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .grades import Grade, fat_infiltration_grade, severe_multifidus_fat
+from .metrics import ALL_LEVELS, MuscleMetrics
+from .patient import PatientContext
+from .reference import Comparison, ReferenceTable, SiteReference, compare
+
+__all__ = ["Assessment", "assess"]
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """One muscle, side and level group with its comparisons and grades."""
+
+    metrics: MuscleMetrics
+    fat: Comparison | None
+    csa: Comparison | None
+    grade: Grade | None
+    severe: Grade | None
+    levels: str | None
+    levels_note: str | None
+
+
+def _levels(metrics: MuscleMetrics, assume_levels: str | None) -> tuple[str | None, str | None]:
+    if metrics.level != ALL_LEVELS:
+        return metrics.level, None
+    if assume_levels is None:
+        return None, None
+    return assume_levels, (
+        f"vertebral levels of the slices were not identified; the whole series is compared with the "
+        f"{assume_levels} reference"
+    )
+
+
+def assess(
+    metrics: Sequence[MuscleMetrics],
+    patient: PatientContext,
+    *,
+    assume_levels: str | None = "L1-L5",
+    table: ReferenceTable | None = None,
+    site: SiteReference | None = None,
+) -> list[Assessment]:
+    """Compare every muscle group's fat and area with the reference, and grade its fat.
+
+    Parameters
+    ----------
+    metrics : sequence of MuscleMetrics
+        From :func:`reports.metrics.measure`.
+    patient : PatientContext
+        Age, sex, BMI (with what is missing and why).
+    assume_levels : str or None
+        Level range taken for the group ``"all"`` when levels are unknown; None to compare only
+        groups of known level.
+    table, site : optional
+        The published table (default: the shipped version) and a site reference (preferred when
+        it has a model for the measurement).
+    """
+    assessments = []
+    for item in metrics:
+        levels, note = _levels(item, assume_levels)
+        fat_comparison = grade = severe = None
+        if item.fat is not None and item.fat.mean_percent is not None:
+            fat_comparison = compare(
+                item.fat.mean_percent, method=item.fat.method, muscle=item.muscle,
+                measurement="fat_fraction_percent", levels=levels, patient=patient, table=table, site=site,
+            )
+            grade = fat_infiltration_grade(item.fat.mean_percent, method=item.fat.method, muscle=item.muscle)
+            severe = severe_multifidus_fat(item.fat.mean_percent, method=item.fat.method, muscle=item.muscle)
+        csa_method = item.fat.method if item.fat is not None else "dixon_ff"
+        csa_comparison = compare(
+            item.mean_csa_mm2, method=csa_method, muscle=item.muscle, measurement="csa_mm2",
+            levels=levels, patient=patient, table=table, site=site,
+        )
+        assessments.append(Assessment(item, fat_comparison, csa_comparison, grade, severe, levels, note))
+    return assessments
