@@ -2,9 +2,9 @@
 
 A result's UIDs are derived from the UIDs of the source series it was made from, the model's name
 and version, the software version and what the object is, so that processing the same series
-again (a retry, a restart, a re-send) makes objects with the same UIDs, which a PACS files as
-replacements rather than duplicates. A changed series (new instances) has a different set of
-source instances and so gets new UIDs.
+again (a retry, a restart, a re-send, or a series that gained instances) makes objects with the
+same UIDs, which a PACS files as replacements rather than duplicates. A new model or software
+version makes new objects beside the old ones, as it should: they are different results.
 """
 
 from __future__ import annotations
@@ -32,18 +32,13 @@ class ResultIdentity:
     ----------
     source_series : iterable of str
         Series Instance UIDs of the inputs (all Dixon components used, or the single series).
-    source_instances : iterable of str
-        SOP Instance UIDs of the instances that were segmented: a series that gained or changed
-        instances gives new result UIDs.
     model : str
         Model name and version, e.g. ``"musclenode-lumbar-dixon 1.0.0"``.
     software_version : str
     """
 
-    def __init__(self, source_series: Iterable[str], source_instances: Iterable[str], model: str,
-                 software_version: str) -> None:
-        instances = hashlib.sha256("\x1f".join(sorted(source_instances)).encode()).hexdigest()
-        self._base = ("musclenode", ",".join(sorted(source_series)), instances, model, software_version)
+    def __init__(self, source_series: Iterable[str], model: str, software_version: str) -> None:
+        self._base = ("musclenode", ",".join(sorted(source_series)), model, software_version)
 
     def uid(self, *what: str) -> str:
         """The UID of one thing, e.g. ``uid("seg", "series")`` or ``uid("summary", "instance", "2")``."""
