@@ -30,13 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
     if problem:
         raise ConfigError(f"node.data: {problem} (from {config.sources.get('node.data', 'default')})")
     node = Node(config)
-    try:
-        node.start()
-    except OSError as exc:
-        raise ConfigError(
-            f"node.port: cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
-            f" (from {config.sources.get('node.port', 'default')})"
-        ) from None
+    node.start()
 
     def stop(signum: int, frame: Any) -> None:
         logging.getLogger("node").info("stopping on signal %d", signum)

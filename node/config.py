@@ -68,6 +68,13 @@ def _integer(value: Any) -> int:
         raise ValueError("must be an integer") from None
 
 
+def _bounded(value: Any, low: int, high: int) -> int:
+    number = _integer(value)
+    if not low <= number <= high:
+        raise ValueError(f"must be between {low} and {high}")
+    return number
+
+
 def _non_negative_integer(value: Any) -> int:
     number = _integer(value)
     if number < 0:
@@ -166,6 +173,34 @@ def _name(value: Any) -> str:
     return value
 
 
+def _device(value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in {"auto", "cpu", "cuda"}:
+        raise ValueError("must be auto, cpu or cuda")
+    return value.lower()
+
+
+def _cluster_method(value: Any) -> str:
+    if value not in ("gmm3", "gmm2", "kmeans2", "kmeans3"):
+        raise ValueError("must be gmm3, gmm2, kmeans2 or kmeans3")
+    return value
+
+
+def _levels(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"(|[LST]\d{1,2}(-[LST]\d{1,2})?)", value.strip()):
+        raise ValueError("must be a level range such as L1-L5, or empty for none")
+    return value.strip()
+
+
+def _optional_path(value: Any) -> Path | None:
+    if value in ("", None):
+        return None
+    return _path(value)
+
+
+def _paths(value: Any) -> tuple[Path, ...]:
+    return tuple(Path(p).expanduser() for p in _strings(value))
+
+
 def _upper_strings(value: Any) -> tuple[str, ...]:
     return tuple(v.upper() for v in _strings(value))
 
@@ -234,6 +269,19 @@ class Config:
     log_level: str
     log_patient_data: bool
     quiet_seconds: float
+    model_name: str
+    model_dirs: tuple[Path, ...]
+    workers: int
+    device: str
+    threads: int
+    max_attempts: int
+    retry_seconds: float
+    erode_fat: bool
+    cluster_method: str
+    assume_levels: str
+    site_reference: Path | None
+    http_host: str
+    http_port: int
     peers: tuple[Peer, ...]
     destinations: tuple[Destination, ...]
     rules: Rules
@@ -269,6 +317,20 @@ _SCALARS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "node.log_level": (_log_level, "INFO"),
     "node.log_patient_data": (_boolean, False),
     "assembly.quiet_seconds": (_seconds, 30.0),
+    "model.name": (_name, "musclenode-lumbar-dixon"),
+    "model.dirs": (_paths, []),
+    # One worker with every core suits a CPU node: ONNX Runtime parallelises within a slice.
+    "jobs.workers": (lambda v: _bounded(v, 1, 64), 1),
+    "jobs.device": (_device, "auto"),
+    "jobs.threads": (lambda v: _bounded(v, 0, 256), 0),
+    "jobs.max_attempts": (lambda v: _bounded(v, 1, 100), 4),
+    "jobs.retry_seconds": (_seconds, 10.0),
+    "metrics.erode_fat": (_boolean, True),
+    "metrics.cluster_method": (_cluster_method, "gmm3"),
+    "metrics.assume_levels": (_levels, "L1-L5"),
+    "reference.site": (_optional_path, ""),
+    "http.host": (_bind_address, "127.0.0.1"),
+    "http.port": (lambda v: 0 if _integer(v) == 0 else _port(v), 8089),
     "rules.modalities": (_upper_strings, ["MR"]),
     "rules.lumbar_body_parts": (
         _upper_strings,
@@ -327,6 +389,11 @@ ENVIRONMENT: dict[str, str] = {
     "MUSCLENODE_LOG_LEVEL": "node.log_level",
     "MUSCLENODE_LOG_PATIENT_DATA": "node.log_patient_data",
     "MUSCLENODE_QUIET_SECONDS": "assembly.quiet_seconds",
+    "MUSCLENODE_MODEL": "model.name",
+    "MUSCLENODE_WORKERS": "jobs.workers",
+    "MUSCLENODE_DEVICE": "jobs.device",
+    "MUSCLENODE_THREADS": "jobs.threads",
+    "MUSCLENODE_HTTP_PORT": "http.port",
 }
 
 
@@ -448,6 +515,19 @@ def load_config(
         log_level=values["node.log_level"],
         log_patient_data=values["node.log_patient_data"],
         quiet_seconds=values["assembly.quiet_seconds"],
+        model_name=values["model.name"],
+        model_dirs=values["model.dirs"],
+        workers=values["jobs.workers"],
+        device=values["jobs.device"],
+        threads=values["jobs.threads"],
+        max_attempts=values["jobs.max_attempts"],
+        retry_seconds=values["jobs.retry_seconds"],
+        erode_fat=values["metrics.erode_fat"],
+        cluster_method=values["metrics.cluster_method"],
+        assume_levels=values["metrics.assume_levels"],
+        site_reference=values["reference.site"],
+        http_host=values["http.host"],
+        http_port=values["http.port"],
         peers=tuple(peers),
         destinations=tuple(destinations),
         rules=rules,
@@ -468,18 +548,31 @@ def _toml_value(value: Any) -> str:
         return f'"{escaped}"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if value is None:
+        return '""'
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+#: Config attributes whose name differs from the setting's own name.
+_FIELD_OF = {
+    "assembly.quiet_seconds": "quiet_seconds", "model.name": "model_name", "model.dirs": "model_dirs",
+    "reference.site": "site_reference", "http.host": "http_host", "http.port": "http_port",
+    "metrics.erode_fat": "erode_fat", "metrics.cluster_method": "cluster_method",
+    "metrics.assume_levels": "assume_levels",
+}
 
 
 def to_toml(config: Config) -> str:
     """Write the effective configuration as TOML, each setting commented with its source."""
     lines: list[str] = []
-    sections = {
-        "node": {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-                 if f.name in {k.split(".")[1] for k in _SCALARS if k.startswith("node.")}},
-        "assembly": {"quiet_seconds": config.quiet_seconds},
-        "rules": dataclasses.asdict(config.rules),
-    }
+    sections: dict[str, dict[str, Any]] = {}
+    for key in _SCALARS:
+        section, name = key.split(".", 1)
+        if section == "rules":
+            continue
+        value = getattr(config, _FIELD_OF.get(key, name))
+        sections.setdefault(section, {})[name] = "" if value is None else value
+    sections["rules"] = dataclasses.asdict(config.rules)
     for section, body in sections.items():
         lines.append(f"[{section}]")
         for key, value in body.items():

@@ -212,6 +212,10 @@ class StorageSCP:
         )
         log.info("listening as %s on %s:%d", self.config.ae_title, self.config.host, self.config.port)
 
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()

@@ -11,11 +11,16 @@ from pathlib import Path
 from pydicom import dcmread
 
 from . import reactor
-from .assembly import Assembler, ReadyCallback
-from .config import Config
+from .assembly import Assembler
+from .config import Config, ConfigError
+from .export import Exporter, ExportQueue
+from .http import StatusServer, prometheus_text
 from .index import Index, InstanceRecord
+from .jobs import JobQueue
+from .rules import Decision
 from .scp import StorageSCP, inspect
 from .store import InstanceStore
+from .worker import Workers, submit_selected
 
 __all__ = ["Node", "setup_logging"]
 
@@ -38,17 +43,47 @@ class Node:
     ----------
     config : Config
         The effective configuration.
-    on_ready : callable, optional
-        Called when a series has become ready and its study was judged again.
     """
 
-    def __init__(self, config: Config, on_ready: ReadyCallback | None = None) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
         self.store = InstanceStore(config.data, min_free_bytes=config.min_free_mb * 2**20)
         self.index = Index(config.index_path)
-        self.assembler = Assembler(self.index, config, on_ready=on_ready)
+        self.jobs = JobQueue(config.index_path, max_attempts=config.max_attempts,
+                             backoff_seconds=config.retry_seconds)
+        self.exports = ExportQueue(config.index_path, self.store.root)
+        self.exporter = Exporter(self.exports, config.ae_title)
+        self.workers = Workers(config, self.index, self.jobs, self.exports, self.store, self.exporter)
+        self.assembler = Assembler(self.index, config, on_ready=self._on_ready)
         self.scp = StorageSCP(config, self.store, self.index, self.assembler)
+        self.http: StatusServer | None = None
         self._stopped = threading.Event()
+
+    def _on_ready(self, study_uid: str, decisions: list[Decision]) -> None:
+        if submit_selected(self.index, self.jobs, decisions):
+            self.workers.wake()
+
+    def health(self) -> dict:
+        listening = self.scp.listening
+        return {"status": "ok" if listening else "down", "dicom": listening, "jobs": self.jobs.counts()}
+
+    def metrics(self) -> str:
+        counts = self.index.counts()
+        jobs = self.jobs.counts()
+        exports = self.exports.counts()
+        return prometheus_text({
+            "musclenode_instances_received_total": ("counter", "Instances stored and indexed.",
+                                                    {(): counts["instances"]}),
+            "musclenode_series_ready": ("gauge", "Series assembled (quiet time over, association ended).",
+                                        {(): counts["series_ready"]}),
+            "musclenode_jobs": ("gauge", "Jobs by state.", {(("state", s),): n for s, n in jobs.items()}),
+            "musclenode_inference_seconds_total": ("counter", "Seconds spent segmenting.",
+                                                   {(): self.workers.inference_seconds}),
+            "musclenode_export_failures_total": ("counter", "Failed deliveries of results (each is retried).",
+                                                 {(): self.exporter.failures}),
+            "musclenode_exports": ("gauge", "Result deliveries by state.",
+                                   {(("state", s),): n for s, n in exports.items()}),
+        })
 
     def start(self) -> None:
         """Recover from the previous run if it did not stop cleanly, then listen."""
@@ -58,8 +93,29 @@ class Node:
             marker.unlink()
         else:
             self.recover()
+        # The assembler first: it closes the associations a crash left open, which must happen
+        # before the SCP accepts new ones.
         self.assembler.start()
-        self.scp.start()
+        try:
+            self.scp.start()
+        except OSError as exc:
+            self.assembler.stop()
+            raise ConfigError(self._cannot_listen("node.port", self.config.host, self.config.port, exc)) from None
+        if self.config.http_port:
+            try:
+                self.http = StatusServer(self.config.http_host, self.config.http_port, self.health, self.metrics)
+            except OSError as exc:
+                self.scp.stop()
+                self.assembler.stop()
+                raise ConfigError(self._cannot_listen("http.port", self.config.http_host, self.config.http_port,
+                                                      exc)) from None
+            self.http.start()
+        self.workers.start()
+        self.exporter.start()
+
+    def _cannot_listen(self, setting: str, host: str, port: int, exc: OSError) -> str:
+        return (f"{setting}: cannot listen on {host}:{port}: {exc.strerror or exc}"
+                f" (from {self.config.sources.get(setting, 'default')})")
 
     def recover(self) -> None:
         """Put the store and the index back in step after a crash or a power cut.
@@ -85,9 +141,13 @@ class Node:
             log.warning("indexed %d stored files that the index had lost", restored)
 
     def stop(self) -> None:
-        """Stop listening, let timers finish, and mark the stop as clean."""
+        """Stop listening, let timers, jobs and exports finish their step, mark the stop clean."""
+        if self.http is not None:
+            self.http.stop()
         self.scp.stop()
         self.assembler.stop()
+        self.workers.stop()
+        self.exporter.stop()
         self.index.close()
         (self.config.data / _CLEAN_STOP).touch()
         self._stopped.set()

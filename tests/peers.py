@@ -91,6 +91,7 @@ class NodeProcess:
     port: int
     ae_title: str = "MUSCLENODE"
     settings: dict[str, Any] = field(default_factory=dict)
+    http_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     restarts: int = 0
 
@@ -111,7 +112,8 @@ class NodeProcess:
                 "min_free_mb": 1}
         sections: dict[str, Any] = {"node": {**node, **self.settings.get("node", {})}}
         sections["assembly"] = {"quiet_seconds": 1, **self.settings.get("assembly", {})}
-        for key in ("peers", "destinations", "rules"):
+        sections["http"] = {"port": self.http_port, **self.settings.get("http", {})}
+        for key in ("peers", "destinations", "rules", "jobs", "model", "metrics"):
             if key in self.settings:
                 sections[key] = self.settings[key]
         write_toml(self.config_path, sections)

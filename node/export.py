@@ -1,0 +1,291 @@
+"""Export: results go to their destinations by C-STORE, each destination with its own retries.
+
+Every result file of a job gets one delivery per destination. A delivery stays ``pending`` until
+the destination acknowledges it with Success (or a warning); a destination that is down or
+refuses keeps its deliveries pending with an exponential backoff (capped), so it gets everything
+once it is back. Nothing is deleted before it was acknowledged. ``resend`` queues a job's results
+for a destination again.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from pydicom import dcmread
+from pynetdicom import AE
+
+from .config import Config, Destination
+
+__all__ = ["Delivery", "ExportQueue", "Exporter", "destinations_for"]
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outputs (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER NOT NULL,
+    sop_instance_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    UNIQUE (job_id, sop_instance_uid)
+);
+CREATE TABLE IF NOT EXISTS exports (
+    id INTEGER PRIMARY KEY,
+    output_id INTEGER NOT NULL REFERENCES outputs (id),
+    destination TEXT NOT NULL,
+    ae_title TEXT NOT NULL,
+    host TEXT NOT NULL,
+    port INTEGER NOT NULL,
+    state TEXT NOT NULL,            -- pending | sent
+    attempts INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0,
+    last_error TEXT,
+    sent REAL
+);
+CREATE INDEX IF NOT EXISTS exports_pending ON exports (state, destination, not_before);
+"""
+
+#: Retry delays grow from this, doubling, up to the cap: a PACS down for hours is retried every
+#: five minutes, and sooner after short outages.
+_FIRST_RETRY_SECONDS = 2.0
+_MAX_RETRY_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One result file on its way to one destination."""
+
+    id: int
+    job_id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: str
+    kind: str
+    destination: str
+    ae_title: str
+    host: str
+    port: int
+    state: str
+    attempts: int
+    last_error: str | None
+
+
+def destinations_for(config: Config, source_ae: str, source_address: str) -> tuple[list[Destination], str | None]:
+    """Where a job's results go: the configured destinations, else the peer that sent the study.
+
+    Returns the destinations and, when there are none, why.
+    """
+    if config.destinations:
+        return list(config.destinations), None
+    peer = config.peer_for(source_ae, source_address)
+    if peer is None or peer.port is None:
+        return [], (f"no destinations configured and the sender {source_ae or '?'} has no port in [[peers]]:"
+                    " results are kept but not sent")
+    host = source_address if peer.host == "*" else peer.host
+    return [Destination(name=source_ae, ae_title=source_ae, host=host, port=peer.port)], None
+
+
+class ExportQueue:
+    """Result files and their deliveries, in the node's SQLite database."""
+
+    def __init__(self, path: Path, root: Path) -> None:
+        self.root = root
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def add(self, job_id: int, files: Sequence[tuple[str, str, str, str]], destinations: Sequence[Destination]) -> None:
+        """Register a job's result files (SOP instance UID, SOP class UID, path, kind) for delivery."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sop_instance, sop_class, path, kind in files:
+                    self._db.execute(
+                        "INSERT OR IGNORE INTO outputs (job_id, sop_instance_uid, sop_class_uid, path, kind)"
+                        " VALUES (?, ?, ?, ?, ?)",
+                        (job_id, sop_instance, sop_class, path, kind),
+                    )
+                    output_id = self._db.execute(
+                        "SELECT id FROM outputs WHERE job_id = ? AND sop_instance_uid = ?", (job_id, sop_instance)
+                    ).fetchone()[0]
+                    for destination in destinations:
+                        self._db.execute(
+                            "INSERT INTO exports (output_id, destination, ae_title, host, port, state)"
+                            " VALUES (?, ?, ?, ?, ?, 'pending')",
+                            (output_id, destination.name, destination.ae_title, destination.host, destination.port),
+                        )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def resend(self, job_id: int, destination: Destination) -> int:
+        """Queue every result of a job for a destination again; returns how many files."""
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM outputs WHERE job_id = ?", (job_id,)).fetchall()
+        if not rows:
+            raise KeyError(f"job {job_id} has no results")
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            for (output_id,) in rows:
+                self._db.execute(
+                    "INSERT INTO exports (output_id, destination, ae_title, host, port, state)"
+                    " VALUES (?, ?, ?, ?, ?, 'pending')",
+                    (output_id, destination.name, destination.ae_title, destination.host, destination.port),
+                )
+            self._db.execute("COMMIT")
+        return len(rows)
+
+    def _deliveries(self, where: str, parameters: Sequence[Any]) -> list[Delivery]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT e.id, o.job_id, o.sop_instance_uid, o.sop_class_uid, o.path, o.kind, e.destination,"
+                " e.ae_title, e.host, e.port, e.state, e.attempts, e.last_error"
+                f" FROM exports e JOIN outputs o ON o.id = e.output_id {where}",
+                parameters,
+            ).fetchall()
+        return [Delivery(**dict(r)) for r in rows]
+
+    def due(self, now: float | None = None) -> dict[str, list[Delivery]]:
+        """Pending deliveries that are due, by destination name."""
+        now = time.time() if now is None else now
+        due: dict[str, list[Delivery]] = {}
+        for delivery in self._deliveries("WHERE e.state = 'pending' AND e.not_before <= ? ORDER BY e.id", (now,)):
+            due.setdefault(delivery.destination, []).append(delivery)
+        return due
+
+    def for_job(self, job_id: int) -> list[Delivery]:
+        return self._deliveries("WHERE o.job_id = ? ORDER BY e.id", (job_id,))
+
+    def mark_sent(self, delivery_ids: Sequence[int]) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "UPDATE exports SET state = 'sent', sent = ?, attempts = attempts + 1, last_error = NULL WHERE id = ?",
+                [(now, i) for i in delivery_ids],
+            )
+            self._db.execute("COMMIT")
+
+    def mark_failed(self, delivery_ids: Sequence[int], error: str) -> None:
+        """Keep them pending and push their next attempt back."""
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            for delivery_id in delivery_ids:
+                (attempts,) = self._db.execute("SELECT attempts FROM exports WHERE id = ?", (delivery_id,)).fetchone()
+                delay = min(_FIRST_RETRY_SECONDS * 2 ** attempts, _MAX_RETRY_SECONDS)
+                self._db.execute(
+                    "UPDATE exports SET attempts = attempts + 1, not_before = ?, last_error = ? WHERE id = ?",
+                    (now + delay, error, delivery_id),
+                )
+            self._db.execute("COMMIT")
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT state, COUNT(*), SUM(attempts > 0 AND state = 'pending') FROM exports GROUP BY state"
+            ).fetchall()
+        counts = {"pending": 0, "sent": 0, "retrying": 0}
+        for state, number, retrying in rows:
+            counts[state] = number
+            if state == "pending":
+                counts["retrying"] = retrying or 0
+        return counts
+
+
+class Exporter:
+    """Sends due deliveries, one association per destination, in a background thread."""
+
+    def __init__(self, queue: ExportQueue, ae_title: str, poll_seconds: float = 1.0) -> None:
+        self.queue = queue
+        self.ae_title = ae_title
+        self.poll_seconds = poll_seconds
+        self.failures = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="exporter", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def wake(self) -> None:
+        """Send now rather than at the next poll (new results are waiting)."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.send_due()
+            except Exception:
+                log.exception("export round failed")
+            self._wake.wait(self.poll_seconds)
+            self._wake.clear()
+
+    def send_due(self) -> None:
+        for destination, deliveries in self.queue.due().items():
+            if self._stop.is_set():
+                return
+            self._send(destination, deliveries)
+
+    def _send(self, destination: str, deliveries: list[Delivery]) -> None:
+        first = deliveries[0]
+        ae = AE(ae_title=self.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+        for sop_class in sorted({d.sop_class_uid for d in deliveries}):
+            ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+        assoc = ae.associate(first.host, first.port, ae_title=first.ae_title)
+        if not assoc.is_established:
+            why = "association rejected" if assoc.is_rejected else "no association (destination down?)"
+            self._failed(destination, deliveries, why)
+            return
+        sent, failed = [], []
+        try:
+            for delivery in deliveries:
+                try:
+                    status = assoc.send_c_store(dcmread(self.queue.root / delivery.path))
+                except Exception as exc:  # a file or network problem fails this delivery, not the loop
+                    failed.append((delivery, f"{type(exc).__name__}: {exc}"))
+                    if not assoc.is_established:
+                        break
+                    continue
+                code = getattr(status, "Status", None)
+                if code is not None and (code == 0 or 0xB000 <= code <= 0xBFFF):
+                    sent.append(delivery.id)
+                else:
+                    failed.append((delivery, "no response" if code is None else f"status 0x{code:04X}"))
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        if sent:
+            self.queue.mark_sent(sent)
+            log.info("exported %d results to %s", len(sent), destination)
+        for delivery, error in failed:
+            self._failed(destination, [delivery], error)
+        unsent = [d for d in deliveries if d.id not in sent and d not in [f[0] for f in failed]]
+        if unsent:
+            self._failed(destination, unsent, "association lost")
+
+    def _failed(self, destination: str, deliveries: list[Delivery], error: str) -> None:
+        self.failures += len(deliveries)
+        self.queue.mark_failed([d.id for d in deliveries], error)
+        log.warning("export of %d results to %s failed: %s; will retry", len(deliveries), destination, error)

@@ -1,0 +1,173 @@
+"""The pipeline: one selected group of series in, SEG, SR, summary and measurement rows out.
+
+The node's workers and the offline ``musclenode process`` command both call :func:`run`, so a
+study gives the same numbers whichever way it came in. The steps read as the data flow of
+DESIGN.md: series -> segment -> measure -> assess -> SEG + SR + summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from inference.geometry import LabelMap, SeriesImage, read_series
+from inference.runtime import Segmenter
+from reports.assessment import Assessment, assess
+from reports.metrics import FatSource, MuscleMetrics, measure
+from reports.patient import PatientContext, from_dataset
+from reports.reference import SiteReference
+from reports.uids import ResultIdentity
+
+from . import __version__
+
+__all__ = ["PipelineError", "PipelineSettings", "Results", "WorkItem", "run", "cohort_rows"]
+
+log = logging.getLogger(__name__)
+
+DIXON_ROLES = ("water", "fat", "in_phase", "opposed_phase", "fat_fraction")
+
+
+class PipelineError(Exception):
+    """A work item that cannot be processed; ``transient`` says whether trying again may help."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """What to process: series by role (Dixon components, or ``"t1"``/``"t2"``) as file lists."""
+
+    kind: str
+    series_files: Mapping[str, Sequence[Path]]
+    patient: PatientContext | None = None
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """How fat is measured and what it is compared with."""
+
+    erode_fat: bool = True
+    cluster_method: str = "gmm3"
+    assume_levels: str | None = "L1-L5"
+    site_reference: SiteReference | None = None
+
+
+@dataclass
+class Results:
+    """Everything one work item produced."""
+
+    label_map: LabelMap
+    metrics: list[MuscleMetrics]
+    assessments: list[Assessment]
+    patient: PatientContext
+    segmentation: Dataset
+    report: Dataset
+    summary: list[Dataset]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def datasets(self) -> list[tuple[str, Dataset]]:
+        """Every result object with its kind, SEG first (the SR references it)."""
+        return [("seg", self.segmentation), ("sr", self.report)] + [("summary", d) for d in self.summary]
+
+
+def _fat_source(kind: str, images: Mapping[str, SeriesImage], settings: PipelineSettings) -> FatSource:
+    if kind == "dixon":
+        if "water" in images and "fat" in images:
+            return FatSource(water=images["water"], fat=images["fat"], erode=settings.erode_fat)
+        if "fat_fraction" in images:
+            return FatSource(fraction=images["fat_fraction"], erode=settings.erode_fat)
+        raise PipelineError("a Dixon group needs water and fat, or a fat-fraction map")
+    return FatSource(cluster=settings.cluster_method)
+
+
+def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = PipelineSettings()) -> Results:
+    """Process one work item.
+
+    Raises
+    ------
+    PipelineError
+        When the series cannot be read or segmented; never transient for bad input.
+    """
+    from reports.seg import build_segmentation
+    from reports.sr import build_report
+    from reports.summary import build_summary
+
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    try:
+        images = {role: read_series(files) for role, files in item.series_files.items()}
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"cannot read the series: {exc}") from exc
+    seconds["read"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    try:
+        if item.kind == "dixon":
+            label_map = segmenter.segment_components({r: images[r] for r in DIXON_ROLES if r in images})
+        else:
+            label_map = segmenter.segment(images[item.kind])
+    except ValueError as exc:
+        raise PipelineError(f"cannot segment: {exc}") from exc
+    seconds["inference"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    source = next(iter(label_map.series.source_paths.values()), None)
+    source_dataset = dcmread(source, stop_before_pixels=True) if source else None
+    patient = item.patient or (from_dataset(source_dataset) if source_dataset is not None else from_dataset(Dataset()))
+    metrics = measure(label_map, _fat_source(item.kind, images, settings))
+    assessments = assess(metrics, patient, assume_levels=settings.assume_levels, site=settings.site_reference)
+    seconds["measure"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    card = segmenter.card
+    identity = ResultIdentity([s.series_instance_uid for s in images.values()], f"{card.name} {card.version}", __version__)
+    segmentation = build_segmentation(label_map, card.name, card.version, identity, __version__)
+    report = build_report(label_map, segmentation, assessments, identity, card.name, card.version, __version__,
+                          patient=patient)
+    summary = build_summary(label_map, assessments, patient, identity, card.name, card.version, __version__,
+                            source_dataset)
+    seconds["results"] = time.perf_counter() - started
+    return Results(label_map, metrics, assessments, patient, segmentation, report, summary, seconds)
+
+
+def cohort_rows(results: Results, study: str) -> list[dict[str, Any]]:
+    """Rows of a cohort CSV: one per study x muscle x side (x level when levels are known)."""
+    rows = []
+    patient = results.patient
+    for assessment in results.assessments:
+        m = assessment.metrics
+        fat = m.fat
+        row = {
+            "study": study,
+            "series": results.label_map.series.series_instance_uid,
+            "model": f"{results.label_map.model_name} {results.label_map.model_version}",
+            "age": patient.age_years, "sex": patient.sex, "bmi": None if patient.bmi is None else round(patient.bmi, 2),
+            "muscle": m.muscle, "side": m.side, "level": m.level, "slices": m.n_slices,
+            "mean_csa_mm2": round(m.mean_csa_mm2, 2),
+            "volume_cm3": None if m.volume_cm3 is None else round(m.volume_cm3, 3),
+            "fat_method": None if fat is None else fat.method,
+            "fat_percent": None if fat is None or fat.mean_percent is None else round(fat.mean_percent, 2),
+            "fat_median_percent": None if fat is None or fat.median_percent is None else round(fat.median_percent, 2),
+            "functional_csa_mm2": None if m.functional_csa_mm2 is None else round(m.functional_csa_mm2, 2),
+            "asymmetry_percent": None if m.asymmetry_percent is None else round(m.asymmetry_percent, 2),
+            "fat_z": None, "fat_percentile": None, "reference": None, "no_reference_reason": None,
+            "grade": None if assessment.grade is None else assessment.grade.value,
+            "range_min_mm": round(m.range_mm[0], 1), "range_max_mm": round(m.range_mm[1], 1),
+        }
+        comparison = assessment.fat
+        if comparison is not None:
+            row["fat_z"] = None if comparison.z is None else round(comparison.z, 3)
+            row["fat_percentile"] = None if comparison.percentile is None else round(comparison.percentile, 1)
+            row["reference"] = comparison.stratum.description if comparison.stratum else None
+            row["no_reference_reason"] = comparison.reason
+        rows.append(row)
+    return rows

@@ -1,0 +1,197 @@
+"""Workers: take jobs from the queue, run the pipeline, keep the results, hand them to export.
+
+Also the bridge from assembly to jobs: when the rules select a group of series, a job is
+submitted for the versions of its series at that moment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import defaultdict
+from io import BytesIO
+from pathlib import Path
+from typing import Sequence
+
+from pydicom.dataset import Dataset
+
+from .config import Config
+from .export import Exporter, ExportQueue, destinations_for
+from .index import Index
+from .jobs import Job, JobQueue
+from .pipeline import PipelineError, PipelineSettings, WorkItem, run
+from .rules import Decision
+from .store import InstanceStore
+
+__all__ = ["Workers", "submit_selected"]
+
+log = logging.getLogger(__name__)
+
+
+def submit_selected(index: Index, jobs: JobQueue, decisions: Sequence[Decision]) -> list[Job]:
+    """Submit a job for every selected group among the decisions of a study."""
+    groups: dict[str, list[Decision]] = defaultdict(list)
+    for decision in decisions:
+        if decision.selected and decision.grouping:
+            groups[decision.grouping].append(decision)
+    submitted = []
+    for grouping, members in groups.items():
+        series = {d.role: d.series_uid for d in members}
+        versions = {d.series_uid: d.version for d in members}
+        first = index.series(members[0].series_uid)
+        job = jobs.submit(grouping, members[0].kind, first.study_uid, series, versions,
+                          source_ae=first.calling_ae, source_address=first.address)
+        if job is not None:
+            log.info("job %d queued: %s (%s)", job.id, members[0].kind, ", ".join(sorted(series)))
+            submitted.append(job)
+    return submitted
+
+
+class Workers:
+    """A pool of worker threads sharing one model session each.
+
+    Parameters
+    ----------
+    config : Config
+    index, jobs, exports : the node's stores
+    store : InstanceStore
+    exporter : Exporter
+        Woken when results are ready.
+    """
+
+    def __init__(self, config: Config, index: Index, jobs: JobQueue, exports: ExportQueue,
+                 store: InstanceStore, exporter: Exporter) -> None:
+        self.config = config
+        self.index = index
+        self.jobs = jobs
+        self.exports = exports
+        self.store = store
+        self.exporter = exporter
+        self.inference_seconds = 0.0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._settings = self._pipeline_settings()
+
+    def _pipeline_settings(self) -> PipelineSettings:
+        site = None
+        if self.config.site_reference is not None:
+            from reports.reference import load_site_reference
+
+            site = load_site_reference(self.config.site_reference)
+        return PipelineSettings(erode_fat=self.config.erode_fat, cluster_method=self.config.cluster_method,
+                                assume_levels=self.config.assume_levels or None, site_reference=site)
+
+    def _segmenter(self):
+        from inference.registry import load_model
+        from inference.runtime import Segmenter
+
+        card = load_model(self.config.model_name, self.config.model_dirs)
+        threads = self.config.threads or max(1, (os.cpu_count() or 1) // self.config.workers)
+        return Segmenter(card, providers=self.config.device, threads=threads)
+
+    def start(self) -> None:
+        requeued = self.jobs.requeue_interrupted()
+        if requeued:
+            log.warning("%d jobs interrupted by the last stop run again", requeued)
+        for number in range(self.config.workers):
+            thread = threading.Thread(target=self._run, args=(f"worker-{number}",), name=f"worker-{number}",
+                                      daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _run(self, name: str) -> None:
+        try:
+            segmenter = self._segmenter()
+        except Exception:
+            log.exception("%s cannot load the model; jobs wait until the node is fixed and restarted", name)
+            return
+        log.info("%s ready: model %s %s on %s", name, segmenter.card.name, segmenter.card.version, segmenter.device)
+        while not self._stop.is_set():
+            job = self.jobs.claim(name)
+            if job is None:
+                due = self.jobs.next_due()
+                wait = 5.0 if due is None else max(0.05, min(5.0, due - time.time()))
+                self._wake.wait(wait)
+                self._wake.clear()
+                continue
+            self._process(job, segmenter)
+
+    def _work_item(self, job: Job) -> WorkItem:
+        files: dict[str, list[Path]] = {}
+        for role, series_uid in job.series.items():
+            series = self.index.series(series_uid)
+            if series is None:
+                raise PipelineError(f"series of role {role} is no longer in the index")
+            if series.version != job.versions[series_uid]:
+                raise _Superseded()
+            files[role] = [self.store.root / i["path"] for i in self.index.instances(series_uid)]
+        return WorkItem(kind=job.kind, series_files=files)
+
+    def _process(self, job: Job, segmenter) -> None:
+        started = time.perf_counter()
+        try:
+            item = self._work_item(job)
+            results = run(item, segmenter, self._settings)
+        except _Superseded:
+            log.info("job %d: its series changed; a newer job follows", job.id)
+            self.jobs.supersede(job.id, "the series changed before it ran; a newer job follows")
+            return
+        except PipelineError as exc:
+            log.warning("job %d failed: %s", job.id, exc)
+            self.jobs.fail(job.id, str(exc), transient=exc.transient)
+            return
+        except (OSError, MemoryError) as exc:
+            log.warning("job %d: transient failure: %s", job.id, exc)
+            self.jobs.fail(job.id, f"{type(exc).__name__}: {exc}", transient=True)
+            return
+        except Exception as exc:
+            log.exception("job %d failed", job.id)
+            self.jobs.fail(job.id, f"internal error: {type(exc).__name__}: {exc}", transient=False)
+            return
+        self.inference_seconds += results.seconds.get("inference", 0.0)
+        try:
+            files = self._keep(results.datasets)
+        except OSError as exc:
+            self.jobs.fail(job.id, f"cannot write results: {exc}", transient=True)
+            return
+        destinations, why_none = destinations_for(self.config, job.source_ae, job.source_address)
+        summary = {
+            "files": len(files), "seconds": round(time.perf_counter() - started, 2),
+            "steps": {k: round(v, 2) for k, v in results.seconds.items()},
+            "destinations": [d.name for d in destinations], "not_sent": why_none,
+            "findings": len(results.label_map.findings),
+        }
+        if not self.jobs.finish(job.id, summary):
+            log.info("job %d finished after its series changed; its results are not exported", job.id)
+            return
+        self.exports.add(job.id, files, destinations)
+        self.exporter.wake()
+        log.info("job %d done in %.1f s: %d result objects", job.id, summary["seconds"], len(files))
+
+    def _keep(self, datasets: Sequence[tuple[str, Dataset]]) -> list[tuple[str, str, str, str]]:
+        """Write result objects durably under ``results/SERIES/SOP.dcm``; same UIDs replace."""
+        kept = []
+        for kind, dataset in datasets:
+            path = self.store.root / "results" / str(dataset.SeriesInstanceUID) / f"{dataset.SOPInstanceUID}.dcm"
+            buffer = BytesIO()
+            dataset.save_as(buffer, enforce_file_format=True)
+            self.store.write(path, [buffer.getvalue()])
+            kept.append((str(dataset.SOPInstanceUID), str(dataset.SOPClassUID),
+                         str(path.relative_to(self.store.root)), kind))
+        return kept
+
+
+class _Superseded(Exception):
+    """The job's series changed after it was queued."""
