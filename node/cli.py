@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import logging
 import signal
 import sys
@@ -80,7 +81,12 @@ def _status(args: argparse.Namespace) -> int:
     if not config.index_path.exists():
         print(f"no index at {config.index_path}: the node has not received anything yet")
         return 0
+    from .export import ExportQueue
+    from .jobs import JobQueue
+
     index = Index(config.index_path)
+    jobs = JobQueue(config.index_path)
+    exports = ExportQueue(config.index_path, config.data)
     try:
         decisions = index.latest_decisions()
         series = index.all_series()
@@ -91,9 +97,17 @@ def _status(args: argparse.Namespace) -> int:
             "series": [
                 {**s.__dict__, "decision": decisions.get(s.series_uid)} for s in series
             ],
+            "jobs": [
+                {**job.__dict__, "deliveries": [d.__dict__ for d in exports.for_job(job.id)]}
+                for job in jobs.jobs(limit=args.jobs)
+            ],
+            "job_counts": jobs.counts(),
+            "export_counts": exports.counts(),
         }
     finally:
         index.close()
+        jobs.close()
+        exports.close()
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
@@ -113,6 +127,84 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  {s['series_uid']}  {s['modality']} {s['description']!r}, {s['instances']} instances,"
               f" {s['state']} (v{s['version']}, last {_when(s['last_received'])})")
         print(f"      {verdict}")
+    jobs_line = ", ".join(f"{n} {state}" for state, n in report["job_counts"].items() if n)
+    exports_line = ", ".join(f"{n} {state}" for state, n in report["export_counts"].items() if n)
+    print(f"\njobs: {jobs_line or 'none'}; result deliveries: {exports_line or 'none'}")
+    for job in report["jobs"]:
+        roles = ", ".join(sorted(job["series"]))
+        print(f"  job {job['id']} {job['kind']} ({roles}): {job['state']}, attempt {job['attempts']},"
+              f" queued {_when(job['created'])}" + (f" - {job['reason']}" if job["reason"] else ""))
+        by_destination: dict[str, list[dict]] = {}
+        for delivery in job["deliveries"]:
+            by_destination.setdefault(delivery["destination"], []).append(delivery)
+        for destination, deliveries in by_destination.items():
+            sent = sum(d["state"] == "sent" for d in deliveries)
+            errors = {d["last_error"] for d in deliveries if d["state"] != "sent" and d["last_error"]}
+            print(f"      to {destination}: {sent} of {len(deliveries)} acknowledged"
+                  + (f" (last error: {'; '.join(sorted(errors))})" if errors else ""))
+    return 0
+
+
+def _process(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from inference.registry import load_model
+    from inference.runtime import Segmenter
+
+    from .offline import process
+    from .service import setup_logging
+
+    config = _load(args)
+    setup_logging("WARNING")
+    card = load_model(args.model or config.model_name, config.model_dirs)
+    segmenter = Segmenter(card, providers=config.device, threads=config.threads or None)
+    summary = process([Path(p) for p in args.paths], Path(args.out), config, segmenter)
+    for line in summary.skipped or []:
+        print(f"skipped {line}")
+    print(f"{summary.files} files ({summary.not_dicom} not DICOM), {summary.groups} selected groups:"
+          f" {summary.done} done, {summary.failed} failed; results and cohort.csv in {args.out}")
+    return 1 if summary.failed else 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    from .jobs import JobQueue
+
+    config = _load(args)
+    jobs = JobQueue(config.index_path)
+    try:
+        job = jobs.retry(args.job)
+    except (KeyError, ValueError) as exc:
+        print(f"musclenode: {exc.args[0]}", file=sys.stderr)
+        return 1
+    finally:
+        jobs.close()
+    print(f"job {job.id} queued again; a running node picks it up within seconds")
+    return 0
+
+
+def _resend(args: argparse.Namespace) -> int:
+    from .config import Destination
+    from .export import ExportQueue
+
+    config = _load(args)
+    destination = next((d for d in config.destinations if d.name == args.destination), None)
+    if destination is None:
+        match = re.fullmatch(r"([^@]{1,16})@([^:]+):(\d+)", args.destination)
+        if match is None:
+            names = ", ".join(d.name for d in config.destinations) or "none configured"
+            print(f"musclenode: unknown destination {args.destination!r} (configured: {names};"
+                  " or give AE@host:port)", file=sys.stderr)
+            return 1
+        destination = Destination(args.destination, match.group(1), match.group(2), int(match.group(3)))
+    exports = ExportQueue(config.index_path, config.data)
+    try:
+        count = exports.resend(args.job, destination)
+    except KeyError as exc:
+        print(f"musclenode: {exc.args[0]}", file=sys.stderr)
+        return 1
+    finally:
+        exports.close()
+    print(f"{count} results of job {args.job} queued for {destination.name}")
     return 0
 
 
@@ -269,7 +361,23 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="what was received, and what was decided about each series")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--associations", type=int, default=10, help="how many recent associations to list")
+    status.add_argument("--jobs", type=int, default=20, help="how many recent jobs to list")
     status.set_defaults(run=_status)
+
+    process = commands.add_parser("process", help="process folders of DICOM files offline (research cohorts)")
+    process.add_argument("paths", nargs="+", help="files or folders of DICOM files")
+    process.add_argument("--out", required=True, help="folder for SEG, SR, summary and cohort.csv")
+    process.add_argument("--model", help="model name (default: the configured one)")
+    process.set_defaults(run=_process)
+
+    retry = commands.add_parser("retry", help="run a failed or finished job again")
+    retry.add_argument("job", type=int)
+    retry.set_defaults(run=_retry)
+
+    resend = commands.add_parser("resend", help="send a job's results to a destination again")
+    resend.add_argument("job", type=int)
+    resend.add_argument("destination", help="a configured destination's name, or AE@host:port")
+    resend.set_defaults(run=_resend)
 
     config = commands.add_parser("config", help="configuration")
     config_commands = config.add_subparsers(dest="config_command", required=True)

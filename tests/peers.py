@@ -175,7 +175,7 @@ class NodeProcess:
         return result
 
     def status(self) -> dict[str, Any]:
-        return json.loads(self.cli("status", "--json", "--associations", "1000").stdout)
+        return json.loads(self.cli("status", "--json", "--associations", "1000", "--jobs", "1000").stdout)
 
     def wait_for(self, predicate, timeout: float = 60, what: str = "condition") -> dict[str, Any]:
         """Poll ``status`` until ``predicate(status)`` holds; return that status."""
