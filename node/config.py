@@ -320,7 +320,8 @@ _SCALARS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "model.name": (_name, "musclenode-lumbar-dixon"),
     "model.dirs": (_paths, []),
     # One worker with every core suits a CPU node: ONNX Runtime parallelises within a slice.
-    "jobs.workers": (lambda v: _bounded(v, 1, 64), 1),
+    # 0 makes a receive-only node: series are judged and jobs queued, but nothing runs them.
+    "jobs.workers": (lambda v: _bounded(v, 0, 64), 1),
     "jobs.device": (_device, "auto"),
     "jobs.threads": (lambda v: _bounded(v, 0, 256), 0),
     "jobs.max_attempts": (lambda v: _bounded(v, 1, 100), 4),

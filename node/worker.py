@@ -105,8 +105,10 @@ class Workers:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
+        # A job cut short here is requeued at the next start (its results are deterministic), so
+        # a stop need not wait for a long inference.
         for thread in self._threads:
-            thread.join(timeout=120)
+            thread.join(timeout=10)
 
     def wake(self) -> None:
         self._wake.set()

@@ -113,7 +113,9 @@ class NodeProcess:
         sections: dict[str, Any] = {"node": {**node, **self.settings.get("node", {})}}
         sections["assembly"] = {"quiet_seconds": 1, **self.settings.get("assembly", {})}
         sections["http"] = {"port": self.http_port, **self.settings.get("http", {})}
-        for key in ("peers", "destinations", "rules", "jobs", "model", "metrics"):
+        # Receive-only unless a test asks for processing: most tests check the DICOM side.
+        sections["jobs"] = {"workers": 0, **self.settings.get("jobs", {})}
+        for key in ("peers", "destinations", "rules", "model", "metrics"):
             if key in self.settings:
                 sections[key] = self.settings[key]
         write_toml(self.config_path, sections)
