@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 need=()
 command -v storescu >/dev/null || need+=(dcmtk)
 command -v Orthanc >/dev/null || need+=(orthanc)
+# PixelMed's DicomSRValidator checks the TID 1500 content of the SR (brings a Java runtime).
+[ -f /usr/share/java/pixelmed.jar ] || need+=(pixelmed-apps)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
