@@ -22,6 +22,7 @@ python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null || python=python3
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
+# The train extra too: the MuscleMap equivalence and training tests need torch and MONAI.
+.venv/bin/python -m pip install -q -e '.[test,train]'
 
 exec .venv/bin/python -m pytest -ra "$@"
