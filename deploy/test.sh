@@ -21,7 +21,6 @@ fi
 python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null || python=python3
 [ -x .venv/bin/python ] || "$python" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null
 # The train extra too: the MuscleMap equivalence and training tests need torch and MONAI.
 .venv/bin/python -m pip install -q -e '.[test,train]'
 
