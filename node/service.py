@@ -32,8 +32,14 @@ _CLEAN_STOP = "clean-stop"
 def setup_logging(level: str) -> None:
     """Log lines with time, level and source; pynetdicom's per-message chatter stays quiet."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
     # pynetdicom logs every DIMSE message (with identifiers) at INFO: costly and not for a log file.
+    # Its standard handler also formats each message whatever the level (about 0.1 ms per
+    # instance); the node logs associations and refusals itself.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    from pynetdicom import _config
+
+    _config.LOG_HANDLER_LEVEL = "none"
 
 
 class Node:

