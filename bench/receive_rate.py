@@ -97,7 +97,8 @@ def node_round(folder: Path, files: list[Path], number: int) -> tuple[float, str
     node_folder = folder / f"node-{number}"
     shutil.rmtree(node_folder, ignore_errors=True)
     node_folder.mkdir(parents=True)
-    node = NodeProcess(folder=node_folder, port=free_port(), settings={"assembly": {"quiet_seconds": 600}})
+    node = NodeProcess(folder=node_folder, port=free_port(),
+                       settings={"assembly": {"quiet_seconds": 600}, "jobs": {"workers": 0}})
     node.start()
     try:
         elapsed = _send(node.port, node.ae_title, files)
