@@ -21,6 +21,7 @@ from pydicom import dcmread
 from pynetdicom import AE
 
 from .config import Config, Destination
+from .database import Database
 
 __all__ = ["Delivery", "ExportQueue", "Exporter", "destinations_for"]
 
@@ -92,72 +93,55 @@ def destinations_for(config: Config, source_ae: str, source_address: str) -> tup
     return [Destination(name=source_ae, ae_title=source_ae, host=host, port=peer.port)], None
 
 
+def _queue(db: sqlite3.Connection, output_id: int, destination: Destination) -> None:
+    db.execute(
+        "INSERT INTO exports (output_id, destination, ae_title, host, port, state) VALUES (?, ?, ?, ?, ?, 'pending')",
+        (output_id, destination.name, destination.ae_title, destination.host, destination.port),
+    )
+
+
 class ExportQueue:
     """Result files and their deliveries, in the node's SQLite database."""
 
     def __init__(self, path: Path, root: Path) -> None:
         self.root = root
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = Database(path, _SCHEMA, "FULL")
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
     def add(self, job_id: int, files: Sequence[tuple[str, str, str, str]], destinations: Sequence[Destination]) -> None:
         """Register a job's result files (SOP instance UID, SOP class UID, path, kind) for delivery."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                for sop_instance, sop_class, path, kind in files:
-                    self._db.execute(
-                        "INSERT OR IGNORE INTO outputs (job_id, sop_instance_uid, sop_class_uid, path, kind)"
-                        " VALUES (?, ?, ?, ?, ?)",
-                        (job_id, sop_instance, sop_class, path, kind),
-                    )
-                    output_id = self._db.execute(
-                        "SELECT id FROM outputs WHERE job_id = ? AND sop_instance_uid = ?", (job_id, sop_instance)
-                    ).fetchone()[0]
-                    for destination in destinations:
-                        self._db.execute(
-                            "INSERT INTO exports (output_id, destination, ae_title, host, port, state)"
-                            " VALUES (?, ?, ?, ?, ?, 'pending')",
-                            (output_id, destination.name, destination.ae_title, destination.host, destination.port),
-                        )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._db.transaction() as db:
+            for sop_instance, sop_class, path, kind in files:
+                db.execute(
+                    "INSERT OR IGNORE INTO outputs (job_id, sop_instance_uid, sop_class_uid, path, kind)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (job_id, sop_instance, sop_class, path, kind),
+                )
+                output_id = db.execute(
+                    "SELECT id FROM outputs WHERE job_id = ? AND sop_instance_uid = ?", (job_id, sop_instance)
+                ).fetchone()[0]
+                for destination in destinations:
+                    _queue(db, output_id, destination)
 
     def resend(self, job_id: int, destination: Destination) -> int:
         """Queue every result of a job for a destination again; returns how many files."""
-        with self._lock:
-            rows = self._db.execute("SELECT id FROM outputs WHERE job_id = ?", (job_id,)).fetchall()
-        if not rows:
-            raise KeyError(f"job {job_id} has no results")
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._db.transaction() as db:
+            rows = db.execute("SELECT id FROM outputs WHERE job_id = ?", (job_id,)).fetchall()
+            if not rows:
+                raise KeyError(f"job {job_id} has no results")
             for (output_id,) in rows:
-                self._db.execute(
-                    "INSERT INTO exports (output_id, destination, ae_title, host, port, state)"
-                    " VALUES (?, ?, ?, ?, ?, 'pending')",
-                    (output_id, destination.name, destination.ae_title, destination.host, destination.port),
-                )
-            self._db.execute("COMMIT")
+                _queue(db, output_id, destination)
         return len(rows)
 
     def _deliveries(self, where: str, parameters: Sequence[Any]) -> list[Delivery]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT e.id, o.job_id, o.sop_instance_uid, o.sop_class_uid, o.path, o.kind, e.destination,"
-                " e.ae_title, e.host, e.port, e.state, e.attempts, e.last_error"
-                f" FROM exports e JOIN outputs o ON o.id = e.output_id {where}",
-                parameters,
-            ).fetchall()
+        rows = self._db.query(
+            "SELECT e.id, o.job_id, o.sop_instance_uid, o.sop_class_uid, o.path, o.kind, e.destination,"
+            " e.ae_title, e.host, e.port, e.state, e.attempts, e.last_error"
+            f" FROM exports e JOIN outputs o ON o.id = e.output_id {where}",
+            parameters,
+        )
         return [Delivery(**dict(r)) for r in rows]
 
     def due(self, now: float | None = None) -> dict[str, list[Delivery]]:
@@ -173,33 +157,28 @@ class ExportQueue:
 
     def mark_sent(self, delivery_ids: Sequence[int]) -> None:
         now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.executemany(
+        with self._db.transaction() as db:
+            db.executemany(
                 "UPDATE exports SET state = 'sent', sent = ?, attempts = attempts + 1, last_error = NULL WHERE id = ?",
                 [(now, i) for i in delivery_ids],
             )
-            self._db.execute("COMMIT")
 
     def mark_failed(self, delivery_ids: Sequence[int], error: str) -> None:
         """Keep them pending and push their next attempt back."""
         now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._db.transaction() as db:
             for delivery_id in delivery_ids:
-                (attempts,) = self._db.execute("SELECT attempts FROM exports WHERE id = ?", (delivery_id,)).fetchone()
+                (attempts,) = db.execute("SELECT attempts FROM exports WHERE id = ?", (delivery_id,)).fetchone()
                 delay = min(_FIRST_RETRY_SECONDS * 2 ** attempts, _MAX_RETRY_SECONDS)
-                self._db.execute(
+                db.execute(
                     "UPDATE exports SET attempts = attempts + 1, not_before = ?, last_error = ? WHERE id = ?",
                     (now + delay, error, delivery_id),
                 )
-            self._db.execute("COMMIT")
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT state, COUNT(*), SUM(attempts > 0 AND state = 'pending') FROM exports GROUP BY state"
-            ).fetchall()
+        rows = self._db.query(
+            "SELECT state, COUNT(*), SUM(attempts > 0 AND state = 'pending') FROM exports GROUP BY state"
+        )
         counts = {"pending": 0, "sent": 0, "retrying": 0}
         for state, number, retrying in rows:
             counts[state] = number

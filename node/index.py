@@ -7,12 +7,12 @@ seam where a larger site would put PostgreSQL: callers use only the methods of :
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+from .database import Database
 
 __all__ = ["Index", "InstanceRecord", "SeriesRecord", "StoredInstance"]
 
@@ -136,48 +136,18 @@ class Index:
     durable : bool
         With ``True`` every commit is fsynced (``synchronous=FULL``). With ``False`` (the default
         for the node, whose files are fsynced before they are indexed) a commit survives a crash
-        of the process but may be lost by a power cut; :meth:`missing_from` lets the node find
-        such files again at start.
+        of the process but may be lost by a power cut; after an unclean stop the node indexes
+        such files again from the store (:meth:`node.service.Node.recover`).
     """
 
     def __init__(self, path: Path, durable: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+        self._db = Database(self.path, _SCHEMA, "FULL" if durable else "NORMAL")
+        self._transaction = self._db.transaction
+        self._query = self._db.query
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    # -- transactions ---------------------------------------------------------------------------
-
-    class _Tx:
-        def __init__(self, index: "Index") -> None:
-            self.index = index
-
-        def __enter__(self) -> sqlite3.Connection:
-            self.index._lock.acquire()
-            self.index._db.execute("BEGIN IMMEDIATE")
-            return self.index._db
-
-        def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
-            try:
-                self.index._db.execute("COMMIT" if kind is None else "ROLLBACK")
-            finally:
-                self.index._lock.release()
-
-    def _transaction(self) -> "Index._Tx":
-        return Index._Tx(self)
-
-    def _query(self, sql: str, parameters: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, parameters).fetchall()
+        self._db.close()
 
     # -- associations ---------------------------------------------------------------------------
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+from .database import Database
 
 __all__ = ["Job", "JobQueue", "STATES"]
 
@@ -101,31 +102,17 @@ class JobQueue:
     def __init__(self, path: Path, max_attempts: int = 4, backoff_seconds: float = 10.0) -> None:
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = Database(path, _SCHEMA, "FULL")
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._db.close()
 
     def _write(self, sql: str, parameters: Sequence[Any] = ()) -> sqlite3.Cursor:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                cursor = self._db.execute(sql, parameters)
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-            return cursor
+        with self._db.transaction() as db:
+            return db.execute(sql, parameters)
 
     def _read(self, sql: str, parameters: Sequence[Any] = ()) -> list[Job]:
-        with self._lock:
-            return [Job.from_row(r) for r in self._db.execute(sql, parameters).fetchall()]
+        return [Job.from_row(r) for r in self._db.query(sql, parameters)]
 
     def submit(self, grouping: str, kind: str, study_uid: str, series: dict[str, str], versions: dict[str, int],
                source_ae: str = "", source_address: str = "") -> Job | None:
@@ -138,55 +125,40 @@ class JobQueue:
         now = time.time()
         encoded_series = json.dumps(series, sort_keys=True)
         encoded_versions = json.dumps(versions, sort_keys=True)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                same = self._db.execute(
-                    "SELECT id FROM jobs WHERE grouping = ? AND series = ? AND versions = ?"
-                    " AND state IN ('queued', 'running', 'done')",
-                    (grouping, encoded_series, encoded_versions),
-                ).fetchone()
-                if same is not None:
-                    self._db.execute("COMMIT")
-                    return None
-                self._db.execute(
-                    "UPDATE jobs SET state = 'superseded', finished = ?, reason = 'the series changed'"
-                    " WHERE grouping = ? AND state IN ('queued', 'running')",
-                    (now, grouping),
-                )
-                cursor = self._db.execute(
-                    "INSERT INTO jobs (grouping, kind, study_uid, series, versions, source_ae, source_address,"
-                    " state, created) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
-                    (grouping, kind, study_uid, encoded_series, encoded_versions, source_ae, source_address, now),
-                )
-                job_id = cursor.lastrowid
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._db.transaction() as db:
+            same = db.execute(
+                "SELECT id FROM jobs WHERE grouping = ? AND series = ? AND versions = ?"
+                " AND state IN ('queued', 'running', 'done')",
+                (grouping, encoded_series, encoded_versions),
+            ).fetchone()
+            if same is not None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = 'superseded', finished = ?, reason = 'the series changed'"
+                " WHERE grouping = ? AND state IN ('queued', 'running')",
+                (now, grouping),
+            )
+            cursor = db.execute(
+                "INSERT INTO jobs (grouping, kind, study_uid, series, versions, source_ae, source_address,"
+                " state, created) VALUES (?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
+                (grouping, kind, study_uid, encoded_series, encoded_versions, source_ae, source_address, now),
+            )
+            job_id = cursor.lastrowid
         return self.get(int(job_id))
 
     def claim(self, worker: str, now: float | None = None) -> Job | None:
         """Take the oldest queued job that is due, or ``None``."""
         now = time.time() if now is None else now
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute(
-                    "SELECT id FROM jobs WHERE state = 'queued' AND not_before <= ? ORDER BY id LIMIT 1", (now,)
-                ).fetchone()
-                if row is None:
-                    self._db.execute("COMMIT")
-                    return None
-                self._db.execute(
-                    "UPDATE jobs SET state = 'running', started = ?, worker = ?, attempts = attempts + 1"
-                    " WHERE id = ?",
-                    (now, worker, row[0]),
-                )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._db.transaction() as db:
+            row = db.execute(
+                "SELECT id FROM jobs WHERE state = 'queued' AND not_before <= ? ORDER BY id LIMIT 1", (now,)
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = 'running', started = ?, worker = ?, attempts = attempts + 1 WHERE id = ?",
+                (now, worker, row[0]),
+            )
         return self.get(row[0])
 
     def finish(self, job_id: int, result: dict[str, Any]) -> bool:
@@ -252,12 +224,9 @@ class JobQueue:
         return self._read("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        rows = self._db.query("SELECT state, COUNT(*) FROM jobs GROUP BY state")
         return {state: 0 for state in STATES} | {r[0]: r[1] for r in rows}
 
     def next_due(self) -> float | None:
         """When the next queued job becomes due (for a worker deciding how long to sleep)."""
-        with self._lock:
-            row = self._db.execute("SELECT MIN(not_before) FROM jobs WHERE state = 'queued'").fetchone()
-        return row[0]
+        return self._db.query("SELECT MIN(not_before) FROM jobs WHERE state = 'queued'")[0][0]

@@ -37,11 +37,13 @@ class Assessment:
     levels_note: str | None
 
 
-def _levels(metrics: MuscleMetrics, assume_levels: str | None) -> tuple[str | None, str | None]:
+def _levels(metrics: MuscleMetrics, assume_levels: str | None, levels_known: bool) -> tuple[str | None, str | None]:
     if metrics.level != ALL_LEVELS:
         return metrics.level, None
     if assume_levels is None:
         return None, None
+    if levels_known:
+        return assume_levels, f"all slices together, compared with the {assume_levels} reference"
     return assume_levels, (
         f"vertebral levels of the slices were not identified; the whole series is compared with the "
         f"{assume_levels} reference"
@@ -72,8 +74,9 @@ def assess(
         it has a model for the measurement).
     """
     assessments = []
+    levels_known = any(item.level != ALL_LEVELS for item in metrics)
     for item in metrics:
-        levels, note = _levels(item, assume_levels)
+        levels, note = _levels(item, assume_levels, levels_known)
         fat_comparison = grade = severe = None
         if item.fat is not None and item.fat.mean_percent is not None:
             fat_comparison = compare(

@@ -1,0 +1,89 @@
+"""The job queue and the export queue: states, retries with backoff, recovery, resend."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from node.config import Destination
+from node.export import ExportQueue
+from node.jobs import JobQueue
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> JobQueue:
+    jobs = JobQueue(tmp_path / "index.sqlite", max_attempts=3, backoff_seconds=10)
+    yield jobs
+    jobs.close()
+
+
+def _submit(queue: JobQueue, version: int = 1):
+    return queue.submit("dixon:1", "dixon", "9", {"water": "1", "fat": "2"}, {"1": version, "2": 1}, "ORTHANC", "127.0.0.1")
+
+
+def test_submit_is_idempotent_and_a_change_supersedes(queue: JobQueue) -> None:
+    first = _submit(queue)
+    assert first.state == "queued" and _submit(queue) is None
+    second = _submit(queue, version=2)
+    assert queue.get(first.id).state == "superseded" and second.state == "queued"
+    assert queue.counts()["queued"] == 1 and queue.counts()["superseded"] == 1
+
+
+def test_claim_finish_and_stale_finish(queue: JobQueue) -> None:
+    job = _submit(queue)
+    claimed = queue.claim("w0")
+    assert claimed.id == job.id and claimed.state == "running" and claimed.attempts == 1
+    assert queue.claim("w1") is None
+    _submit(queue, version=2)  # the series changed while it ran
+    assert not queue.finish(job.id, {"files": 3})
+    assert queue.get(job.id).state == "superseded"
+
+
+def test_transient_failures_back_off_then_fail(queue: JobQueue) -> None:
+    job = _submit(queue)
+    now = time.time()
+    for attempt in (1, 2):
+        queue.claim("w0", now=now + 10_000 * attempt)
+        failed = queue.fail(job.id, "disk busy", transient=True)
+        assert failed.state == "queued" and f"attempt {attempt} failed" in failed.reason
+        assert failed.not_before >= time.time() + 10 * 2 ** (attempt - 1) - 1
+        assert queue.claim("w0", now=time.time()) is None  # not due yet
+    queue.claim("w0", now=now + 100_000)
+    final = queue.fail(job.id, "disk busy", transient=True)
+    assert final.state == "failed" and "failed 3 times" in final.reason
+    again = queue.retry(job.id)
+    assert again.state == "queued" and again.attempts == 0
+
+
+def test_permanent_failure_and_crash_recovery(queue: JobQueue) -> None:
+    job = _submit(queue)
+    queue.claim("w0")
+    assert queue.fail(job.id, "not a lumbar image", transient=False).state == "failed"
+    other = queue.submit("t2:5", "t2", "9", {"t2": "5"}, {"5": 1})
+    queue.claim("w0")
+    assert queue.requeue_interrupted() == 1
+    assert queue.get(other.id).state == "queued" and "interrupted" in queue.get(other.id).reason
+    with pytest.raises(ValueError, match="only failed or done"):
+        queue.retry(other.id)
+
+
+def test_export_queue_backoff_and_resend(tmp_path: Path) -> None:
+    exports = ExportQueue(tmp_path / "index.sqlite", tmp_path)
+    pacs = Destination("pacs", "ORTHANC", "127.0.0.1", 4242)
+    exports.add(7, [("1.2.1", "1.2.840.10008.5.1.4.1.1.66.4", "results/a.dcm", "seg"),
+                    ("1.2.2", "1.2.840.10008.5.1.4.1.1.88.34", "results/b.dcm", "sr")], [pacs])
+    due = exports.due()
+    assert [d.sop_instance_uid for d in due["pacs"]] == ["1.2.1", "1.2.2"]
+    exports.mark_failed([due["pacs"][0].id], "no association")
+    assert [d.sop_instance_uid for d in exports.due()["pacs"]] == ["1.2.2"]
+    assert exports.counts()["retrying"] == 1
+    assert "1.2.1" in [d.sop_instance_uid for d in exports.due(now=time.time() + 3)["pacs"]]
+    exports.mark_sent([d.id for d in exports.due(now=time.time() + 3)["pacs"]])
+    assert exports.counts() == {"pending": 0, "sent": 2, "retrying": 0}
+    assert exports.resend(7, Destination("archive", "ARCHIVE", "127.0.0.1", 104)) == 2
+    assert len(exports.due()["archive"]) == 2
+    with pytest.raises(KeyError):
+        exports.resend(8, pacs)
+    exports.close()
