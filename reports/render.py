@@ -1,0 +1,1181 @@
+"""Drawing the summary pages: key slices with muscle outlines, the measurement table, the charts.
+
+The pages are what a radiologist sees of musclenode's results in any PACS viewer, so they are
+drawn for reading at a glance on a dark viewing screen: large high-contrast text on a black page,
+one hue per muscle (a deep shade for the right side, a light shade for the left), a red banner on
+every page saying that the results are for research use only.
+
+Decisions
+---------
+- **No identifying data in the pixels.** The pages show age, sex, BMI, the study date and the
+  series, never the patient's name, ID or birth date: the DICOM header carries those and every
+  viewer shows them from there, while text burned into pixels escapes de-identification tools.
+- **Radiological convention from the geometry.** Each key slice is flipped or transposed (never
+  resampled) so that, for an axial slice, image columns run towards the patient's left and rows
+  towards posterior: the patient's left then appears on the viewer's right, as on a radiology
+  screen. The R/L and A/P markers are computed from the direction cosines of the displayed axes,
+  so a series acquired with mirrored columns shows the same picture with the same markers.
+- **Outlines, not filled masks,** so that the muscle's own signal (fat infiltration) stays
+  visible; each outline has a thin black halo so that it stands out on bright muscle and dark fat.
+- **Fixed page size** (:data:`PAGE_SHAPE`, 960 x 1280, landscape: the table is wide) drawn with
+  matplotlib's Agg canvas and DejaVu Sans (bundled with matplotlib), so that the same inputs give
+  the same pixels on every machine with the same matplotlib.
+
+Everything here is a pure function of its inputs; nothing is read or written.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from inference.card import MUSCLES
+from inference.geometry import LabelMap, SeriesImage
+
+from .assessment import Assessment
+from .metrics import ALL_LEVELS
+from .patient import PatientContext
+from .reference import Comparison
+
+__all__ = [
+    "PAGE_SHAPE",
+    "RESEARCH_USE",
+    "MUSCLE_COLOURS",
+    "DisplaySlice",
+    "Page",
+    "display_slice",
+    "key_frames",
+    "orientation_letters",
+    "render_pages",
+]
+
+#: Rows and columns of every page.
+PAGE_SHAPE = (960, 1280)
+RESEARCH_USE = "For research use only \u2014 not for diagnostic use"
+_DPI = 100
+
+#: Outline and chart colour of each muscle and side: one hue per muscle, the right side deep, the
+#: left side light. The same colours as the SEG's recommended display colours (reports.seg), so
+#: that an outline here and a SEG overlay in a viewer look alike.
+MUSCLE_COLOURS: dict[tuple[str, str], tuple[int, int, int]] = {
+    ("multifidus", "right"): (230, 80, 80),
+    ("multifidus", "left"): (255, 150, 150),
+    ("erector_spinae", "right"): (60, 120, 220),
+    ("erector_spinae", "left"): (130, 180, 255),
+    ("psoas_major", "right"): (60, 170, 90),
+    ("psoas_major", "left"): (140, 220, 150),
+    ("quadratus_lumborum", "right"): (220, 170, 40),
+    ("quadratus_lumborum", "left"): (250, 215, 120),
+}
+_MUSCLE_NAMES = {
+    "multifidus": "Multifidus",
+    "erector_spinae": "Erector spinae",
+    "psoas_major": "Psoas major",
+    "quadratus_lumborum": "Quadratus lumborum",
+}
+#: Shorter names where space is tight (table rows, chart labels).
+_SHORT_NAMES = dict(_MUSCLE_NAMES, quadratus_lumborum="Quadratus lumb.")
+_SIDE_NAMES = {"left": "L", "right": "R", "both": "L+R"}
+_SEX_NAMES = {"M": "male", "F": "female", "O": "other"}
+
+# Dark theme: viewers surround images with black, and reading rooms are dim.
+_BACKGROUND = "#000000"
+_TEXT = "#ffffff"
+_MUTED = "#b4b4b4"
+_BANNER = "#9b0000"
+_ALERT = "#ff5a5a"
+_ROW_SHADES = ("#161616", "#262626")
+_BAND_2SD = "#3c3c3c"
+_BAND_1SD = "#6a6a6a"
+_MEAN_LINE = "#e0e0e0"
+
+_METHOD_TEXT = {
+    "dixon_ff": "Dixon fat fraction F/(F+W)",
+    "dixon_vendor_ff": "the scanner's fat-fraction map",
+    "gmm3": "fat infiltration: share of voxels in the brightest class of a 3-class Gaussian mixture of the image",
+    "gmm2": "fat infiltration: share of voxels in the bright class of a 2-class Gaussian mixture of the image",
+    "kmeans3": "fat infiltration: share of voxels in the brightest of 3 k-means clusters of the image",
+    "kmeans2": "fat infiltration: share of voxels in the bright of 2 k-means clusters of the image",
+}
+
+
+def _hex(colour: tuple[int, int, int]) -> str:
+    return "#%02x%02x%02x" % colour
+
+
+def _colour(muscle: str, side: str) -> str:
+    # "both" is drawn in the deep shade: it is summarised with the right side's marker shape apart.
+    return _hex(MUSCLE_COLOURS[(muscle, "right" if side == "both" else side)])
+
+
+def _muscle_order(muscle: str) -> int:
+    return MUSCLES.index(muscle) if muscle in MUSCLES else len(MUSCLES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Geometry of the displayed slice
+
+
+_AXIS_LETTERS = (("R", "L"), ("A", "P"), ("F", "H"))
+#: A secondary letter is shown for an oblique axis when its component reaches this (about 24 deg).
+_SECONDARY_COMPONENT = 0.4
+
+
+def orientation_letters(direction: Sequence[float]) -> str:
+    """Patient direction letters of an LPS vector, as viewers label an image edge.
+
+    Parameters
+    ----------
+    direction : sequence of 3 float
+        A direction in DICOM patient coordinates (LPS).
+
+    Returns
+    -------
+    str
+        The letter of the dominant axis (``L``/``R``, ``P``/``A``, ``H``/``F``), followed by the
+        letters of other axes whose component is at least 0.4, largest first: ``"L"`` for
+        (1, 0, 0), ``"PH"`` for a direction 30 degrees from posterior towards the head.
+    """
+    vector = np.asarray(direction, dtype=np.float64)
+    norm = float(np.linalg.norm(vector))
+    if norm == 0 or not math.isfinite(norm):
+        raise ValueError(f"direction {tuple(direction)} has no orientation")
+    vector = vector / norm
+    order = np.argsort(-np.abs(vector), kind="stable")
+    letters = []
+    for rank, axis in enumerate(order):
+        component = vector[axis]
+        if rank == 0 or abs(component) >= _SECONDARY_COMPONENT:
+            letters.append(_AXIS_LETTERS[axis][int(component > 0)])
+    return "".join(letters)
+
+
+@dataclass(frozen=True, eq=False)
+class DisplaySlice:
+    """One frame turned for display in the radiological convention.
+
+    Attributes
+    ----------
+    frame_index : int
+        The frame of the series (source order).
+    image : numpy.ndarray
+        float32 ``(rows, columns)`` in display orientation.
+    labels : numpy.ndarray
+        uint8 label values on the same grid.
+    spacing : tuple of 2 float
+        mm between display rows, between display columns.
+    column_direction, row_direction : tuple of 3 float
+        LPS direction in which the display column index and the display row index grow.
+    """
+
+    frame_index: int
+    image: np.ndarray
+    labels: np.ndarray
+    spacing: tuple[float, float]
+    column_direction: tuple[float, float, float]
+    row_direction: tuple[float, float, float]
+
+    @property
+    def markers(self) -> dict[str, str]:
+        """Orientation letters at the ``left``, ``right``, ``top`` and ``bottom`` image edges."""
+        column = np.asarray(self.column_direction)
+        row = np.asarray(self.row_direction)
+        return {"left": orientation_letters(-column), "right": orientation_letters(column),
+                "top": orientation_letters(-row), "bottom": orientation_letters(row)}
+
+    @property
+    def extent_mm(self) -> tuple[float, float]:
+        """Width and height of the displayed image in mm."""
+        return self.image.shape[1] * self.spacing[1], self.image.shape[0] * self.spacing[0]
+
+
+def _display_axes(normal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Target LPS directions of display columns and rows for a plane with this normal."""
+    axis = int(np.argmax(np.abs(normal)))
+    if axis == 2:  # axial: patient left to the viewer's right, anterior at the top
+        return np.array([1.0, 0, 0]), np.array([0, 1.0, 0])
+    if axis == 1:  # coronal: patient left to the viewer's right, head at the top
+        return np.array([1.0, 0, 0]), np.array([0, 0, -1.0])
+    return np.array([0, 1.0, 0]), np.array([0, 0, -1.0])  # sagittal: anterior on the viewer's left
+
+
+def display_slice(series: SeriesImage, labels: np.ndarray, frame_index: int) -> DisplaySlice:
+    """A frame and its labels flipped or transposed into the radiological convention.
+
+    Parameters
+    ----------
+    series : SeriesImage
+        The series the labels lie on.
+    labels : numpy.ndarray
+        The frame's label values (``label_map.labels[frame_index]``).
+    frame_index : int
+
+    Returns
+    -------
+    DisplaySlice
+        For an axial frame, display columns run towards the patient's left and rows towards
+        posterior (the patient's left on the viewer's right); coronal frames have the head at the
+        top and the patient's left on the right; sagittal frames the head at the top and anterior
+        on the left. Oblique frames are turned to the nearest such orientation (no resampling).
+    """
+    geometry = series.geometry[frame_index]
+    image = np.asarray(series.frames[frame_index], dtype=np.float32)
+    labels = np.asarray(labels)
+    if labels.shape != image.shape:
+        raise ValueError(f"labels {labels.shape} do not match frame {frame_index} {image.shape}")
+    along_columns = np.asarray(geometry.row_cosine)  # the column index grows along the row cosine
+    along_rows = np.asarray(geometry.column_cosine)
+    spacing = (geometry.pixel_spacing[0], geometry.pixel_spacing[1])
+    target_column, target_row = _display_axes(geometry.normal)
+    if abs(along_columns @ target_column) < abs(along_rows @ target_column):
+        image, labels = image.T, labels.T
+        along_columns, along_rows = along_rows, along_columns
+        spacing = (spacing[1], spacing[0])
+    if along_columns @ target_column < 0:
+        image, labels, along_columns = image[:, ::-1], labels[:, ::-1], -along_columns
+    if along_rows @ target_row < 0:
+        image, labels, along_rows = image[::-1, :], labels[::-1, :], -along_rows
+    return DisplaySlice(frame_index, np.ascontiguousarray(image), np.ascontiguousarray(labels), spacing,
+                        tuple(float(v) for v in along_columns), tuple(float(v) for v in along_rows))
+
+
+def key_frames(label_map: LabelMap, count: int = 3) -> list[int]:
+    """Frames to show: those nearest 25/50/75 % of the labelled head-foot range.
+
+    Parameters
+    ----------
+    label_map : LabelMap
+    count : int
+        How many fractions of the range to sample (evenly, ends excluded: 3 gives 25/50/75 %).
+
+    Returns
+    -------
+    list of int
+        Distinct frame indices ordered from head to foot; fewer than ``count`` when fewer frames
+        are labelled. With no labelled frame, the frame nearest the middle of the series.
+    """
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    heights = np.array([g.centre[2] for g in label_map.series.geometry])
+    known = np.array(list(label_map.meaning), dtype=np.uint8)
+    labelled = [i for i, labels in enumerate(label_map.labels) if np.isin(labels, known).any()]
+    candidates = labelled or list(range(len(heights)))
+    low, high = heights[candidates].min(), heights[candidates].max()
+    fractions = [(k + 1) / (count + 1) for k in range(count)] if labelled else [0.5]
+    chosen: list[int] = []
+    for fraction in fractions:
+        target = high - fraction * (high - low)
+        # Ties go to the earlier frame, so that the choice does not depend on float noise.
+        best = min(candidates, key=lambda i: (round(abs(heights[i] - target), 6), i))
+        if best not in chosen:
+            chosen.append(best)
+    return sorted(chosen, key=lambda i: (-heights[i], i))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pages
+
+
+@dataclass(frozen=True, eq=False)
+class Page:
+    """One rendered page.
+
+    Attributes
+    ----------
+    title : str
+        What the page shows (ASCII, for ImageComments and PDF metadata).
+    pixels : numpy.ndarray
+        uint8 RGB ``(rows, columns, 3)``, :data:`PAGE_SHAPE`.
+    """
+
+    title: str
+    pixels: np.ndarray
+
+
+def _figure():
+    # Figure and the Agg canvas directly: no pyplot, so no global figure registry and no GUI backend.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(PAGE_SHAPE[1] / _DPI, PAGE_SHAPE[0] / _DPI), dpi=_DPI, facecolor=_BACKGROUND)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _pixels(figure) -> np.ndarray:
+    figure.canvas.draw()
+    rgba = np.asarray(figure.canvas.buffer_rgba())
+    if rgba.shape[:2] != PAGE_SHAPE:
+        raise RuntimeError(f"page rendered at {rgba.shape[:2]}, not {PAGE_SHAPE}")
+    return np.ascontiguousarray(rgba[..., :3])
+
+
+def _rect(left: float, top: float, width: float, height: float) -> list[float]:
+    """Figure-fraction rectangle from pixel coordinates measured from the top-left corner."""
+    rows, columns = PAGE_SHAPE
+    return [left / columns, 1 - (top + height) / rows, width / columns, height / rows]
+
+
+def _text_px(figure, x: float, y: float, text: str, **kwargs):
+    """Text placed in page pixels from the top-left corner."""
+    rows, columns = PAGE_SHAPE
+    kwargs.setdefault("color", _TEXT)
+    kwargs.setdefault("va", "top")
+    return figure.text(x / columns, 1 - y / rows, text, **kwargs)
+
+
+@functools.lru_cache(maxsize=8192)
+def _text_width(text: str, fontsize: float) -> float:
+    """Rendered width in page pixels of one word (DejaVu Sans, the page's resolution)."""
+    from matplotlib.backends.backend_agg import RendererAgg
+    from matplotlib.font_manager import FontProperties
+
+    renderer = _measuring_renderer(RendererAgg)
+    return renderer.get_text_width_height_descent(text, FontProperties(family="DejaVu Sans", size=fontsize),
+                                                  ismath=False)[0]
+
+
+@functools.lru_cache(maxsize=1)
+def _measuring_renderer(kind):
+    return kind(8, 8, _DPI)
+
+
+def _wrap(text: str, fontsize: float, width_px: float, indent: str = "    ") -> str:
+    """Greedy word wrap by the rendered width of the words, so that no line leaves the page.
+
+    Words are measured one by one (cached) and added up with the width of a space: kerning
+    across a space is nil in DejaVu Sans, and measuring each growing line made this quadratic.
+    """
+    space = _text_width("a a", fontsize) - 2 * _text_width("a", fontsize)
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        line, used = "", 0.0
+        for word in paragraph.split(" "):
+            size = _text_width(word, fontsize) if word else 0.0
+            if line and used + space + size > width_px:
+                lines.append(line)
+                line, used = indent + word, _text_width(indent, fontsize) + size if indent else size
+            else:
+                used = used + space + size if line else size
+                line = f"{line} {word}" if line else word
+        lines.append(line)
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What every page's header says."""
+
+    patient_line: str
+    study_line: str
+    model_line: str
+    page_count: int = 0
+
+
+def _patient_line(patient: PatientContext) -> str:
+    age = f"{patient.age_completed_years} y" if patient.age_years is not None else "age unknown"
+    sex = _SEX_NAMES.get(patient.sex or "", "sex unknown")
+    bmi = f"BMI {patient.bmi:.1f} kg/m\u00b2" if patient.bmi is not None else "BMI unknown"
+    return f"Patient: {age}, {sex}, {bmi}"
+
+
+def _study_line(series: SeriesImage) -> str:
+    date = series.study.study_date
+    if len(date) == 8 and date.isdigit():
+        date = f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    number = f"{series.series_number} " if series.series_number is not None else ""
+    text = series.series_description
+    # A long description must not push the line off the page.
+    text = text if len(text) <= 40 else text[:39] + "\u2026"
+    description = f"\u201c{text}\u201d " if text else ""
+    return f"Study {date or 'date unknown'} \u00b7 Series {number}{description}({len(series)} images)"
+
+
+def _header(figure, context: _Context, number: int, title: str) -> None:
+    """Research-use banner, patient and study line, page title."""
+    rows, columns = PAGE_SHAPE
+    banner = figure.add_axes(_rect(0, 0, columns, 50))
+    banner.set_axis_off()
+    banner.add_patch(_rectangle((0, 0), 1, 1, facecolor=_BANNER, transform=banner.transAxes))
+    _text_px(figure, 16, 25, "musclenode \u00b7 paraspinal muscles", fontsize=17, fontweight="bold", va="center")
+    _text_px(figure, columns - 16, 25, RESEARCH_USE.upper(), fontsize=17, fontweight="bold", va="center", ha="right")
+    _text_px(figure, 16, 60, f"{context.patient_line}   \u00b7   {context.study_line}", fontsize=14)
+    _text_px(figure, 16, 84, context.model_line, fontsize=12, color=_MUTED)
+    _text_px(figure, 16, 108, title, fontsize=20, fontweight="bold")
+    _text_px(figure, columns - 16, 112, f"Page {number} of {context.page_count}", fontsize=16, ha="right")
+
+
+def _rectangle(xy, width, height, **kwargs):
+    from matplotlib.patches import Rectangle
+
+    return Rectangle(xy, width, height, **kwargs)
+
+
+def _halo(width: float):
+    from matplotlib import patheffects
+
+    return [patheffects.withStroke(linewidth=width, foreground="black")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Page 1: key slices
+
+
+_SLICE_MARGIN_MM = 20.0
+
+
+def _crop(slices: Sequence[DisplaySlice], values: Sequence[int]) -> list[tuple[float, float, float, float]]:
+    """Square viewing windows (x0, x1, y0, y1 in mm) around the labelled muscles of each slice.
+
+    Slices on the same grid share one window (the union of their muscles), so that sizes compare
+    between panels; a slice without labels shows its whole field of view.
+    """
+    boxes = []
+    for item in slices:
+        rows, columns = np.nonzero(np.isin(item.labels, values))
+        if rows.size == 0:
+            boxes.append(None)
+            continue
+        dy, dx = item.spacing
+        boxes.append((columns.min() * dx, (columns.max() + 1) * dx, rows.min() * dy, (rows.max() + 1) * dy))
+    shared = [b for b, s in zip(boxes, slices) if b is not None and s.image.shape == slices[0].image.shape
+              and np.allclose(s.spacing, slices[0].spacing)]
+    same_grid = len(shared) == sum(b is not None for b in boxes)
+    union = (min(b[0] for b in shared), max(b[1] for b in shared), min(b[2] for b in shared),
+             max(b[3] for b in shared)) if shared and same_grid else None
+    windows = []
+    for box, item in zip(boxes, slices):
+        width, height = item.extent_mm
+        if box is None:
+            side = max(width, height)
+            windows.append(((width - side) / 2, (width + side) / 2, (height - side) / 2, (height + side) / 2))
+            continue
+        x0, x1, y0, y1 = union or box
+        side = max(x1 - x0, y1 - y0) + 2 * _SLICE_MARGIN_MM
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        # Keep the window inside the image where it fits, so that no panel shows empty border.
+        cx = min(max(cx, side / 2), width - side / 2) if side <= width else width / 2
+        cy = min(max(cy, side / 2), height - side / 2) if side <= height else height / 2
+        windows.append((cx - side / 2, cx + side / 2, cy - side / 2, cy + side / 2))
+    return windows
+
+
+def _window_levels(image: np.ndarray) -> tuple[float, float]:
+    """Display range from the 1st and 99.5th percentiles of the non-zero pixels."""
+    values = image[np.isfinite(image) & (image != 0)]
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(values, [1.0, 99.5])
+    return float(low), float(max(high, low + 1e-6))
+
+
+def _draw_slice(figure, rect, item: DisplaySlice, window, meaning, title: str) -> None:
+    ax = figure.add_axes(rect)
+    ax.set_facecolor(_BACKGROUND)
+    width, height = item.extent_mm
+    low, high = _window_levels(item.image)
+    ax.imshow(item.image, cmap="gray", vmin=low, vmax=high, extent=(0, width, height, 0),
+              interpolation="bilinear", origin="upper")
+    dy, dx = item.spacing
+    x = (np.arange(item.image.shape[1]) + 0.5) * dx
+    y = (np.arange(item.image.shape[0]) + 0.5) * dy
+    for value, info in meaning.items():
+        mask = item.labels == value
+        if not mask.any():
+            continue
+        contours = ax.contour(x, y, mask.astype(np.float32), levels=[0.5],
+                              colors=[_colour(info.muscle, info.side)], linewidths=2.4)
+        contours.set_path_effects(_halo(4.2))
+    x0, x1, y0, y1 = window
+    ax.set_xlim(x0, x1)
+    ax.set_ylim(y1, y0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_color("#505050")
+    markers = item.markers
+    style = dict(transform=ax.transAxes, color="#ffff66", fontsize=20, fontweight="bold", path_effects=_halo(3))
+    ax.text(0.02, 0.5, markers["left"], ha="left", va="center", **style)
+    ax.text(0.98, 0.5, markers["right"], ha="right", va="center", **style)
+    ax.text(0.5, 0.98, markers["top"], ha="center", va="top", **style)
+    ax.text(0.5, 0.02, markers["bottom"], ha="center", va="bottom", **style)
+    # A scale bar: panels are zoomed to the muscles, so the scale is not the viewer's.
+    bar = max([b for b in (10.0, 20.0, 50.0, 100.0) if b <= 0.4 * (x1 - x0)], default=10.0)
+    left = x0 + 0.05 * (x1 - x0)
+    base = y1 - 0.05 * (y1 - y0)
+    ax.plot([left, left + bar], [base, base], color="white", linewidth=4, solid_capstyle="butt",
+            path_effects=_halo(6))
+    ax.text(left + bar / 2, base - 0.015 * (y1 - y0), f"{bar / 10:g} cm", ha="center", va="bottom",
+            color="white", fontsize=13, path_effects=_halo(3))
+    ax.set_title(title, color=_TEXT, fontsize=14, pad=5)
+
+
+def _slice_title(series: SeriesImage, index: int, levels: dict[int, str]) -> str:
+    height = series.geometry[index].centre[2]
+    level = f" \u00b7 {levels[index]}" if index in levels else ""
+    return f"Image {index + 1} of {len(series)} \u00b7 z {height:+.0f} mm{level}"
+
+
+def _frame_levels(assessments: Sequence[Assessment]) -> dict[int, str]:
+    levels: dict[int, str] = {}
+    for item in assessments:
+        for area in item.metrics.slices:
+            if area.level:
+                levels.setdefault(area.frame_index, area.level)
+    return levels
+
+
+def _key_slice_page(figure, label_map: LabelMap, assessments: Sequence[Assessment]) -> None:
+    series = label_map.series
+    frames = key_frames(label_map, 4)
+    slices = [display_slice(series, label_map.labels[i], i) for i in frames]
+    windows = _crop(slices, list(label_map.meaning))
+    levels = _frame_levels(assessments)
+    # A 2 x 2 grid, head to foot in reading order; legend and key numbers in the right column.
+    size, title, top, gap = 372, 30, 134, 20
+    cells = [(16 + column * (size + gap), top + row * (size + title + 10)) for row in (0, 1) for column in (0, 1)]
+    for (left, cell_top), item, window in zip(cells, slices, windows):
+        _draw_slice(figure, _rect(left, cell_top + title, size, size), item, window, label_map.meaning,
+                    _slice_title(series, item.frame_index, levels))
+    column = 16 + 2 * (size + gap) + 14
+    bottom = _legend_block(figure, label_map, column, top + 14)
+    _glance_block(figure, label_map, assessments, column, bottom + 26)
+
+
+def _legend_block(figure, label_map: LabelMap, left: float, top: float) -> float:
+    """The outline colours present, a row per muscle with its R and L swatches.
+
+    Returns
+    -------
+    float
+        The pixel row below the block.
+    """
+    from matplotlib.lines import Line2D
+
+    _text_px(figure, left, top, "Outlines", fontsize=17, fontweight="bold")
+    y = top + 38
+    values = set(label_map.values_present())
+    present: dict[str, set[str]] = {}
+    for value, info in label_map.meaning.items():
+        if value in values:
+            present.setdefault(info.muscle, set()).add(info.side)
+    if not present:
+        _text_px(figure, left, y, "No muscle was found in this series.", fontsize=15, color=_ALERT)
+        return y + 30
+    _text_px(figure, left + 276, y - 30, "R", fontsize=14, color=_MUTED, ha="center")
+    _text_px(figure, left + 356, y - 30, "L", fontsize=14, color=_MUTED, ha="center")
+    for muscle in sorted(present, key=_muscle_order):
+        _text_px(figure, left, y, _MUSCLE_NAMES[muscle], fontsize=16)
+        for side, centre in (("right", left + 276), ("left", left + 356)):
+            if side not in present[muscle]:
+                continue
+            line = Line2D([(centre - 26) / PAGE_SHAPE[1], (centre + 26) / PAGE_SHAPE[1]],
+                          [1 - (y + 11) / PAGE_SHAPE[0]] * 2, transform=figure.transFigure,
+                          color=_colour(muscle, side), linewidth=5, path_effects=_halo(7))
+            figure.add_artist(line)
+        y += 31
+    _text_px(figure, left, y + 6, "Patient's left is on the viewer's right\n(R and L markers on every image).",
+             fontsize=13, color=_MUTED, linespacing=1.4)
+    return y + 50
+
+
+def _glance_block(figure, label_map: LabelMap, assessments: Sequence[Assessment], left: float,
+                  top: float) -> None:
+    lines = []
+    overall = [a for a in assessments if a.metrics.level == ALL_LEVELS and a.metrics.side in ("left", "right")]
+    for item in sorted(overall, key=lambda a: (_muscle_order(a.metrics.muscle), a.metrics.side != "right")):
+        fat = item.metrics.fat
+        if fat is None or fat.mean_percent is None:
+            continue
+        z = f"  z {_signed(item.fat.z, 1)}" if item.fat is not None and item.fat.z is not None else ""
+        lines.append((f"{_SHORT_NAMES[item.metrics.muscle]} {_SIDE_NAMES[item.metrics.side]}",
+                      f"{fat.mean_percent:.1f} %{z}", item))
+    _text_px(figure, left, top, "Fat at a glance", fontsize=17, fontweight="bold")
+    y = top + 34
+    if not lines:
+        _text_px(figure, left, y, "No fat measurement\n(no fat source for this series).", fontsize=14,
+                 color=_MUTED)
+        y += 50
+    for name, value, item in lines:
+        alert = ((item.fat is not None and item.fat.z is not None and item.fat.z >= 2)
+                 or (item.severe is not None and item.severe.value is True)
+                 or (item.grade is not None and item.grade.value == 2))
+        _text_px(figure, left, y, name, fontsize=15)
+        _text_px(figure, left + 360, y, value, fontsize=15, ha="right", color=_ALERT if alert else _TEXT,
+                 fontweight="bold" if alert else "normal")
+        y += 27
+    y += 10
+    for note in _page1_notes(label_map, assessments):
+        wrapped = _wrap(note, 13, PAGE_SHAPE[1] - left - 16, indent="")
+        _text_px(figure, left, y, wrapped, fontsize=13, color=_MUTED, linespacing=1.3)
+        y += 21 * (wrapped.count("\n") + 1) + 8
+
+
+def _page1_notes(label_map: LabelMap, assessments: Sequence[Assessment]) -> list[str]:
+    notes = ["Full measurements, reference bands and grades: next pages."]
+    kind = next((a.metrics.fat for a in assessments if a.metrics.fat is not None), None)
+    if kind is not None:
+        notes.insert(0, f"Fat: {_METHOD_TEXT.get(kind.method, kind.method)}.")
+    swapped = [f for f in label_map.findings if f.action == "swapped"]
+    kept = [f for f in label_map.findings if f.action != "swapped"]
+    if swapped:
+        notes.append(f"Left/right check: labels of {len(swapped)} muscle slice(s) were on the wrong side and "
+                     "were exchanged.")
+    if kept:
+        notes.append(f"Left/right check: {len(kept)} muscle slice(s) have a label on the wrong side, left as "
+                     "segmented: please review.")
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Page 2: measurements
+
+
+def _signed(value: float | None, digits: int) -> str:
+    if value is None:
+        return "\u2014"
+    text = f"{abs(value):.{digits}f}"
+    if float(text) == 0:
+        return text
+    return ("\u2212" if value < 0 else "+") + text
+
+
+def _percentile(value: float | None) -> str:
+    if value is None:
+        return "\u2014"
+    if value < 1:
+        return "<1"
+    if value > 99:
+        return ">99"
+    return f"{value:.0f}"
+
+
+_SUPERSCRIPT_DIGITS = str.maketrans("0123456789", "\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
+#: Superscript letters that DejaVu Sans draws (a b c d e f g h i j k m n o p r s t u v w x y z).
+_SUPERSCRIPT_LETTERS = ("\u1d43", "\u1d47", "\u1d9c", "\u1d48", "\u1d49", "\u1da0", "\u1d4d", "\u02b0", "\u2071",
+                        "\u02b2", "\u1d4f", "\u1d50", "\u207f", "\u1d52", "\u1d56", "\u02b3", "\u02e2", "\u1d57",
+                        "\u1d58", "\u1d5b", "\u02b7", "\u02e3", "\u02b8", "\u1dbb")
+
+
+class _Notes:
+    """Footnotes collected while the table is laid out: numbered reasons, lettered references."""
+
+    def __init__(self) -> None:
+        self.references: dict[str, str] = {}
+        self.reasons: dict[str, str] = {}
+
+    def reference(self, text: str) -> str:
+        """The superscript letter of a reference group (the same group keeps its letter)."""
+        if text not in self.references:
+            count = len(self.references)
+            letters = _SUPERSCRIPT_LETTERS
+            mark = letters[count % len(letters)] * (count // len(letters) + 1)
+            self.references[text] = mark
+        return self.references[text]
+
+    def reason(self, text: str) -> str:
+        """The superscript number of a reason (the same reason keeps its number)."""
+        if text not in self.reasons:
+            self.reasons[text] = str(len(self.reasons) + 1).translate(_SUPERSCRIPT_DIGITS)
+        return self.reasons[text]
+
+    def lines(self) -> list[str]:
+        out = [f"{mark}  {text}" for text, mark in self.references.items()]
+        out += [f"{mark}  {text}" for text, mark in self.reasons.items()]
+        return out
+
+
+def _stratum_text(comparison: Comparison) -> str:
+    stratum = comparison.stratum
+    n = f", n {stratum.n}" if stratum.n else ""
+    return f"reference: {stratum.description}{n}; {stratum.citation}"
+
+
+@dataclass(frozen=True)
+class _Cell:
+    text: str
+    alert: bool = False
+    muted: bool = False
+
+
+#: Table columns: (key, header, width in px, alignment). "csa_z" appears only when some CSA was compared.
+_COLUMNS = (
+    ("muscle", "Muscle", 214, "left"),
+    ("side", "Side", 58, "left"),
+    ("csa", "CSA\nmm\u00b2", 92, "right"),
+    ("csa_z", "CSA\nz", 86, "right"),
+    ("volume", "Volume\ncm\u00b3", 96, "right"),
+    ("fat", "Fat\n%", 80, "right"),
+    ("lean", "Lean CSA\nmm\u00b2", 118, "right"),
+    ("asymmetry", "Asym.\n%", 116, "right"),
+    ("z", "Fat\nz", 76, "right"),
+    ("percentile", "Fat\npctl", 70, "right"),
+    ("reference", "Fat reference\nmean \u00b1 SD %", 176, "right"),
+    ("grade", "Grade", 150, "left"),
+)
+
+
+def _columns(assessments: Sequence[Assessment]) -> list[tuple[str, str, float, str]]:
+    """The columns to show, widened to the page width."""
+    compared = any(a.csa is not None and a.csa.z is not None for a in assessments)
+    chosen = [c for c in _COLUMNS if c[0] != "csa_z" or compared]
+    spare = (PAGE_SHAPE[1] - 32 - sum(c[2] for c in chosen)) / len(chosen)
+    return [(key, header, width + spare, align) for key, header, width, align in chosen]
+
+
+def _row_cells(item: Assessment, notes: _Notes) -> dict[str, _Cell]:
+    metrics = item.metrics
+    cells = {"muscle": _Cell(_SHORT_NAMES[metrics.muscle]), "side": _Cell(_SIDE_NAMES[metrics.side])}
+    csa = f"{metrics.mean_csa_mm2:.0f}"
+    csa_z, csa_alert = "\u2014", False
+    if item.csa is not None:
+        if item.csa.z is not None:
+            csa_z = _signed(item.csa.z, 1) + notes.reference(_stratum_text(item.csa))
+            csa_alert = item.csa.z <= -2
+        elif item.csa.reason:
+            csa += notes.reason(f"Not compared: {item.csa.reason}")
+    cells["csa"] = _Cell(csa)
+    cells["csa_z"] = _Cell(csa_z, csa_alert)
+    cells["volume"] = _Cell(f"{metrics.volume_cm3:.1f}" if metrics.volume_cm3 is not None else "\u2014")
+    fat_text, fat_muted = "\u2014", False
+    if metrics.fat is not None:
+        if metrics.fat.mean_percent is not None:
+            fat_text = f"{metrics.fat.mean_percent:.1f}"
+        if not metrics.fat.reliable or metrics.fat.note:
+            fat_text += notes.reason(metrics.fat.note or "unreliable")
+            fat_muted = not metrics.fat.reliable
+    lean = f"{metrics.functional_csa_mm2:.0f}" if metrics.functional_csa_mm2 is not None else "\u2014"
+    cells["lean"] = _Cell(lean)
+    asymmetry = "\u2014"
+    if metrics.asymmetry_percent is not None:
+        # Signed as in reports.metrics: positive when the right side is larger.
+        bigger = "R>L" if metrics.asymmetry_percent > 0 else "L>R"
+        asymmetry = f"{abs(metrics.asymmetry_percent):.1f} {bigger}"
+    cells["asymmetry"] = _Cell(asymmetry)
+    z = percentile = reference = "\u2014"
+    alert = False
+    if item.fat is not None:
+        if item.fat.z is not None:
+            z, percentile = _signed(item.fat.z, 1), _percentile(item.fat.percentile)
+            stratum = item.fat.stratum
+            reference = f"{stratum.mean:.1f} \u00b1 {stratum.sd:.1f}" + notes.reference(_stratum_text(item.fat))
+            alert = item.fat.z >= 2
+        elif item.fat.reason:
+            reference = "none" + notes.reason(f"Not compared: {item.fat.reason}")
+    cells["fat"] = _Cell(fat_text, alert, fat_muted)
+    cells["z"] = _Cell(z, alert)
+    cells["percentile"] = _Cell(percentile, alert)
+    cells["reference"] = _Cell(reference)
+    grade, grade_alert = "\u2014", False
+    if item.grade is not None:
+        if item.grade.graded:
+            grade = f"Grade {item.grade.value}"
+            grade_alert = item.grade.value == 2
+        elif metrics.muscle != "multifidus":
+            grade = "\u2014"  # the grades are defined for the multifidus only, as the notes say
+        else:
+            grade = "not graded" + notes.reason(f"Not graded: {item.grade.note}")
+    if item.severe is not None and item.severe.value is True:
+        grade += ", SEVERE"
+        grade_alert = True
+    cells["grade"] = _Cell(grade, grade_alert)
+    return cells
+
+
+def _groups(assessments: Sequence[Assessment]) -> list[tuple[str, list[Assessment]]]:
+    """Assessments by level group: the whole series first, then each level in order."""
+    groups: dict[str, list[Assessment]] = {}
+    for item in assessments:
+        groups.setdefault(item.metrics.level, []).append(item)
+    order = sorted(groups, key=lambda level: (level != ALL_LEVELS, level))
+    side_rank = {"left": 0, "right": 1, "both": 2}
+    return [(level, sorted(groups[level], key=lambda a: (_muscle_order(a.metrics.muscle),
+                                                           side_rank.get(a.metrics.side, 3))))
+            for level in order]
+
+
+_TABLE_TOP, _HEADER_HEIGHT, _ROW_HEIGHT = 146, 54, 37
+_NOTE_SIZE, _NOTE_LINE = 13, 20
+
+
+def _table_pages(assessments: Sequence[Assessment]) -> list[list[tuple[str, object]]]:
+    """Entries of the measurement pages: ("group", title) and ("row", assessment).
+
+    Rows go onto a page while the page's footnotes still fit below them, so that no note is ever
+    cut off; a group that continues on the next page repeats its title.
+    """
+    pages: list[list[tuple[str, object]]] = []
+    current: list[tuple[str, object]] = []
+    for level, items in _groups(assessments):
+        title = "Whole series" if level == ALL_LEVELS else f"Level {level}"
+        if level == ALL_LEVELS and items and items[0].levels:
+            title += f" (compared with the {items[0].levels} reference)"
+        # A muscle's sides stay on one page, so that L, R and L+R are read together.
+        blocks: list[list[Assessment]] = []
+        for item in items:
+            if blocks and blocks[-1][0].metrics.muscle == item.metrics.muscle:
+                blocks[-1].append(item)
+            else:
+                blocks.append([item])
+        for position, block in enumerate(blocks):
+            rows: list[tuple[str, object]] = [("row", item) for item in block]
+            addition = ([("group", title)] if position == 0 else []) + rows
+            if current and not _fits(current + addition):
+                pages.append(current)
+                current = addition if position == 0 else [("group", f"{title} (continued)")] + rows
+            else:
+                current = current + addition
+    if current or not pages:
+        pages.append(current)
+    return pages
+
+
+def _page_notes(entries: list[tuple[str, object]]) -> tuple[_Notes, list[tuple[str, bool]]]:
+    """The footnote marks of a page's rows, and its notes wrapped: (text, whether general)."""
+    notes = _Notes()
+    rows = [value for kind, value in entries if kind == "row"]
+    for item in rows:
+        _row_cells(item, notes)
+    general = _general_notes(rows)
+    wrapped = [(_wrap(line, _NOTE_SIZE, PAGE_SHAPE[1] - 40), True) for line in general]
+    wrapped += [(_wrap(line, _NOTE_SIZE, PAGE_SHAPE[1] - 40), False) for line in notes.lines()]
+    return notes, wrapped
+
+
+def _note_height(text: str) -> float:
+    return _NOTE_LINE * (text.count("\n") + 1) + 5
+
+
+def _fits(entries: list[tuple[str, object]]) -> bool:
+    table = _HEADER_HEIGHT + _ROW_HEIGHT * len(entries)
+    _, wrapped = _page_notes(entries)
+    return _TABLE_TOP + table + 16 + sum(_note_height(t) for t, _ in wrapped) <= PAGE_SHAPE[0] - 8
+
+
+def _table_page(figure, entries: list[tuple[str, object]], assessments: Sequence[Assessment]) -> None:
+    notes, wrapped = _page_notes(entries)
+    columns = _columns(assessments)
+    width = sum(c[2] for c in columns)
+    total = _HEADER_HEIGHT + _ROW_HEIGHT * max(len(entries), 1)
+    table = figure.add_axes(_rect(16, _TABLE_TOP, width, total))
+    table.set_axis_off()
+    table.set_xlim(0, width)
+    table.set_ylim(total, 0)
+    table.add_patch(_rectangle((0, 0), width, _HEADER_HEIGHT, facecolor="#383838", edgecolor="none"))
+    x = 0.0
+    for _, header, column_width, align in columns:
+        anchor = x + 8 if align == "left" else x + column_width - 8
+        table.text(anchor, _HEADER_HEIGHT / 2, header, ha=align, va="center", color=_TEXT, fontsize=14,
+                   fontweight="bold", linespacing=1.15)
+        x += column_width
+    y = _HEADER_HEIGHT
+    shade = 0
+    previous = None
+    for kind, value in entries:
+        if kind == "group":
+            table.text(8, y + _ROW_HEIGHT / 2 + 2, value, ha="left", va="center", color="#ffd966", fontsize=16,
+                       fontweight="bold")
+            y += _ROW_HEIGHT
+            previous = None
+            continue
+        item = value
+        # A new muscle starts a new shade, so that its sides read as one block.
+        if item.metrics.muscle != previous:
+            shade += 1
+        table.add_patch(_rectangle((0, y), width, _ROW_HEIGHT, facecolor=_ROW_SHADES[shade % 2], edgecolor="none"))
+        cells = _row_cells(item, notes)
+        if item.metrics.muscle == previous:
+            cells["muscle"] = _Cell("")
+        previous = item.metrics.muscle
+        x = 0.0
+        for key, _, column_width, align in columns:
+            cell = cells[key]
+            anchor = x + 8 if align == "left" else x + column_width - 8
+            colour = _ALERT if cell.alert else (_MUTED if cell.muted else _TEXT)
+            table.text(anchor, y + _ROW_HEIGHT / 2 + 1, cell.text, ha=align, va="center", color=colour,
+                       fontsize=17, fontweight="bold" if cell.alert or key == "muscle" else "normal")
+            x += column_width
+        y += _ROW_HEIGHT
+    if not entries:
+        table.text(8, _HEADER_HEIGHT + _ROW_HEIGHT / 2, "No muscle was measured.", color=_ALERT, fontsize=17,
+                   va="center")
+    y = _TABLE_TOP + total + 16
+    for text, general in wrapped:
+        # Only a single row whose notes exceed a page can overflow; the rest is in the SR.
+        if y + _note_height(text) > PAGE_SHAPE[0] - 8:
+            _text_px(figure, 16, y, "\u2026 further notes in the structured report.", fontsize=_NOTE_SIZE,
+                     color=_MUTED)
+            break
+        _text_px(figure, 16, y, text, fontsize=_NOTE_SIZE, color=_TEXT if general else _MUTED, linespacing=1.2)
+        y += _note_height(text)
+
+
+def _general_notes(assessments: Sequence[Assessment]) -> list[str]:
+    lines = []
+    methods = sorted({a.metrics.fat.method for a in assessments if a.metrics.fat is not None})
+    for method in methods:
+        eroded = any(a.metrics.fat.eroded for a in assessments if a.metrics.fat is not None
+                     and a.metrics.fat.method == method)
+        where = " (mean over the mask eroded by one pixel)" if eroded else ""
+        lines.append(f"Fat %: {_METHOD_TEXT.get(method, method)}{where}. Lean CSA = CSA \u00d7 (1 \u2212 fat). "
+                     "Asymmetry = (R \u2212 L) / mean(R, L) of the CSA. CSA is the mean over the slices that "
+                     "contain the muscle.")
+    if not methods:
+        lines.append("No fat measurement for this series. CSA is the mean over the slices that contain the muscle.")
+    lines.append("z = (value \u2212 reference mean) / SD; pctl = percentile, from the normal distribution of the z "
+                 "(an approximation for fat fractions). Red: fat at least 2 SD above the reference mean, or grade 2 "
+                 "or severe multifidus fat.")
+    notes = sorted({a.levels_note for a in assessments if a.levels_note})
+    lines.extend(note[0].upper() + note[1:] + "." for note in notes)
+    grades = [a.grade for a in assessments if a.grade is not None and a.grade.graded]
+    severe = [a.severe for a in assessments if a.severe is not None and a.severe.graded]
+    if grades:
+        lines.append(f"Grade (multifidus only): 0 <20 %, 1 20\u201350 %, 2 >50 % fat ({grades[0].citation}).")
+    if severe:
+        lines.append(f"SEVERE: multifidus fat \u226550 % on one side ({severe[0].citation}).")
+    if any(("Dixon" in g.note) for g in grades + severe):
+        lines.append("The grade cut-offs were defined on T2-weighted images; a Dixon fat fraction is a related but "
+                     "different quantity.")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Page 3: charts
+
+
+def _chart_rows(assessments: Sequence[Assessment]) -> list[Assessment]:
+    side_rank = {"right": 0, "left": 1, "both": 2}
+    chosen = [a for a in assessments if a.metrics.level == ALL_LEVELS]
+    return sorted(chosen, key=lambda a: (_muscle_order(a.metrics.muscle), side_rank.get(a.metrics.side, 3)))
+
+
+def _style_axes(ax) -> None:
+    ax.set_facecolor(_BACKGROUND)
+    for name, spine in ax.spines.items():
+        spine.set_color("#808080")
+        spine.set_visible(name in ("left", "bottom"))
+    ax.tick_params(colors=_TEXT, labelsize=13)
+    ax.xaxis.label.set_color(_TEXT)
+    ax.yaxis.label.set_color(_TEXT)
+
+
+def _band_chart(ax, rows: Sequence[Assessment], which: str, xlabel: str, *, labels: bool) -> None:
+    """Values as points on their reference bands (mean, +-1 SD, +-2 SD), one row per muscle side."""
+    _style_axes(ax)
+    values, extents = [], []
+    compared = [item.fat if which == "fat" else item.csa for item in rows]
+    any_reference = any(c is not None and c.z is not None for c in compared)
+    for position, (item, comparison) in enumerate(zip(rows, compared)):
+        metrics = item.metrics
+        value = metrics.fat.mean_percent if which == "fat" else metrics.mean_csa_mm2
+        if comparison is not None and comparison.z is not None:
+            mean, sd = comparison.stratum.mean, comparison.stratum.sd
+            ax.add_patch(_rectangle((mean - 2 * sd, position - 0.38), 4 * sd, 0.76, facecolor=_BAND_2SD,
+                                    edgecolor="none", zorder=1))
+            ax.add_patch(_rectangle((mean - sd, position - 0.38), 2 * sd, 0.76, facecolor=_BAND_1SD,
+                                    edgecolor="none", zorder=2))
+            ax.plot([mean, mean], [position - 0.38, position + 0.38], color=_MEAN_LINE, linewidth=2, zorder=3)
+            extents.append(mean + 2.2 * sd)
+            alert = comparison.z >= 2 if which == "fat" else comparison.z <= -2
+            note, colour = f"z {_signed(comparison.z, 1)}", _ALERT if alert else _TEXT
+        else:
+            # When nothing in the chart has a reference, one note below says so instead of every row.
+            note, colour = ("no ref.", _MUTED) if any_reference else ("", _MUTED)
+        if note:
+            ax.text(1.02, position, note, transform=ax.get_yaxis_transform(), ha="left", va="center",
+                    fontsize=13, color=colour, clip_on=False,
+                    fontweight="bold" if colour == _ALERT else "normal")
+        if value is None:
+            continue
+        values.append(value)
+        marker = "D" if metrics.side == "both" else "o"
+        size = 12 if len(rows) <= 6 else 10
+        ax.plot([value], [position], marker=marker, markersize=size, color=_colour(metrics.muscle, metrics.side),
+                markeredgecolor="white", markeredgewidth=1.5, zorder=5, linestyle="none")
+    top = max(values + extents + [1.0])
+    ax.set_xlim(0, top * 1.08)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_yticks(range(len(rows)))
+    if labels:
+        ax.set_yticklabels([f"{_SHORT_NAMES[a.metrics.muscle]} {_SIDE_NAMES[a.metrics.side]}" for a in rows],
+                           fontsize=13 if len(rows) <= 8 else 12)
+    else:
+        ax.set_yticklabels([])
+    ax.set_xlabel(xlabel, fontsize=14)
+    ax.grid(axis="x", color="#303030", linewidth=0.8, zorder=0)
+    ax.set_axisbelow(True)
+    for position in range(1, len(rows)):
+        if rows[position].metrics.muscle != rows[position - 1].metrics.muscle:
+            ax.axhline(position - 0.5, color="#707070", linewidth=1)
+
+
+def _profile_chart(ax, muscle: str, rows: Sequence[Assessment], show_ylabel: bool) -> None:
+    """CSA of each slice against its head-foot position, left and right."""
+    _style_axes(ax)
+    ax.tick_params(labelsize=12)
+    levels: dict[str, list[float]] = {}
+    for item in rows:
+        metrics = item.metrics
+        if metrics.muscle != muscle or metrics.side not in ("left", "right"):
+            continue
+        ordered = sorted(metrics.slices, key=lambda s: s.centroid_lps[2])
+        ax.plot([s.area_mm2 for s in ordered], [s.centroid_lps[2] for s in ordered],
+                color=_colour(muscle, metrics.side), linewidth=2.5,
+                marker="o" if metrics.side == "right" else "s", markersize=6, markeredgecolor="black",
+                markeredgewidth=0.6, zorder=3)
+        for area in metrics.slices:
+            if area.level:
+                levels.setdefault(area.level, []).append(area.centroid_lps[2])
+    ax.set_title(_MUSCLE_NAMES[muscle], color=_TEXT, fontsize=15, pad=6)
+    ax.set_xlabel("CSA per slice, mm\u00b2", fontsize=13)
+    if show_ylabel:
+        ax.set_ylabel("z (head +), mm", fontsize=13)
+    ax.set_xlim(left=0)
+    ax.grid(color="#303030", linewidth=0.8, zorder=0)
+    # Levels: a dashed line between neighbours, the name outside the right edge.
+    spans = sorted((min(z), max(z), name) for name, z in levels.items())
+    for (low_a, high_a, _), (low_b, _, _) in zip(spans, spans[1:]):
+        ax.axhline((high_a + low_b) / 2, color="#ffd966", linewidth=1, linestyle="--", alpha=0.7, zorder=1)
+    for low, high, name in spans:
+        ax.text(1.02, (low + high) / 2, name, transform=ax.get_yaxis_transform(), ha="left", va="center",
+                color="#ffd966", fontsize=12, clip_on=False)
+
+
+def _chart_page(figure, assessments: Sequence[Assessment]) -> None:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    rows = _chart_rows(assessments)
+    fat_rows = [a for a in rows if a.metrics.fat is not None and a.metrics.fat.mean_percent is not None]
+    key = [Patch(facecolor=_BAND_1SD, label="reference mean \u00b1 1 SD"),
+           Patch(facecolor=_BAND_2SD, label="reference mean \u00b1 2 SD"),
+           Line2D([], [], color=_MEAN_LINE, linewidth=2, label="reference mean"),
+           Line2D([], [], marker="D", color="#909090", markeredgecolor="white", linestyle="none", markersize=10,
+                  label="L+R together")]
+    figure.legend(handles=key, loc="upper left", bbox_to_anchor=(10 / PAGE_SHAPE[1], 1 - 136 / PAGE_SHAPE[0]),
+                  ncol=4, fontsize=13, frameon=False, labelcolor=_TEXT, handlelength=1.6, columnspacing=1.6)
+    top = 214
+    band_height = min(300, 40 + 30 * max(len(rows), 1))
+    # The area chart repeats the fat chart's rows, so it shares their labels when they are the same.
+    shared_labels = bool(fat_rows) and [id(a) for a in fat_rows] == [id(a) for a in rows]
+    fat_ax = figure.add_axes(_rect(215, top, 345, band_height))
+    if fat_rows:
+        quantity = {a.metrics.fat.quantity for a in fat_rows}
+        xlabel = "Fat fraction, %" if quantity == {"fat_fraction"} else "Fat infiltration, %"
+        _band_chart(fat_ax, fat_rows, "fat", xlabel, labels=True)
+        fat_ax.set_title("Fat vs reference", color=_TEXT, fontsize=16, fontweight="bold", pad=10, loc="left")
+        if all(a.fat is None or a.fat.z is None for a in fat_rows):
+            _text_px(figure, 215, top + band_height + 58, "No fat reference for these values (see the table).",
+                     fontsize=13, color=_MUTED)
+    else:
+        fat_ax.set_axis_off()
+        fat_ax.text(0.5, 0.5, "No fat measurement for this series", ha="center", color=_MUTED, fontsize=15,
+                    transform=fat_ax.transAxes)
+    csa_left = 680 if shared_labels else 860
+    csa_ax = figure.add_axes(_rect(csa_left, top, 1180 - csa_left, band_height))
+    if rows:
+        _band_chart(csa_ax, rows, "csa", "Mean CSA, mm\u00b2", labels=not shared_labels)
+    csa_ax.set_title("Area vs reference", color=_TEXT, fontsize=16, fontweight="bold", pad=10, loc="left")
+    if rows and all(a.csa is None or a.csa.z is None for a in rows):
+        version = next((a.csa.reference_version for a in rows if a.csa is not None), "the reference")
+        _text_px(figure, csa_left, top + band_height + 58,
+                 _wrap(f"No CSA reference in {version} for these muscles (see the table).", 13,
+                       PAGE_SHAPE[1] - csa_left - 16, indent=""), fontsize=13, color=_MUTED)
+    muscles = sorted({a.metrics.muscle for a in rows}, key=_muscle_order)
+    heading = top + band_height + 100
+    _text_px(figure, 16, heading, "Area slice by slice, head (top) to foot", fontsize=16, fontweight="bold")
+    sides = [Line2D([], [], marker="o", color="#d0d0d0", markeredgecolor="black", linewidth=2.5, markersize=8,
+                    label="right (deep shade)"),
+             Line2D([], [], marker="s", color="#d0d0d0", markeredgecolor="black", linewidth=2.5, markersize=8,
+                    label="left (light shade)")]
+    figure.legend(handles=sides, loc="upper left",
+                  bbox_to_anchor=(560 / PAGE_SHAPE[1], 1 - (heading - 6) / PAGE_SHAPE[0]),
+                  ncol=2, fontsize=13, frameon=False, labelcolor=_TEXT, handlelength=2.2, columnspacing=1.6)
+    if not muscles:
+        return
+    profile_top = heading + 62
+    profile_height = PAGE_SHAPE[0] - profile_top - 62
+    gap = 56
+    width = (PAGE_SHAPE[1] - 110 - 40 - gap * (len(muscles) - 1)) / len(muscles)
+    shared = None
+    for number, muscle in enumerate(muscles):
+        ax = figure.add_axes(_rect(110 + number * (width + gap), profile_top, width, profile_height), sharey=shared)
+        shared = shared or ax
+        _profile_chart(ax, muscle, rows, number == 0)
+        if number:
+            # The height axis is shared: its numbers once, and room for the level names between panels.
+            ax.tick_params(labelleft=False)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def render_pages(
+    label_map: LabelMap,
+    assessments: Sequence[Assessment],
+    patient: PatientContext,
+    *,
+    model_name: str,
+    model_version: str,
+    software_version: str,
+) -> list[Page]:
+    """Draw the summary pages.
+
+    Parameters
+    ----------
+    label_map : LabelMap
+        The segmentation and the series it lies on (the key slices are drawn from its frames).
+    assessments : sequence of Assessment
+        From :func:`reports.assessment.assess`, any level groups.
+    patient : PatientContext
+        Age, sex and BMI for the header.
+    model_name, model_version : str
+        The segmentation model (from its card).
+    software_version : str
+        musclenode's version.
+
+    Returns
+    -------
+    list of Page
+        Key slices; the measurement table (more than one page when there are many level groups);
+        the charts. Each page is uint8 RGB :data:`PAGE_SHAPE`.
+    """
+    import matplotlib
+
+    tables = _table_pages(assessments)
+    plan: list[tuple[str, str, object]] = [("slices", "Key slices with muscle outlines", None)]
+    for number, entries in enumerate(tables, start=1):
+        suffix = f" ({number} of {len(tables)})" if len(tables) > 1 else ""
+        plan.append(("table", f"Measurements and reference{suffix}", entries))
+    plan.append(("charts", "Charts: fat and area against the reference", None))
+    context = _Context(
+        patient_line=_patient_line(patient),
+        study_line=_study_line(label_map.series),
+        model_line=(f"Segmentation: {model_name} {model_version} (automatic)   \u00b7   "
+                    f"Software: musclenode {software_version}"),
+        page_count=len(plan),
+    )
+    pages = []
+    # Fixed style, independent of any matplotlibrc on the machine.
+    style = {"font.family": "DejaVu Sans", "text.antialiased": True, "lines.antialiased": True,
+             "axes.unicode_minus": True, "mathtext.default": "regular", "text.parse_math": False}
+    with matplotlib.rc_context(style):
+        for number, (kind, title, entries) in enumerate(plan, start=1):
+            figure = _figure()
+            _header(figure, context, number, title)
+            if kind == "slices":
+                _key_slice_page(figure, label_map, assessments)
+            elif kind == "table":
+                _table_page(figure, entries, assessments)
+            else:
+                _chart_page(figure, assessments)
+            pages.append(Page(_ascii_title(number, len(plan), title), _pixels(figure)))
+    return pages
+
+
+def _ascii_title(number: int, count: int, title: str) -> str:
+    return f"Page {number} of {count}: {title}. {RESEARCH_USE.replace(chr(0x2014), '-')}."

@@ -1,0 +1,293 @@
+"""DICOM Segmentation of the paraspinal muscles, pixel for pixel on the source images.
+
+The SEG is BINARY and uncompressed, with one segment per muscle and side that the label map
+contains and one frame per source frame and segment, empty frames included, so that a viewer
+finds a frame for every source image it shows. It references every source instance
+(ReferencedSeriesSequence, and per frame DerivationImageSequence / SourceImageSequence), shares
+the source's Frame of Reference, and repeats its patient and study so that a PACS files it into
+the same study. UIDs come from :class:`reports.uids.ResultIdentity`, so that processing the same
+series again replaces the SEG instead of adding one.
+
+Laterality is a SegmentedPropertyTypeModifierCodeSequence inside the item of
+SegmentedPropertyTypeCodeSequence (PS3.3 C.8.20.2), where dciodvfy expects it; highdicom's
+SegmentDescription has no parameter for it, so it is added to the item here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
+from pydicom.uid import ExplicitVRLittleEndian
+
+from inference.card import MUSCLES, SIDES
+from inference.geometry import LabelMap
+
+from .codes import ALGORITHM_FAMILY, ANATOMICAL_STRUCTURE, LUMBAR_SPINE, MUSCLE_CODES, muscle_code, side_code
+from .uids import ResultIdentity
+
+__all__ = [
+    "MANUFACTURER",
+    "SegmentRef",
+    "build_segmentation",
+    "fit_lo",
+    "result_series_number",
+    "segment_frames",
+    "segment_numbers",
+    "segments",
+    "source_datasets_of",
+]
+
+MANUFACTURER = "musclenode"
+#: Recommended display colours (sRGB), one per muscle, lighter on the patient's left.
+_COLOURS = {
+    "multifidus": ((230, 80, 80), (255, 150, 150)),
+    "erector_spinae": ((60, 120, 220), (130, 180, 255)),
+    "psoas_major": ((60, 170, 90), (140, 220, 150)),
+    "quadratus_lumborum": ((220, 170, 40), (250, 215, 120)),
+}
+# LO values are at most 64 characters; a long model name must not make the SEG invalid.
+_LO = 64
+
+
+@dataclass(frozen=True)
+class SegmentRef:
+    """One segment of a SEG, as the SR refers to it."""
+
+    number: int
+    muscle: str
+    side: str
+    label: str
+    tracking_id: str
+    tracking_uid: str
+
+
+def fit_lo(text: str) -> str:
+    """``text`` cut to the 64 characters of a DICOM LO value, ending in "..." when cut.
+
+    The ellipsis is ASCII: the results declare no SpecificCharacterSet, so the default
+    repertoire applies.
+    """
+    return text if len(text) <= _LO else text[: _LO - 3] + "..."
+
+
+def result_series_number(source_series_number: int | None, offset: int) -> int:
+    """Series number of a result: the source's number times 100 plus ``offset`` (91 SEG, 92 SR).
+
+    Results of different source series of a study then never share a number, and a reader sees
+    which series they came from.
+    """
+    base = source_series_number if source_series_number and source_series_number > 0 else 0
+    # IS holds at most 12 characters; a vendor's huge series number wraps rather than overflows.
+    return (base % 10_000_000) * 100 + offset
+
+
+def source_datasets_of(label_map: LabelMap) -> list[Dataset]:
+    """Headers of the label map's source instances, in source order, read from their files.
+
+    Raises
+    ------
+    ValueError
+        When the series was built from datasets in memory (no files to read).
+    """
+    series = label_map.series
+    uids = list(dict.fromkeys(g.sop_instance_uid for g in series.geometry))
+    missing = [uid for uid in uids if uid not in series.source_paths]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} source instance(s) of series {series.series_instance_uid} have no file in "
+            "series.source_paths: pass source_datasets")
+    return [pydicom.dcmread(Path(series.source_paths[uid]), stop_before_pixels=True) for uid in uids]
+
+
+def _ordered_sources(label_map: LabelMap, datasets: Sequence[Dataset]) -> list[Dataset]:
+    """The datasets in the order highdicom maps them onto frames, checked against the label map."""
+    geometry = label_map.series.geometry
+    by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
+    uids = list(dict.fromkeys(g.sop_instance_uid for g in geometry))
+    missing = [uid for uid in uids if uid not in by_uid]
+    if missing:
+        raise ValueError(f"source_datasets lack {len(missing)} instance(s) of the label map's series")
+    if len(uids) == len(geometry):
+        return [by_uid[uid] for uid in uids]
+    if len(uids) == 1 and [g.frame_number for g in geometry] == list(range(1, len(geometry) + 1)):
+        return [by_uid[uids[0]]]
+    # highdicom maps SEG frames onto either single-frame instances or the frames of exactly one
+    # multi-frame instance; a series of several multi-frame instances fits neither.
+    raise ValueError(
+        f"the label map's {len(geometry)} frames come from {len(uids)} instances, not from one "
+        "frame per instance or all frames of one multi-frame instance: a SEG cannot reference them")
+
+
+def _segment_order(label_map: LabelMap) -> list[int]:
+    present = label_map.values_present()
+    return sorted(present, key=lambda v: (MUSCLES.index(label_map.meaning[v].muscle),
+                                          SIDES.index(label_map.meaning[v].side)))
+
+
+def _description(number: int, muscle: str, side: str, label: str, identity: ResultIdentity,
+                 algorithm: hd.AlgorithmIdentificationSequence) -> hd.seg.SegmentDescription:
+    description = hd.seg.SegmentDescription(
+        segment_number=number,
+        segment_label=label,
+        segmented_property_category=ANATOMICAL_STRUCTURE,
+        segmented_property_type=muscle_code(muscle),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=algorithm,
+        tracking_uid=identity.uid("seg", "segment", muscle, side),
+        tracking_id=label,
+        anatomic_regions=[LUMBAR_SPINE],
+        display_color=hd.color.CIELabColor(*_lab(_COLOURS[muscle][side == "left"])),
+    )
+    modifier = hd.sr.CodedConcept.from_code(side_code(side))
+    description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [modifier]
+    return description
+
+
+def _lab(rgb: tuple[int, int, int]) -> tuple[float, float, float]:
+    """CIE L*a*b* (D65) of an sRGB colour, as DICOM's RecommendedDisplayCIELabValue needs."""
+    linear = [((c / 255 + 0.055) / 1.055) ** 2.4 if c / 255 > 0.04045 else c / 255 / 12.92 for c in rgb]
+    matrix = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = matrix @ np.asarray(linear) / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return float(116 * f[1] - 16), float(500 * (f[0] - f[1])), float(200 * (f[1] - f[2]))
+
+
+def build_segmentation(
+    label_map: LabelMap,
+    card_name: str,
+    card_version: str,
+    identity: ResultIdentity,
+    software_version: str,
+    source_datasets: Sequence[Dataset] | None = None,
+    *,
+    device_serial_number: str = MANUFACTURER,
+) -> hd.seg.Segmentation:
+    """A BINARY DICOM SEG of a label map, one frame per source frame and segment.
+
+    Parameters
+    ----------
+    label_map : LabelMap
+        Labels on the source grid; every label value present becomes a segment.
+    card_name, card_version : str
+        The model card's name and version (algorithm identification, series description).
+    identity : ResultIdentity
+        Source of the series, instance and segment tracking UIDs.
+    software_version : str
+        musclenode's version (SoftwareVersions, algorithm source).
+    source_datasets : sequence of Dataset, optional
+        The source instances (headers suffice). Read from ``label_map.series.source_paths``
+        when not given.
+    device_serial_number : str
+        DeviceSerialNumber: the installation (for example the node's AE title).
+
+    Returns
+    -------
+    highdicom.seg.Segmentation
+
+    Raises
+    ------
+    ValueError
+        When the label map has no label, or its frames cannot be mapped onto source instances.
+    """
+    values = _segment_order(label_map)
+    if not values:
+        raise ValueError("the label map contains no muscle: there is nothing to segment")
+    datasets = _ordered_sources(label_map, source_datasets if source_datasets is not None
+                                else source_datasets_of(label_map))
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=fit_lo(card_name), family=ALGORITHM_FAMILY, version=fit_lo(card_version),
+        source=fit_lo(f"{MANUFACTURER} {software_version}"))
+    lookup = np.zeros(256, dtype=np.uint16)
+    descriptions = []
+    for number, value in enumerate(values, start=1):
+        info = label_map.meaning[value]
+        lookup[value] = number
+        descriptions.append(_description(number, info.muscle, info.side, info.name, identity, algorithm))
+    # Values the label map does not describe cannot occur (LabelMap checks), so the lookup maps
+    # every pixel onto a segment number or background.
+    pixels = lookup[np.stack(label_map.labels)]
+    series = label_map.series
+    return hd.seg.Segmentation(
+        source_images=datasets,
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descriptions,
+        series_instance_uid=identity.uid("seg", "series"),
+        series_number=result_series_number(series.series_number, 91),
+        sop_instance_uid=identity.uid("seg", "instance"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MANUFACTURER,
+        software_versions=[fit_lo(software_version), fit_lo(f"{card_name} {card_version}")],
+        device_serial_number=fit_lo(device_serial_number),
+        omit_empty_frames=False,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=fit_lo(f"Paraspinal muscles ({card_name} {card_version})"),
+        content_label="MUSCLES",
+        content_description=fit_lo("Paraspinal muscle segmentation, research use only"),
+    )
+
+
+def _muscle_of(item: Dataset) -> str | None:
+    for muscle, code in MUSCLE_CODES.items():
+        if (item.CodeValue, item.CodingSchemeDesignator) == (code.value, code.scheme_designator):
+            return muscle
+    return None
+
+
+def _side_of(item: Dataset) -> str | None:
+    for modifier in item.get("SegmentedPropertyTypeModifierCodeSequence", []):
+        for side in SIDES:
+            code: Code = side_code(side)
+            if (modifier.CodeValue, modifier.CodingSchemeDesignator) == (code.value, code.scheme_designator):
+                return side
+    return None
+
+
+def segments(seg: Dataset) -> dict[tuple[str, str], SegmentRef]:
+    """The segments of a musclenode SEG by ``(muscle, side)``, read from the SEG itself.
+
+    Segments whose property type or laterality is not one of musclenode's are left out.
+    """
+    found: dict[tuple[str, str], SegmentRef] = {}
+    for item in seg.SegmentSequence:
+        kind = item.SegmentedPropertyTypeCodeSequence[0]
+        muscle, side = _muscle_of(kind), _side_of(kind)
+        if muscle is None or side is None:
+            continue
+        found[(muscle, side)] = SegmentRef(
+            number=int(item.SegmentNumber), muscle=muscle, side=side, label=str(item.SegmentLabel),
+            tracking_id=str(item.get("TrackingID", "")), tracking_uid=str(item.get("TrackingUID", "")))
+    return found
+
+
+def segment_numbers(seg: Dataset, label_map: LabelMap) -> dict[int, int]:
+    """``{label value: segment number}`` for every label value of ``label_map`` the SEG holds."""
+    by_key = segments(seg)
+    return {value: by_key[(info.muscle, info.side)].number
+            for value, info in label_map.meaning.items() if (info.muscle, info.side) in by_key}
+
+
+def segment_frames(seg: Dataset) -> dict[tuple[int, str, int], int]:
+    """``{(segment number, source SOP Instance UID, source frame number): SEG frame number}``.
+
+    Source frame numbers are 1 for single-frame sources, as in :class:`FrameGeometry`.
+    """
+    frames: dict[tuple[int, str, int], int] = {}
+    for number, item in enumerate(seg.PerFrameFunctionalGroupsSequence, start=1):
+        segment = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        for derivation in item.get("DerivationImageSequence", []):
+            for source in derivation.get("SourceImageSequence", []):
+                source_frames = source.get("ReferencedFrameNumber") or [1]
+                if not isinstance(source_frames, (list, pydicom.multival.MultiValue)):
+                    source_frames = [source_frames]
+                for frame in source_frames:
+                    frames[(segment, str(source.ReferencedSOPInstanceUID), int(frame))] = number
+    return frames

