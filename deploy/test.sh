@@ -11,6 +11,10 @@ command -v storescu >/dev/null || need+=(dcmtk)
 command -v Orthanc >/dev/null || need+=(orthanc)
 # PixelMed's DicomSRValidator checks the TID 1500 content of the SR (brings a Java runtime).
 [ -f /usr/share/java/pixelmed.jar ] || need+=(pixelmed-apps)
+# Deployment checks: the Orthanc routing script (luac), the systemd unit, TLS certificates.
+command -v luac >/dev/null || need+=(lua5.4)
+command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v openssl >/dev/null || need+=(openssl)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -21,6 +21,7 @@ __all__ = [
     "Destination",
     "Peer",
     "Rules",
+    "TLS",
     "ENVIRONMENT",
     "load_config",
     "to_toml",
@@ -225,6 +226,8 @@ class Peer:
     host: str = "*"
     port: int | None = None
     quiet_seconds: float | None = None
+    #: The peer must call over TLS and present a certificate signed by ``tls.ca``.
+    require_certificate: bool = False
 
     def matches(self, ae_title: str, address: str) -> bool:
         """Return whether a calling AE title and address belong to this peer."""
@@ -240,6 +243,39 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    #: Send over TLS, verifying the destination against ``tls.ca`` and presenting the node's
+    #: certificate.
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class TLS:
+    """DICOM TLS (PS3.15 Annex B.1): a second listening port, and the export SCU's credentials.
+
+    Attributes
+    ----------
+    enabled : bool
+        Listen for TLS associations on ``port``.
+    port : int
+        The TLS port (2762 is registered for DICOM over TLS).
+    plain : bool
+        Keep listening without TLS on ``node.port`` as well.
+    certificate, key : Path or None
+        The node's certificate chain and private key (PEM): server certificate for the TLS port,
+        client certificate for destinations with ``tls = true``.
+    ca : Path or None
+        CA certificates (PEM) that peers' and destinations' certificates are checked against.
+    require_client_certificate : bool
+        Every TLS caller must present a certificate signed by ``ca``.
+    """
+
+    enabled: bool = False
+    port: int = 2762
+    plain: bool = True
+    certificate: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    require_client_certificate: bool = False
 
 
 @dataclass(frozen=True)
@@ -285,6 +321,7 @@ class Config:
     peers: tuple[Peer, ...]
     destinations: tuple[Destination, ...]
     rules: Rules
+    tls: TLS = field(default_factory=TLS)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def peer_for(self, ae_title: str, address: str) -> Peer | None:
@@ -359,6 +396,13 @@ _SCALARS: dict[str, tuple[Callable[[Any], Any], Any]] = {
         [r"\bstir\b", r"\bfs\b", r"fat[ _-]?sat", r"\bspair\b", r"\bspir\b", r"\bfatsup"],
     ),
     "rules.max_oblique_degrees": (_angle, 40.0),
+    "tls.enabled": (_boolean, False),
+    "tls.port": (_port, 2762),
+    "tls.plain": (_boolean, True),
+    "tls.certificate": (_optional_path, ""),
+    "tls.key": (_optional_path, ""),
+    "tls.ca": (_optional_path, ""),
+    "tls.require_client_certificate": (_boolean, False),
 }
 
 _PEER_KEYS: dict[str, tuple[Callable[[Any], Any], bool]] = {
@@ -366,12 +410,14 @@ _PEER_KEYS: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "host": (_host, False),
     "port": (_port, False),
     "quiet_seconds": (_seconds, False),
+    "require_certificate": (_boolean, False),
 }
 _DESTINATION_KEYS: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "name": (_name, True),
     "ae_title": (_ae_title, True),
     "host": (_host, True),
     "port": (_port, True),
+    "tls": (_boolean, False),
 }
 
 #: By default only programs on this machine may call the node: a closed node that still answers
@@ -395,6 +441,8 @@ ENVIRONMENT: dict[str, str] = {
     "MUSCLENODE_DEVICE": "jobs.device",
     "MUSCLENODE_THREADS": "jobs.threads",
     "MUSCLENODE_HTTP_PORT": "http.port",
+    "MUSCLENODE_TLS": "tls.enabled",
+    "MUSCLENODE_TLS_PORT": "tls.port",
 }
 
 
@@ -505,6 +553,8 @@ def load_config(
         raise ConfigError(f"destinations: the name {duplicated[0]!r} is used twice (from {sources['destinations']})")
 
     rules = Rules(**{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("rules.")})
+    tls = TLS(**{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("tls.")})
+    _check_tls(tls, peers, destinations, values["node.port"], sources)
     return Config(
         ae_title=values["node.ae_title"],
         host=values["node.host"],
@@ -532,8 +582,40 @@ def load_config(
         peers=tuple(peers),
         destinations=tuple(destinations),
         rules=rules,
+        tls=tls,
         sources=sources,
     )
+
+
+def _check_tls(tls: TLS, peers: list[Peer], destinations: list[Destination], port: int,
+               sources: Mapping[str, str]) -> None:
+    """Refuse TLS settings that cannot work together (the files are checked by :mod:`node.tls`)."""
+    def where(key: str) -> str:
+        return sources.get(key, "default")
+
+    needs_certificate = [p.ae_title for p in peers if p.require_certificate]
+    tls_destinations = [d.name for d in destinations if d.tls]
+    if not tls.enabled:
+        if needs_certificate:
+            raise ConfigError(f"peers: {needs_certificate[0]!r} has require_certificate = true but tls.enabled"
+                              f" is false (from {where('peers')})")
+        if not tls.plain:
+            raise ConfigError(f"tls.plain: false leaves no DICOM port while tls.enabled is false"
+                              f" (from {where('tls.plain')})")
+    if tls.enabled or tls_destinations:
+        for key in ("certificate", "key"):
+            if tls.enabled and getattr(tls, key) is None:
+                raise ConfigError(f"tls.{key}: required when tls.enabled is true (from {where('tls.' + key)})")
+        if (tls.certificate is None) != (tls.key is None):
+            missing = "key" if tls.key is None else "certificate"
+            raise ConfigError(f"tls.{missing}: required with tls.{'certificate' if missing == 'key' else 'key'}"
+                              f" (from {where('tls.' + missing)})")
+    if tls.enabled and tls.ca is None and (tls.require_client_certificate or needs_certificate):
+        raise ConfigError("tls.ca: required to check client certificates (tls.require_client_certificate or a"
+                          f" peer with require_certificate) (from {where('tls.ca')})")
+    if tls.enabled and tls.plain and tls.port == port:
+        raise ConfigError(f"tls.port: {tls.port} is node.port too; choose another or set tls.plain = false"
+                          f" (from {where('tls.port')})")
 
 
 def _toml_value(value: Any) -> str:
@@ -570,6 +652,10 @@ def to_toml(config: Config) -> str:
     for key in _SCALARS:
         section, name = key.split(".", 1)
         if section == "rules":
+            continue
+        if section == "tls":
+            value = getattr(config.tls, name)
+            sections.setdefault(section, {})[name] = "" if value is None else value
             continue
         value = getattr(config, _FIELD_OF.get(key, name))
         sections.setdefault(section, {})[name] = "" if value is None else value

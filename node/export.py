@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import ssl
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from pydicom import dcmread
 from pynetdicom import AE
@@ -190,9 +191,12 @@ class ExportQueue:
 class Exporter:
     """Sends due deliveries, one association per destination, in a background thread."""
 
-    def __init__(self, queue: ExportQueue, ae_title: str, poll_seconds: float = 1.0) -> None:
+    def __init__(self, queue: ExportQueue, ae_title: str, poll_seconds: float = 1.0,
+                 tls: Mapping[str, ssl.SSLContext] | None = None) -> None:
         self.queue = queue
         self.ae_title = ae_title
+        #: TLS client contexts by destination name (``tls = true`` in [[destinations]]).
+        self.tls = dict(tls or {})
         self.poll_seconds = poll_seconds
         self.failures = 0
         self._wake = threading.Event()
@@ -232,7 +236,9 @@ class Exporter:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
         for sop_class in sorted({d.sop_class_uid for d in deliveries}):
             ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
-        assoc = ae.associate(first.host, first.port, ae_title=first.ae_title)
+        context = self.tls.get(destination)
+        tls_args = (context, first.host) if context is not None else None
+        assoc = ae.associate(first.host, first.port, ae_title=first.ae_title, tls_args=tls_args)
         if not assoc.is_established:
             why = "association rejected" if assoc.is_rejected else "no association (destination down?)"
             self._failed(destination, deliveries, why)

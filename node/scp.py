@@ -29,6 +29,7 @@ from .headers import DEFLATED, inflate
 from .index import Index, InstanceRecord
 from .integrity import IncompleteDataset, Scan, scan
 from .store import DiskFull, InstanceStore
+from .tls import peer_certificate, server_context
 
 __all__ = ["STORAGE_SOP_CLASSES", "TRANSFER_SYNTAXES", "StorageSCP", "Status"]
 
@@ -177,6 +178,9 @@ class StorageSCP:
         self._associations: dict[int, _AssociationState] = {}
         self._lock = threading.Lock()
         self._server: Any = None
+        self._tls_server: Any = None
+        # Built now, so that bad TLS files are refused (ConfigError) before anything listens.
+        self._ssl_context = server_context(config) if config.tls.enabled else None
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
@@ -206,27 +210,49 @@ class StorageSCP:
         ]
 
     def start(self) -> None:
-        """Listen for associations (in background threads)."""
-        self._server = self.ae.start_server(
-            (self.config.host, self.config.port), block=False, evt_handlers=self.handlers
-        )
-        log.info("listening as %s on %s:%d", self.config.ae_title, self.config.host, self.config.port)
+        """Listen for associations (in background threads): plain, TLS, or both."""
+        tls = self.config.tls
+        if tls.plain:
+            self._server = self.ae.start_server(
+                (self.config.host, self.config.port), block=False, evt_handlers=self.handlers
+            )
+            log.info("listening as %s on %s:%d", self.config.ae_title, self.config.host, self.config.port)
+        if tls.enabled:
+            try:
+                self._tls_server = self.ae.start_server(
+                    (self.config.host, tls.port), block=False, evt_handlers=self.handlers,
+                    ssl_context=self._ssl_context,
+                )
+            except OSError as exc:
+                self.stop()
+                exc.setting = "tls.port"  # type: ignore[attr-defined]  # named in the refusal
+                raise
+            log.info("listening as %s with TLS on %s:%d", self.config.ae_title, self.config.host, tls.port)
 
     @property
     def listening(self) -> bool:
-        return self._server is not None
+        return self._server is not None or self._tls_server is not None
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.shutdown()
+        self._server = self._tls_server = None
 
     # -- association life cycle ---------------------------------------------------------------
 
     def _on_requested(self, event: Event) -> None:
         calling = event.assoc.requestor.primitive.calling_ae_title.strip()
         address = event.assoc.requestor.address
-        if self.config.open or self.config.peer_for(calling, address) is not None:
+        peer = self.config.peer_for(calling, address)
+        if peer is not None and peer.require_certificate and not peer_certificate(event.assoc):
+            log.warning("rejected association from %s at %s: the peer must call over TLS with a certificate",
+                        calling, address)
+            # Rejected-permanent, by the service user, no reason given (PS3.8 9.3.4).
+            event.assoc.acse.send_reject(0x01, 0x01, 0x01)
+            event.assoc.kill()
+            return
+        if self.config.open or peer is not None:
             _prefer_senders_transfer_syntax(event.assoc)
             return
         log.warning("rejected association from %s at %s: not a configured peer", calling, address)

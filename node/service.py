@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from . import reactor
+from . import reactor, tls
 from .assembly import Assembler
 from .config import Config, ConfigError
 from .export import Exporter, ExportQueue
@@ -58,7 +58,9 @@ class Node:
         self.jobs = JobQueue(config.index_path, max_attempts=config.max_attempts,
                              backoff_seconds=config.retry_seconds)
         self.exports = ExportQueue(config.index_path, self.store.root)
-        self.exporter = Exporter(self.exports, config.ae_title)
+        tls_destinations = [d.name for d in config.destinations if d.tls]
+        client = tls.client_context(config) if tls_destinations else None
+        self.exporter = Exporter(self.exports, config.ae_title, tls={name: client for name in tls_destinations})
         self.workers = Workers(config, self.index, self.jobs, self.exports, self.store, self.exporter)
         self.assembler = Assembler(self.index, config, on_ready=self._on_ready)
         self.scp = StorageSCP(config, self.store, self.index, self.assembler)
@@ -106,7 +108,11 @@ class Node:
             self.scp.start()
         except OSError as exc:
             self.assembler.stop()
-            raise ConfigError(self._cannot_listen("node.port", self.config.host, self.config.port, exc)) from None
+            if getattr(exc, "setting", "node.port") == "tls.port":
+                setting, port = "tls.port", self.config.tls.port
+            else:
+                setting, port = "node.port", self.config.port
+            raise ConfigError(self._cannot_listen(setting, self.config.host, port, exc)) from None
         if self.config.http_port:
             try:
                 self.http = StatusServer(self.config.http_host, self.config.http_port, self.health, self.metrics)

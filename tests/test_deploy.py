@@ -1,0 +1,308 @@
+"""What cannot run here is still checked: the compose file, the Orthanc configuration and routing
+script, the Kubernetes manifest, the systemd unit and the Dockerfile.
+
+Nothing here starts Docker, Kubernetes or systemd. The files are parsed and cross-checked (every
+file the compose file mounts exists, every TOML in them is a configuration the node accepts, the
+ports agree), ``systemd-analyze verify`` checks the unit and ``luac -p`` the Lua script where those
+tools are installed, the container's HEALTHCHECK command runs against a real node, and the image's
+install step (the wheel, without torch) runs in a fresh virtual environment (slow).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from node.config import load_config
+from tests.peers import REPO, Orthanc
+
+DEPLOY = REPO / "deploy"
+yaml = pytest.importorskip("yaml", reason="PyYAML is needed to check the compose and Kubernetes files")
+
+
+def _tool(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path:
+        return path
+    message = f"{name} is not installed (Debian package {package})"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+# -- docker compose ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+
+
+def _mounts(service: dict) -> dict[str, Path]:
+    """Bind mounts of a service: container path -> host path (relative to deploy/)."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        if source.startswith((".", "/")):
+            mounts[target] = (DEPLOY / source).resolve()
+    return mounts
+
+
+def test_compose_references_existing_files(compose: dict) -> None:
+    assert set(compose["services"]) == {"orthanc", "musclenode"}
+    for name, service in compose["services"].items():
+        for target, source in _mounts(service).items():
+            assert source.is_file(), f"{name} mounts {source} at {target}, which does not exist"
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if not source.startswith((".", "/")):
+                assert source in compose["volumes"], f"{name}: named volume {source} is not declared"
+    build = compose["services"]["musclenode"]["build"]
+    context = (DEPLOY / build["context"]).resolve()
+    dockerfile = (context / build["dockerfile"]).read_text()
+    assert re.search(rf"^FROM .* AS {build['target']}$", dockerfile, re.M), "the build target is not a stage"
+
+
+def test_compose_wires_orthanc_and_musclenode_together(compose: dict, tmp_path: Path) -> None:
+    services = compose["services"]
+    node_mounts, orthanc_mounts = _mounts(services["musclenode"]), _mounts(services["orthanc"])
+    config_path = services["musclenode"]["environment"]["MUSCLENODE_CONFIG"]
+    config = load_config(node_mounts[config_path], environ={})
+    orthanc = json.loads(orthanc_mounts["/etc/orthanc/orthanc.json"].read_text())
+    for script in orthanc["LuaScripts"]:
+        assert script in orthanc_mounts, f"Orthanc loads {script}, which the compose file does not mount"
+    assert "MuscleNodeRouted" in orthanc["UserMetadata"]
+
+    address = {name: s["networks"]["dicom"]["ipv4_address"] for name, s in services.items()}
+    modality = orthanc["DicomModalities"]["musclenode"]
+    assert (modality["AET"], modality["Host"], modality["Port"]) == (config.ae_title, address["musclenode"], config.port)
+    # Orthanc may call the node: its AE title from its address.
+    assert config.peer_for(orthanc["DicomAet"], address["orthanc"]) is not None
+    # Results go back to Orthanc.
+    [destination] = config.destinations
+    assert (destination.ae_title, destination.host, destination.port) == (orthanc["DicomAet"], "orthanc", orthanc["DicomPort"])
+    assert f"{config.port}:{config.port}" in services["musclenode"]["ports"]
+    # The image's HEALTHCHECK asks 127.0.0.1:8089.
+    assert (config.http_host, config.http_port) == ("127.0.0.1", 8089)
+
+
+def test_route_lua_parses() -> None:
+    script = DEPLOY / "orthanc" / "route.lua"
+    text = script.read_text()
+    assert "function OnStableStudy(" in text
+    for tag in ("Modality", "BodyPartExamined", "StudyDescription"):
+        assert f'"{tag}"' in text
+    luac = shutil.which("luac") or shutil.which("luac5.4") or shutil.which("luac5.3")
+    if luac is None:
+        message = "luac is not installed (Debian package lua5.4): route.lua was not compiled"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    result = subprocess.run([luac, "-p", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_example_configuration_is_accepted() -> None:
+    config = load_config(DEPLOY / "musclenode.example.toml", environ={})
+    assert config.tls.port == 2762 and not config.tls.enabled
+
+
+class RoutingOrthanc(Orthanc):
+    """The test Orthanc with deploy/orthanc/route.lua and the settings it needs from orthanc.json."""
+
+    def start(self) -> "RoutingOrthanc":
+        deployed = json.loads((DEPLOY / "orthanc" / "orthanc.json").read_text())
+        original = json.dumps
+
+        def dumps(config, *args, **kwargs):
+            if isinstance(config, dict) and "DicomAet" in config:
+                config = {**config, "LuaScripts": [str(DEPLOY / "orthanc" / "route.lua")],
+                          "UserMetadata": deployed["UserMetadata"], "StableAge": 1}
+            return original(config, *args, **kwargs)
+
+        json.dumps = dumps
+        try:
+            return super().start()
+        finally:
+            json.dumps = original
+
+
+def _mr(path: Path, study: str, body_part: str, description: str) -> Path:
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import generate_uid
+
+    dataset = dcmread(get_testdata_file("MR_small.dcm"))
+    dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, generate_uid()
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset.BodyPartExamined, dataset.StudyDescription = body_part, description
+    dataset.save_as(path)
+    return path
+
+
+def test_route_lua_in_a_real_orthanc(node, tmp_path: Path) -> None:
+    """Orthanc with route.lua sends a stable lumbar MR study to the node, once, and keeps a head
+    study and a thoracic one to itself."""
+    from pydicom.uid import generate_uid
+
+    orthanc = RoutingOrthanc(tmp_path / "orthanc", modalities={"musclenode": ["MUSCLENODE", "127.0.0.1", node.port]})
+    orthanc.start()
+    try:
+        lumbar, head, ambiguous, thoracic = (generate_uid() for _ in range(4))
+        files = [_mr(tmp_path / "lumbar.dcm", lumbar, "LSPINE", "MRT LWS"),
+                 _mr(tmp_path / "head.dcm", head, "HEAD", "MR brain"),
+                 _mr(tmp_path / "ambiguous.dcm", ambiguous, "SPINE", "Lumbar spine"),
+                 _mr(tmp_path / "thoracic.dcm", thoracic, "SPINE", "Thoracic spine")]
+        orthanc.upload(files)
+        status = node.wait_for(lambda s: s["counts"]["instances"] >= 2, timeout=60, what="routed studies")
+        time.sleep(3)  # anything wrongly routed would have arrived by now
+        status = node.status()
+        studies = {s["study_uid"] for s in status["series"]}
+        assert studies == {lumbar, ambiguous}, status["series"]
+        assert status["counts"]["instances"] == 2
+    finally:
+        orthanc.stop()
+
+
+# -- Kubernetes ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kubernetes() -> dict[str, dict]:
+    documents = list(yaml.safe_load_all((DEPLOY / "kubernetes" / "musclenode.yaml").read_text()))
+    return {d["kind"]: d for d in documents if d}
+
+
+def test_kubernetes_manifest(kubernetes: dict[str, dict], tmp_path: Path) -> None:
+    assert set(kubernetes) == {"ConfigMap", "PersistentVolumeClaim", "Deployment", "Service"}
+    deployment = kubernetes["Deployment"]["spec"]
+    assert deployment["replicas"] == 1 and deployment["strategy"]["type"] == "Recreate"
+    pod = deployment["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+    # The TOML in the ConfigMap is a configuration the node accepts, and the probes ask its HTTP port.
+    toml = tmp_path / "musclenode.toml"
+    toml.write_text(kubernetes["ConfigMap"]["data"]["musclenode.toml"])
+    config = load_config(toml, environ={})
+    assert config.http_host == "0.0.0.0" and config.device == "cuda"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"dicom": config.port, "http": config.http_port}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["path"] == "/health"
+        assert ports[container[probe]["httpGet"]["port"]] == config.http_port
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert env["MUSCLENODE_CONFIG"] == f"{mounts['config']}/musclenode.toml"
+    assert mounts["data"] == str(config.data)
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == kubernetes["PersistentVolumeClaim"]["metadata"]["name"]
+    assert volumes["config"]["configMap"]["name"] == kubernetes["ConfigMap"]["metadata"]["name"]
+
+    service = kubernetes["Service"]["spec"]
+    assert service["selector"] == deployment["selector"]["matchLabels"]
+    assert [(p["port"], p["targetPort"]) for p in service["ports"]] == [(11112, "dicom")]
+
+
+# -- systemd -------------------------------------------------------------------------------------
+
+
+def _unit() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in (DEPLOY / "musclenode.service").read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_systemd_unit_is_hardened() -> None:
+    unit = _unit()
+    for key, value in {"ProtectSystem": "strict", "ReadWritePaths": "/var/lib/musclenode", "PrivateTmp": "yes",
+                       "NoNewPrivileges": "yes", "ProtectHome": "yes", "CapabilityBoundingSet": "",
+                       "DynamicUser": "yes", "StateDirectory": "musclenode", "RestartPreventExitStatus": "2"}.items():
+        assert unit.get(key) == [value], f"{key}={unit.get(key)}"
+
+
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    analyze = _tool("systemd-analyze", "systemd")
+    # The unit runs /opt/musclenode/bin/musclenode, which verify requires to exist: check a copy
+    # that runs this checkout's interpreter instead, everything else unchanged.
+    text = (DEPLOY / "musclenode.service").read_text()
+    assert "ExecStart=/opt/musclenode/bin/musclenode serve" in text
+    unit = tmp_path / "musclenode.service"
+    unit.write_text(text.replace("/opt/musclenode/bin/musclenode serve", f"{sys.executable} -m node serve"))
+    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "musclenode.service" not in result.stderr, result.stderr
+
+
+# -- Dockerfile ----------------------------------------------------------------------------------
+
+
+def _dockerfile() -> str:
+    return (REPO / "Dockerfile").read_text()
+
+
+def test_dockerfile_stages_and_sources() -> None:
+    text = _dockerfile()
+    stages = re.findall(r"^FROM (\S+) AS (\S+)$", text, re.M)
+    assert [name for _, name in stages] == ["build", "cuda", "cpu"]
+    assert dict((name, image) for image, name in stages)["cuda"].startswith("nvidia/cuda:")
+    for line in re.findall(r"^COPY (?!--from)(.+)$", text, re.M):
+        *sources, _ = line.split()
+        for source in sources:
+            assert (REPO / source).exists(), f"COPY {source}: not in the repository"
+    assert text.count("USER musclenode") == 2 and text.count("VOLUME /var/lib/musclenode") == 2
+    assert text.count("HEALTHCHECK") == 2
+    assert not re.search(r"pip install[^\n]*torch", text)
+    assert text.count("matplotlib.font_manager") == 2
+
+
+def test_dockerfile_healthcheck_against_a_running_node(node) -> None:
+    """The HEALTHCHECK command, run as written but on the test node's HTTP port."""
+    command = re.search(r"CMD (python -c .*)$", _dockerfile(), re.M).group(1)
+    command = command.replace("127.0.0.1:8089", f"127.0.0.1:{node.http_port}")
+    argv = shlex.split(command)
+    argv[0] = sys.executable
+    assert subprocess.run(argv, timeout=30).returncode == 0
+    node.stop()
+    assert subprocess.run(argv, timeout=30, capture_output=True).returncode != 0
+
+
+@pytest.mark.slow
+def test_image_install_step_in_a_fresh_environment(tmp_path: Path) -> None:
+    """What the image's build and runtime stages do: a wheel, installed with its dependencies into
+    a fresh virtual environment; the node runs there, without torch."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(wheels), str(REPO)],
+                   check=True, timeout=300, cwd=tmp_path)
+    [wheel] = wheels.glob("musclenode-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    install = subprocess.run([str(python), "-m", "pip", "install", "-q", str(wheel)],
+                             capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stdout + install.stderr
+    version = subprocess.run([str(venv / "bin" / "musclenode"), "--version"], capture_output=True, text=True,
+                             timeout=60, cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.startswith("musclenode "), version.stderr
+    probe = ("import importlib.util, node.service, inference.runtime, reports.render;"
+             " assert importlib.util.find_spec('torch') is None, 'torch is installed';"
+             " import onnxruntime; print(onnxruntime.get_available_providers())")
+    result = subprocess.run([str(python), "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    # The bundled model ships in the wheel.
+    models = subprocess.run([str(venv / "bin" / "musclenode"), "models", "list"], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert models.returncode == 0 and "musclenode-lumbar-dixon" in models.stdout, models.stdout + models.stderr
