@@ -88,6 +88,8 @@ class ModelCard:
         ``{"method": "zscore_nonzero"}`` (mean and SD over non-zero pixels of the slice, as MONAI's
         NormalizeIntensity(nonzero=True)), ``{"method": "zscore"}``, or
         ``{"method": "percentile", "low": 0.5, "high": 99.5}`` (scaled to [0, 1] and clipped).
+        ``"scope": "volume"`` with ``"max_slices": N`` takes the statistics (and the foreground
+        crop) over chunks of N slices of a stack, as MuscleMap's volume pipeline does.
     window : list of two int
         Sliding-window size, rows then columns.
     overlap : float
@@ -99,7 +101,8 @@ class ModelCard:
     largest_component : bool
         Keep only the largest connected component of each label per slice.
     crop_foreground : bool
-        Crop the slice to its non-zero bounding box before windowing (as MuscleMap does).
+        Crop to the box of pixels that are positive after normalisation, plus a 20-pixel margin,
+        before windowing (MuscleMap's CropForeground).
     provenance, licence, accuracy, training : dict or str
         For people: where it came from, the licence, what was measured on which data, how it was
         trained.

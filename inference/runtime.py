@@ -4,12 +4,34 @@ One 2D frame at a time, in its own plane:
 
 1. resample the frame in-plane onto the card's canonical grid (``array_axes``, ``spacing_mm``),
    bilinear, the grid built from the frame's patient geometry;
-2. normalise as the card says; crop to the non-zero bounding box if it says so; pad to the window;
+2. normalise as the card says; crop to the foreground if it says so; pad to the window;
 3. sliding windows with the card's overlap, run in batches, blended with a Gaussian (or
    constant) weight map;
 4. class scores to probabilities, back onto the frame's own pixel grid (bilinear), argmax;
 5. class index to the card's label value; largest connected component per label if asked;
 6. left/right checked against patient coordinates (see :func:`check_laterality`).
+
+Volume scope
+------------
+Models run by MONAI over a 3D volume (MuscleMap's ``mm_segment``: Orientation, Spacing,
+NormalizeIntensity, CropForeground, then SliceInferer) see slices that were prepared together.
+A card whose ``normalisation`` says ``"scope": "volume"`` gets the same, per stack of parallel
+frames (at most ``"max_slices"`` consecutive frames at a time, as MuscleMap processes a long
+volume in chunks):
+
+* each frame's canonical grid starts at the frame's first pixel centre along the card's axes and
+  has ``round(extent / spacing) + 1`` points, as MONAI's ``Spacing`` places it (slice scope
+  centres the grid on the frame instead);
+* the normalisation statistics are taken over all frames of the chunk;
+* the foreground box (``crop_foreground``) is taken over the chunk in 3D, frames more than
+  :data:`CROP_MARGIN` frames from any foreground are background;
+* windows are blended with MONAI's importance map (a floor of :data:`MONAI_WEIGHT_FLOOR`), and
+  the class scores themselves (zero outside the crop, as MONAI's inverse crop pads them) are
+  resampled onto the frame before the argmax, as MONAI's ``Invertd`` does.
+
+``crop_foreground`` is MONAI's ``CropForeground(margin=20, allow_smaller=True)`` as MuscleMap
+uses it: the bounding box of pixels that are positive after normalisation, widened by
+:data:`CROP_MARGIN` canonical pixels and clipped to the grid.
 
 No torch here: the runtime needs only numpy, scipy and onnxruntime.
 """
@@ -41,6 +63,7 @@ __all__ = [
     "select_inputs",
     "normalise",
     "foreground_box",
+    "volume_grid",
     "window_starts",
     "gaussian_weights",
     "sliding_window",
@@ -54,6 +77,11 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 #: A label centroid closer than this to the midline is on neither side (mm).
 MIDLINE_MARGIN_MM = 2.0
+#: Margin (canonical pixels, and frames in volume scope) around the foreground box: MuscleMap's
+#: ``CropForegroundd(margin=20)``.
+CROP_MARGIN = 20
+#: Smallest blending weight of MONAI's Gaussian importance map (``compute_importance_map``).
+MONAI_WEIGHT_FLOOR = 1e-3
 
 
 class InputError(ValueError):
@@ -180,6 +208,8 @@ def select_inputs(card: ModelCard, components: Mapping[str, SeriesImage]) -> lis
 def normalise(image: np.ndarray, normalisation: Mapping[str, object]) -> np.ndarray:
     """Intensity normalisation of a ``(channels, rows, columns)`` slice, per channel.
 
+    A ``(channels, slices, rows, columns)`` volume is normalised per channel over all its slices.
+
     ``zscore_nonzero`` leaves zero pixels at zero (they are outside the field of view or the
     body) and standardises the rest, as MONAI's NormalizeIntensity(nonzero=True) does;
     ``zscore`` uses every pixel; ``percentile`` maps the ``low`` and ``high`` percentiles to 0
@@ -207,14 +237,60 @@ def normalise(image: np.ndarray, normalisation: Mapping[str, object]) -> np.ndar
     return out
 
 
-def foreground_box(image: np.ndarray) -> tuple[slice, slice] | None:
-    """Bounding box of pixels non-zero in any channel of ``(channels, rows, columns)``; None if none."""
-    mask = np.any(image != 0, axis=0)
+def foreground_box(image: np.ndarray, margin: int = 0) -> tuple[slice, ...] | None:
+    """Bounding box of pixels positive in any channel, widened by ``margin``, clipped to the image.
+
+    This is MONAI's ``CropForeground(select_fn=is_positive, margin=margin, allow_smaller=True)``
+    (``allow_smaller=True`` was MONAI's default before 1.5, when MuscleMap pinned 1.3): after a
+    z-score normalisation the box is that of the pixels brighter than the mean.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        ``(channels, *spatial)``: a slice ``(channels, rows, columns)`` or a volume
+        ``(channels, slices, rows, columns)``.
+    margin : int
+        Pixels added on every side along every spatial axis.
+
+    Returns
+    -------
+    tuple of slice or None
+        One slice per spatial axis; None when no pixel is positive.
+    """
+    mask = np.any(image > 0, axis=0)
     if not mask.any():
         return None
-    rows = np.flatnonzero(mask.any(axis=1))
-    columns = np.flatnonzero(mask.any(axis=0))
-    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(columns[0]), int(columns[-1]) + 1)
+    box = []
+    for axis in range(mask.ndim):
+        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(0, int(hits[0]) - margin), min(mask.shape[axis], int(hits[-1]) + 1 + margin)))
+    return tuple(box)
+
+
+def volume_grid(frame: FrameGeometry, array_axes: Sequence[str], spacing_mm: Sequence[float]) -> FrameGeometry:
+    """The model's input grid in one frame's plane, placed as MONAI's ``Spacing`` places it.
+
+    The axes are those of :func:`~inference.resample.canonical_grid`. MONAI resamples a volume
+    onto a grid that starts at the first voxel centre (after ``Orientation``, the corner that
+    comes first along both axes) and has ``round(extent / spacing) + 1`` points along each
+    axis, where the extent is the distance between the outer voxel centres
+    (``compute_shape_offset`` with ``scale_extent=False``). For a frame whose axes are those of
+    the card this is exactly MONAI's grid; for a frame rotated in-plane it is the grid over
+    the bounding box of the frame's outer pixel centres.
+    """
+    grid = canonical_grid(frame, array_axes, spacing_mm)
+    axis_row, axis_col = np.asarray(grid.column_cosine), np.asarray(grid.row_cosine)
+    centres = frame.pixel_to_lps(np.array([0.0, 0.0, frame.rows - 1.0, frame.rows - 1.0]),
+                                 np.array([0.0, frame.columns - 1.0, 0.0, frame.columns - 1.0]))
+    along_row, along_col = centres @ axis_row, centres @ axis_col
+    spacing = (float(spacing_mm[0]), float(spacing_mm[1]))
+    rows = max(1, int(np.round(np.ptp(along_row) / spacing[0] + 1.0)))
+    columns = max(1, int(np.round(np.ptp(along_col) / spacing[1] + 1.0)))
+    centre = frame.centre
+    origin = (centre + (along_row.min() - centre @ axis_row) * axis_row
+              + (along_col.min() - centre @ axis_col) * axis_col)
+    return FrameGeometry(position=tuple(origin), row_cosine=tuple(axis_col), column_cosine=tuple(axis_row),
+                         pixel_spacing=spacing, rows=rows, columns=columns)
 
 
 def window_starts(size: int, window: int, overlap: float) -> list[int]:
@@ -232,12 +308,13 @@ def window_starts(size: int, window: int, overlap: float) -> list[int]:
     return sorted({min(i * step, size - window) for i in range(count)})
 
 
-def gaussian_weights(window: Sequence[int], sigma_scale: float) -> np.ndarray:
+def gaussian_weights(window: Sequence[int], sigma_scale: float, floor: float = 1e-6) -> np.ndarray:
     """Blending weights for a window: a Gaussian centred on it, sigma = ``sigma_scale`` x size.
 
     Predictions near a window's border see less context; weighting by distance from the centre
     lets the neighbouring window, which sees that spot centrally, dominate. Scaled to a peak of
-    1 and floored at 1e-6 so that every covered pixel keeps a non-zero total weight.
+    1 and floored at ``floor`` so that every covered pixel keeps a non-zero total weight
+    (MONAI's importance map is floored at :data:`MONAI_WEIGHT_FLOOR`).
     """
     axes = []
     for size in window:
@@ -245,7 +322,7 @@ def gaussian_weights(window: Sequence[int], sigma_scale: float) -> np.ndarray:
         x = np.arange(size, dtype=np.float64) - (size - 1) / 2
         axes.append(np.exp(-0.5 * (x / sigma) ** 2))
     weights = np.outer(axes[0], axes[1])
-    return np.maximum(weights / weights.max(), 1e-6).astype(np.float32)
+    return np.maximum(weights / weights.max(), floor).astype(np.float32)
 
 
 def sliding_window(image: np.ndarray, predict: Callable[[np.ndarray], np.ndarray],
@@ -401,6 +478,17 @@ def check_laterality(labels: np.ndarray, frame: FrameGeometry, meaning: Mapping[
 # ---------------------------------------------------------------------------------------------
 
 
+def _scope(card: ModelCard) -> tuple[str, int]:
+    """``(scope, max_slices)`` from the card's normalisation (see the module notes)."""
+    scope = card.normalisation.get("scope", "slice")
+    if scope not in ("slice", "volume"):
+        raise CardError(f"model {card.name}: normalisation.scope must be slice or volume, not {scope!r}")
+    max_slices = card.normalisation.get("max_slices", 0) or 0
+    if not isinstance(max_slices, int) or max_slices < 0:
+        raise CardError(f"model {card.name}: normalisation.max_slices must be a positive integer")
+    return scope, max_slices
+
+
 @dataclass(frozen=True)
 class _SliceResult:
     labels: np.ndarray
@@ -457,7 +545,9 @@ class Segmenter:
         # A model exported with a fixed batch size gets exactly that many windows per call.
         self._fixed_batch = static[0]
         self.batch_size = static[0] or max(1, int(batch_size))
-        self._weights = (gaussian_weights(card.window, card.sigma_scale) if card.blend == "gaussian"
+        self._scope, self._max_slices = _scope(card)
+        floor = MONAI_WEIGHT_FLOOR if self._scope == "volume" else 1e-6
+        self._weights = (gaussian_weights(card.window, card.sigma_scale, floor) if card.blend == "gaussian"
                          else np.ones(tuple(card.window), dtype=np.float32))
 
     @property
@@ -489,31 +579,69 @@ class Segmenter:
                 f"model {self.card.name} takes {self.card.channels} channel(s), got an array {image.shape}")
         return image
 
+    def _windows(self, normalised: np.ndarray, box: tuple[slice, slice]) -> np.ndarray:
+        """Class scores ``(classes, rows, columns)`` over ``box`` of a normalised canonical image."""
+        card = self.card
+        padded, inner = _pad_to(normalised[(slice(None),) + box], card.window)
+        scores = sliding_window(padded, self._predict, card.window, card.overlap, self._weights, self.batch_size)
+        return scores[(slice(None),) + inner]
+
+    def _finish(self, on_frame: np.ndarray, frame: FrameGeometry, frame_index: int) -> _SliceResult:
+        """Class scores on the frame's grid to checked label values."""
+        labels = self._lookup[np.argmax(on_frame, axis=0)]
+        if self.card.largest_component:
+            labels = keep_largest_components(labels)
+        labels, findings = check_laterality(labels, frame, self.meaning, frame_index)
+        return _SliceResult(labels, findings)
+
     def _segment(self, image: np.ndarray, frame: FrameGeometry, frame_index: int) -> _SliceResult:
         card = self.card
         image = self._as_channels(image)
         if image.shape[1:] != frame.shape:
             raise InputError(f"image {image.shape[1:]} does not match its frame {frame.shape}")
+        if self._scope == "volume":
+            return self._segment_volume([image], [frame], [frame_index])[0]
         if not image.any():  # nothing to see: spare the model a blank slice
             return _SliceResult(np.zeros(frame.shape, np.uint8), [])
         grid = canonical_grid(frame, card.array_axes, card.spacing_mm)
         canonical = resample(image, frame, grid)
         normalised = normalise(canonical, card.normalisation)
-        box = foreground_box(canonical) if card.crop_foreground else None
+        box = foreground_box(normalised, CROP_MARGIN) if card.crop_foreground else None
         box = box or (slice(0, grid.rows), slice(0, grid.columns))
-        padded, inner = _pad_to(normalised[(slice(None),) + box], card.window)
-        scores = sliding_window(padded, self._predict, card.window, card.overlap, self._weights, self.batch_size)
         # Probabilities, so that what the model never saw (outside the crop) can be certain
         # background and interpolation mixes comparable numbers.
         probabilities = np.zeros((card.classes,) + grid.shape, dtype=np.float32)
         probabilities[0] = 1.0
-        probabilities[(slice(None),) + box] = _softmax(scores[(slice(None),) + inner])
+        probabilities[(slice(None),) + box] = _softmax(self._windows(normalised, box))
         on_frame = resample(probabilities, grid, frame, fill=[1.0] + [0.0] * (card.classes - 1))
-        labels = self._lookup[np.argmax(on_frame, axis=0)]
-        if card.largest_component:
-            labels = keep_largest_components(labels)
-        labels, findings = check_laterality(labels, frame, self.meaning, frame_index)
-        return _SliceResult(labels, findings)
+        return self._finish(on_frame, frame, frame_index)
+
+    def _segment_volume(self, images: Sequence[np.ndarray], frames: Sequence[FrameGeometry],
+                        frame_indices: Sequence[int]) -> list[_SliceResult]:
+        """Segment parallel frames of one stack together, as MONAI does a volume (see the module notes).
+
+        ``images`` are ``(channels, rows, columns)``, in stack order; the frames must share
+        their pixel grid (one stack of :attr:`SeriesImage.stacks`).
+        """
+        card = self.card
+        grids = [volume_grid(frame, card.array_axes, card.spacing_mm) for frame in frames]
+        if len({grid.shape for grid in grids}) != 1:
+            raise InputError("frames of different sizes cannot be segmented as one volume")
+        # (channels, slices, rows, columns)
+        canonical = np.stack([resample(image, frame, grid) for image, frame, grid in zip(images, frames, grids)], axis=1)
+        normalised = normalise(canonical, card.normalisation)
+        full = (slice(0, len(frames)), slice(0, grids[0].rows), slice(0, grids[0].columns))
+        box = (foreground_box(normalised, CROP_MARGIN) if card.crop_foreground else full) if canonical.any() else None
+        results = []
+        for k, (frame, grid, frame_index) in enumerate(zip(frames, grids, frame_indices)):
+            if box is None or not box[0].start <= k < box[0].stop:  # MONAI crops such slices away
+                results.append(_SliceResult(np.zeros(frame.shape, np.uint8), []))
+                continue
+            # Scores, zero outside the crop, resampled as they are: what MONAI's Invertd does.
+            scores = np.zeros((card.classes,) + grid.shape, dtype=np.float32)
+            scores[(slice(None),) + box[1:]] = self._windows(normalised[:, k], box[1:])
+            results.append(self._finish(resample(scores, grid, frame), frame, frame_index))
+        return results
 
     def segment_slice(self, image: np.ndarray, frame: FrameGeometry) -> np.ndarray:
         """Segment one frame.
@@ -554,13 +682,26 @@ class Segmenter:
             raise InputError(f"model {self.card.name} takes {self.card.channels} series, got {len(channels)}")
         reference = channels[0]
         partners = [pair_frames(reference, other) for other in channels[1:]]
+
+        def image(index: int) -> np.ndarray:
+            return self._as_channels(np.stack([reference.frames[index]] + [
+                other.frames[pairs[index]] for other, pairs in zip(channels[1:], partners)]))
+
+        results: dict[int, _SliceResult] = {}
+        if self._scope == "volume":  # each stack in chunks of consecutive frames, ascending along its normal
+            for stack in reference.stacks:
+                size = self._max_slices or len(stack)
+                for first in range(0, len(stack), size):
+                    chunk = stack[first:first + size]
+                    results.update(zip(chunk, self._segment_volume(
+                        [image(i) for i in chunk], [reference.geometry[i] for i in chunk], chunk)))
+        else:
+            for index, frame in enumerate(reference.geometry):
+                results[index] = self._segment(image(index), frame, index)
         labels, findings = [], []
-        for index, frame in enumerate(reference.geometry):
-            image = np.stack([reference.frames[index]]
-                             + [other.frames[pairs[index]] for other, pairs in zip(channels[1:], partners)])
-            result = self._segment(image, frame, index)
-            labels.append(result.labels)
-            findings.extend(result.findings)
+        for index in range(len(reference)):
+            labels.append(results[index].labels)
+            findings.extend(results[index].findings)
         if findings:
             swapped = sum(f.action == "swapped" for f in findings)
             # No UIDs: logs stay free of anything that links to a patient.

@@ -288,6 +288,39 @@ def _models_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_import_musclemap(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    try:  # torch and MONAI are the train extra: imported here only
+        from inference.musclemap import ImportErrorMM, import_checkpoint
+        import torch  # noqa: F401
+        import monai  # noqa: F401
+    except ImportError as exc:
+        print(f"musclenode: importing a MuscleMap checkpoint needs torch and MONAI (pip install"
+              f" 'musclenode[train]'): {exc}", file=sys.stderr)
+        return 1
+    from inference.card import CardError
+
+    for path in (args.checkpoint, args.config):
+        if not Path(path).is_file():
+            print(f"musclenode: {path} does not exist", file=sys.stderr)
+            return 1
+    try:
+        card = import_checkpoint(args.checkpoint, args.config, args.out, name=args.name, overlap=args.overlap)
+    except (ImportErrorMM, CardError, OSError) as exc:
+        print(f"musclenode: {exc}", file=sys.stderr)
+        return 1
+    out = Path(args.out).resolve()
+    print(f"imported {card.name} {card.version}: {card.onnx_path.name} and {card.path.name} in {out}")
+    print(f"  labels    {_label_summary(card)}"
+          f" ({sum(1 for v in card.output_labels if v == 0)} other classes ignored)")
+    print(f"  windows   {card.window[0]} x {card.window[1]}, overlap {card.overlap}"
+          f" (MuscleMap's default {card.provenance.get('musclemap_defaults', {}).get('overlap')})")
+    print(f"use it: add {out} to model.dirs and set model.name = \"{card.name}\","
+          f" or try: musclenode models show {card.name} --dir {out}")
+    return 0
+
+
 def _reference_fit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -396,6 +429,15 @@ def build_parser() -> argparse.ArgumentParser:
     models_show.add_argument("--dir", action="append", help=folder_help)
     models_show.add_argument("--json", action="store_true", help="the card as JSON")
     models_show.set_defaults(run=_models_show)
+    models_import = models_commands.add_parser(
+        "import-musclemap", help="turn a published MuscleMap checkpoint (.pth and its .json) into an ONNX model and card")
+    models_import.add_argument("checkpoint", metavar="MODEL.pth", help="MuscleMap checkpoint (the UNet's state_dict)")
+    models_import.add_argument("config", metavar="MODEL.json", help="its MuscleMap model configuration")
+    models_import.add_argument("--out", default=".", help="folder to write NAME.onnx and NAME.json into (default: .)")
+    models_import.add_argument("--name", help="model name (default: musclemap- and the configuration's file name)")
+    models_import.add_argument("--overlap", type=float, default=0.5,
+                               help="sliding-window overlap written into the card (default 0.5; MuscleMap's own is 0.9)")
+    models_import.set_defaults(run=_models_import_musclemap)
 
     reference = commands.add_parser("reference", help="the reference standard: published table and site references")
     reference_commands = reference.add_subparsers(dest="reference_command", required=True)
