@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests import studies  # noqa: E402
-from tests.peers import NodeProcess, dcmtk_env, free_port, require_tool  # noqa: E402
+from tests.peers import NodeProcess, dcmtk_env, free_port, require_tool, wait_port  # noqa: E402
 
 
 def _send(port: int, called: str, files: list[Path]) -> float:
@@ -44,19 +44,6 @@ def _send(port: int, called: str, files: list[Path]) -> float:
     return elapsed
 
 
-def _wait_port(port: int) -> None:
-    import socket
-
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listens on {port}")
-
-
 def storescp_round(folder: Path, files: list[Path]) -> float:
     out = folder / "storescp"
     shutil.rmtree(out, ignore_errors=True)
@@ -67,7 +54,8 @@ def storescp_round(folder: Path, files: list[Path]) -> float:
         env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_port(port)
+        if not wait_port(port):
+            raise SystemExit(f"storescp does not listen on {port}")
         elapsed = _send(port, "STORESCP", files)
     finally:
         scp.terminate()

@@ -11,7 +11,6 @@ install step (the wheel, without torch) runs in a fresh virtual environment (slo
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -23,20 +22,14 @@ from pathlib import Path
 import pytest
 
 from node.config import load_config
-from tests.peers import REPO, Orthanc
+from tests.peers import REPO, Orthanc, require_tool
 
 DEPLOY = REPO / "deploy"
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to check the compose and Kubernetes files")
 
 
 def _tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path:
-        return path
-    message = f"{name} is not installed (Debian package {package})"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    return require_tool(name, f"Debian package {package}")
 
 
 # -- docker compose ------------------------------------------------------------------------------
@@ -101,12 +94,7 @@ def test_route_lua_parses() -> None:
     assert "function OnStableStudy(" in text
     for tag in ("Modality", "BodyPartExamined", "StudyDescription"):
         assert f'"{tag}"' in text
-    luac = shutil.which("luac") or shutil.which("luac5.4") or shutil.which("luac5.3")
-    if luac is None:
-        message = "luac is not installed (Debian package lua5.4): route.lua was not compiled"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    luac = shutil.which("luac5.4") or shutil.which("luac5.3") or _tool("luac", "lua5.4")
     result = subprocess.run([luac, "-p", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
