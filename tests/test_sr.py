@@ -307,6 +307,7 @@ def test_level_groups_name_their_vertebrae(results: Results) -> None:
 
 def test_enhanced_multiframe_source(tmp_path: Path) -> None:
     """One 29-frame Enhanced MR instance: SEG frames and SR slices point at its frames."""
+    studies.require_data()
     study = studies.write_enhanced_study(tmp_path, seed="report-tests-enhanced", contrasts=("water", "fat"))
     water, fat = (read_series(study.series[c].files) for c in ("water", "fat"))
     label_map = manual_label_map(water)
