@@ -26,10 +26,10 @@ def _serve(args: argparse.Namespace) -> int:
     from .service import Node, data_folder_writable, setup_logging
 
     config = _load(args)
-    setup_logging(config.log_level)
     problem = data_folder_writable(config.data)
     if problem:
         raise ConfigError(f"node.data: {problem} (from {config.sources.get('node.data', 'default')})")
+    setup_logging(config.log_level, config.log_format, config.data)
     node = Node(config)
     node.start()
 

@@ -69,6 +69,10 @@ def _integer(value: Any) -> int:
         raise ValueError("must be an integer") from None
 
 
+def _fail_format() -> str:
+    raise ValueError("must be json or text")
+
+
 def _bounded(value: Any, low: int, high: int) -> int:
     number = _integer(value)
     if not low <= number <= high:
@@ -304,6 +308,7 @@ class Config:
     max_pdu: int
     log_level: str
     log_patient_data: bool
+    log_format: str
     quiet_seconds: float
     model_name: str
     model_dirs: tuple[Path, ...]
@@ -353,6 +358,7 @@ _SCALARS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "node.max_pdu": (_non_negative_integer, 0),
     "node.log_level": (_log_level, "INFO"),
     "node.log_patient_data": (_boolean, False),
+    "node.log_format": (lambda v: v if v in ("json", "text") else _fail_format(), "json"),
     "assembly.quiet_seconds": (_seconds, 30.0),
     "model.name": (_name, "musclenode-lumbar-dixon"),
     "model.dirs": (_paths, []),
@@ -435,6 +441,7 @@ ENVIRONMENT: dict[str, str] = {
     "MUSCLENODE_MAX_PDU": "node.max_pdu",
     "MUSCLENODE_LOG_LEVEL": "node.log_level",
     "MUSCLENODE_LOG_PATIENT_DATA": "node.log_patient_data",
+    "MUSCLENODE_LOG_FORMAT": "node.log_format",
     "MUSCLENODE_QUIET_SECONDS": "assembly.quiet_seconds",
     "MUSCLENODE_MODEL": "model.name",
     "MUSCLENODE_WORKERS": "jobs.workers",
@@ -565,6 +572,7 @@ def load_config(
         max_pdu=values["node.max_pdu"],
         log_level=values["node.log_level"],
         log_patient_data=values["node.log_patient_data"],
+        log_format=values["node.log_format"],
         quiet_seconds=values["assembly.quiet_seconds"],
         model_name=values["model.name"],
         model_dirs=values["model.dirs"],

@@ -23,6 +23,7 @@ from pynetdicom import AE
 
 from .config import Config, Destination
 from .database import Database
+from .logs import audit
 
 __all__ = ["Delivery", "ExportQueue", "Exporter", "destinations_for"]
 
@@ -264,6 +265,11 @@ class Exporter:
         if sent:
             self.queue.mark_sent(sent)
             log.info("exported %d results to %s", len(sent), destination)
+            for delivery in deliveries:
+                if delivery.id in sent:
+                    audit("result exported", job=delivery.job_id, destination=destination, ae_title=delivery.ae_title,
+                          host=delivery.host, port=delivery.port, kind=delivery.kind,
+                          sop_instance_uid=delivery.sop_instance_uid)
         for delivery, error in failed:
             self._failed(destination, [delivery], error)
         unsent = [d for d in deliveries if d.id not in sent and d not in [f[0] for f in failed]]
@@ -274,3 +280,5 @@ class Exporter:
         self.failures += len(deliveries)
         self.queue.mark_failed([d.id for d in deliveries], error)
         log.warning("export of %d results to %s failed: %s; will retry", len(deliveries), destination, error)
+        audit("export failed", destination=destination, results=len(deliveries), error=error,
+              jobs=sorted({d.job_id for d in deliveries}))

@@ -27,6 +27,7 @@ from .config import Config
 from .filemeta import file_preamble_and_meta
 from .headers import DEFLATED, inflate
 from .index import Index, InstanceRecord
+from .logs import audit
 from .integrity import IncompleteDataset, Scan, scan
 from .store import DiskFull, InstanceStore
 from .tls import peer_certificate, server_context
@@ -248,6 +249,7 @@ class StorageSCP:
         if peer is not None and peer.require_certificate and not peer_certificate(event.assoc):
             log.warning("rejected association from %s at %s: the peer must call over TLS with a certificate",
                         calling, address)
+            audit("association rejected", calling_ae=calling, address=address, reason="no TLS client certificate")
             # Rejected-permanent, by the service user, no reason given (PS3.8 9.3.4).
             event.assoc.acse.send_reject(0x01, 0x01, 0x01)
             event.assoc.kill()
@@ -256,6 +258,7 @@ class StorageSCP:
             _prefer_senders_transfer_syntax(event.assoc)
             return
         log.warning("rejected association from %s at %s: not a configured peer", calling, address)
+        audit("association rejected", calling_ae=calling, address=address, reason="not a configured peer")
         # Rejected-permanent, by the service user, calling AE title not recognised (PS3.8 9.3.4).
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
         # As pynetdicom does after its own rejections: wait until the DUL has sent the PDU, or
@@ -269,6 +272,7 @@ class StorageSCP:
         with self._lock:
             self._associations[id(event.assoc)] = _AssociationState(association_id, calling, address)
         log.info("association %d accepted from %s at %s", association_id, calling, address)
+        audit("association accepted", association=association_id, calling_ae=calling, address=address)
 
     def _state(self, event: Event) -> _AssociationState | None:
         with self._lock:
@@ -295,6 +299,8 @@ class StorageSCP:
             state.id, state.outcome, state.instances, state.failures,
             ", ".join(f"{step} {seconds:.3f}" for step, seconds in state.timings.items()),
         )
+        audit("association ended", association=state.id, calling_ae=state.calling_ae, address=state.address,
+              outcome=state.outcome, stored=state.instances, refused=state.failures, series=len(series))
         self.assembler.association_ended(series)
 
     # -- services -----------------------------------------------------------------------------

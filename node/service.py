@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from . import reactor, tls
+from . import logs, reactor, tls
 from .assembly import Assembler
 from .config import Config, ConfigError
 from .export import Exporter, ExportQueue
@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 _CLEAN_STOP = "clean-stop"
 
 
-def setup_logging(level: str) -> None:
-    """Log lines with time, level and source; pynetdicom's per-message chatter stays quiet."""
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def setup_logging(level: str, log_format: str = "text", data: Path | None = None) -> None:
+    """Structured or plain log lines, the audit log in ``data``; pynetdicom's chatter stays quiet."""
+    logs.setup(level, log_format, data)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     # pynetdicom logs every DIMSE message (with identifiers) at INFO: costly and not for a log file.
     # Its standard handler also formats each message whatever the level (about 0.1 ms per

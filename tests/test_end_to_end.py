@@ -132,6 +132,10 @@ def test_kill_during_inference_and_orthanc_down_during_export(tmp_path: Path, bu
         job = status["jobs"][0]
         assert job["attempts"] == 2 and "interrupted" not in (job["reason"] or "")
         node.wait_for(lambda s: s["export_counts"]["retrying"] > 0, timeout=60, what="deliveries retrying")
+        # Killed again while its results wait for export: they are kept and sent after the restart.
+        node.kill9()
+        node.restarts += 1
+        node.start()
         orthanc.start()
         results = _wait_results(orthanc, dixon.study_uid)
         assert {m: len(s) for m, s in results.items()} == {"SEG": 1, "SR": 1, "OT": 1}
