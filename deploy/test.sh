@@ -15,11 +15,25 @@ command -v Orthanc >/dev/null || need+=(orthanc)
 command -v luac >/dev/null || need+=(lua5.4)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v openssl >/dev/null || need+=(openssl)
+# The viewer test: OHIF in headless Chromium, fed by Orthanc's DICOMweb plugin.
+[ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+command -v chromium >/dev/null || need+=(chromium)
+command -v npm >/dev/null || need+=(nodejs npm)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# playwright-core (pinned in tests/viewer/package-lock.json) and OHIF's built viewer; @ohif/app is
+# fetched as its package tarball because installing it resolves a dependency tree that npm refuses.
+if [ ! -d tests/viewer/node_modules/playwright-core ]; then
+    (cd tests/viewer && npm ci --no-audit --no-fund --loglevel=error)
+fi
+if [ ! -d tests/viewer/ohif/package/dist ]; then
+    (cd tests/viewer && mkdir -p ohif && npm pack @ohif/app@3.13.2 --pack-destination ohif --loglevel=error >/dev/null \
+        && tar xzf ohif/ohif-app-3.13.2.tgz -C ohif)
 fi
 
 python=${PYTHON:-python3.11}

@@ -1,0 +1,210 @@
+"""A real viewer shows the SEG: OHIF in headless Chromium, reading Orthanc over DICOMweb.
+
+The TUM01 water series and the SEG of its manual labels go into a real Orthanc (Debian
+``orthanc`` with ``orthanc-dicomweb``). OHIF's built viewer (``npm pack @ohif/app``, its
+``dist/``) is served by a small server in this test that also passes ``/dicom-web/`` on to
+Orthanc, so that viewer and archive share one origin. ``tests/viewer/view.mjs`` drives Chromium
+with ``playwright-core``: the study opens, the SEG's thumbnail is loaded over the MR series, the
+segmentation panel lists the segments, and a screenshot is kept in the artefacts folder. The
+screenshot is then checked: the segment colours are drawn, in the posterior half, with the
+patient's left (the lighter tone of each muscle) on the viewer's right (radiological display).
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from tests import studies
+from tests.peers import REPO, Orthanc, free_port, require_tool
+from tests.validators import missing
+
+VIEWER = REPO / "tests" / "viewer"
+INSTALL = "see deploy/test.sh (apt-get install chromium orthanc-dicomweb; npm ci and npm pack @ohif/app in tests/viewer)"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+LABELS = ("multifidus", "erector spinae")
+
+
+def ohif_dist() -> Path:
+    return Path(os.environ.get("MUSCLENODE_OHIF_DIST", VIEWER / "ohif" / "package" / "dist"))
+
+
+class DicomWebOrthanc(Orthanc):
+    """Orthanc with its DICOMweb plugin at /dicom-web/."""
+
+    def start(self) -> "DicomWebOrthanc":
+        binary = require_tool("Orthanc")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "musclenode-viewer-test",
+            "StorageDirectory": str(self.folder / "storage"),
+            "IndexDirectory": str(self.folder / "index"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.ae_title,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [str(DICOMWEB_PLUGIN)],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
+                         "Ssl": False, "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
+            "HttpTimeout": 60,
+        }
+        path = self.folder / "orthanc.json"
+        path.write_text(json.dumps(config, indent=1))
+        log = open(self.folder / "orthanc.log", "w")
+        self.process = subprocess.Popen([binary, str(path)], stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"Orthanc exited:\n{(self.folder / 'orthanc.log').read_text()}")
+            try:
+                self.get("/dicom-web/studies")
+                return self
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.2)
+        raise AssertionError(f"Orthanc's DICOMweb did not answer within 30 s:\n{(self.folder / 'orthanc.log').read_text()}")
+
+
+def same_origin_server(port: int, dist: Path, config: bytes, archive: str) -> http.server.ThreadingHTTPServer:
+    """OHIF's dist/ (a single-page app: unknown paths get index.html) plus /dicom-web/ and /wado of Orthanc."""
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(dist), **kwargs)
+
+        def log_message(self, *args) -> None:
+            pass
+
+        def proxy(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            headers = {k: v for k, v in self.headers.items() if k.lower() in ("accept", "content-type")}
+            request = urllib.request.Request(archive + self.path, data=body, method=self.command, headers=headers)
+            try:
+                response = urllib.request.urlopen(request, timeout=120)
+            except urllib.error.HTTPError as error:
+                response = error
+            data = response.read()
+            self.send_response(response.status if hasattr(response, "status") else response.code)
+            if response.headers.get("Content-Type"):
+                self.send_header("Content-Type", response.headers["Content-Type"])
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            if self.path.startswith(("/dicom-web/", "/wado")):
+                return self.proxy()
+            path = self.path.split("?")[0]
+            if path == "/app-config.js":
+                self.send_response(200)
+                self.send_header("Content-Type", "application/javascript")
+                self.send_header("Content-Length", str(len(config)))
+                self.end_headers()
+                self.wfile.write(config)
+                return
+            if not (dist / path.lstrip("/")).is_file():
+                self.path = "/index.html"
+            return super().do_GET()
+
+        def do_POST(self) -> None:
+            self.proxy()
+
+    return http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+
+
+def requirements() -> tuple[str, str, Path]:
+    chromium = shutil.which("chromium") or os.environ.get("CHROMIUM")
+    if not chromium:
+        missing("chromium", INSTALL)
+    node = shutil.which("node")
+    if not node:
+        missing("node", INSTALL)
+    if not (VIEWER / "node_modules" / "playwright-core").is_dir():
+        missing("playwright-core (tests/viewer/node_modules)", INSTALL)
+    if not (ohif_dist() / "index.html").is_file():
+        missing(f"OHIF's dist/ ({ohif_dist()})", INSTALL)
+    if not DICOMWEB_PLUGIN.is_file():
+        missing("orthanc-dicomweb", INSTALL)
+    return chromium, node, ohif_dist()
+
+
+def test_ohif_shows_the_seg_over_the_mr_series(tmp_path: Path) -> None:
+    chromium, node, dist = requirements()
+    from inference.geometry import read_series
+    from reports.seg import build_segmentation
+    from reports.uids import ResultIdentity
+    from tests.test_seg import CARD, SOFTWARE, manual_label_map
+
+    studies.require_data()
+    study = studies.write_dixon_study(tmp_path / "study", seed="viewer", contrasts=("water",))
+    water = read_series(study.series["water"].files)
+    identity = ResultIdentity([water.series_instance_uid], f"{CARD[0]} {CARD[1]}", SOFTWARE)
+    seg = build_segmentation(manual_label_map(water), *CARD, identity, SOFTWARE)
+    seg.save_as(tmp_path / "seg.dcm")
+
+    orthanc = DicomWebOrthanc(tmp_path / "orthanc").start()
+    server = None
+    try:
+        orthanc.upload(study.series["water"].files)
+        orthanc.upload([tmp_path / "seg.dcm"])
+        port = free_port()
+        origin = f"http://127.0.0.1:{port}"
+        config = (VIEWER / "app-config.js").read_text().replace("__ORIGIN__", origin).encode()
+        server = same_origin_server(port, dist, config, orthanc.url)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+
+        artifacts = Path(os.environ.get("MUSCLENODE_ARTIFACTS", REPO / "artifacts"))
+        artifacts.mkdir(parents=True, exist_ok=True)
+        shot = artifacts / "ohif-seg.png"
+        result = subprocess.run(
+            [node, str(VIEWER / "view.mjs"), origin, str(seg.StudyInstanceUID), str(shot), *LABELS],
+            cwd=VIEWER, capture_output=True, text=True, timeout=170, env={**os.environ, "CHROMIUM": chromium},
+        )
+        assert result.returncode == 0, f"viewer script failed:\n{result.stdout}\n{result.stderr}"
+        box = json.loads(result.stdout.split("VIEWPORT ", 1)[1].splitlines()[0])
+    finally:
+        if server is not None:
+            server.shutdown()
+        orthanc.stop()
+    check_screenshot(shot, box)
+
+
+def check_screenshot(shot: Path, box: dict[str, float]) -> None:
+    """The muscles' colours are drawn, posterior, with the patient's left on the viewer's right."""
+    from PIL import Image
+
+    image = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    x0, y0 = int(box["x"]), int(box["y"])
+    view = image[y0:y0 + int(box["height"]), x0:x0 + int(box["width"])]
+    r, g, b = view[..., 0], view[..., 1], view[..., 2]
+    # Multifidus is drawn in reds and erector spinae in blues (reports.seg), blended with the image.
+    hues = {"multifidus": (r > g + 50) & (r > b + 30), "erector spinae": (b > r + 50) & (b > g + 20)}
+    drawn = hues["multifidus"] | hues["erector spinae"]
+    assert hues["multifidus"].sum() > 500 and hues["erector spinae"].sum() > 2000, {k: int(v.sum()) for k, v in hues.items()}
+    ys, xs = np.nonzero(drawn)
+    midline = xs.mean()
+    # Paraspinal muscles lie behind the spine: the lower (posterior) half of an axial view.
+    assert ys.mean() > view.shape[0] / 2, (ys.mean(), view.shape)
+    for name, mask in hues.items():
+        ys, xs = np.nonzero(mask)
+        lightness = view[mask].sum(axis=1)
+        viewer_right = lightness[xs > midline].mean()
+        viewer_left = lightness[xs < midline].mean()
+        # Multifidus hugs the midline; erector spinae lies lateral to it.
+        assert (xs > midline).any() and (xs < midline).any(), name
+        # The patient's left segment has the lighter colour, and must be on the viewer's right.
+        assert viewer_right > viewer_left + 20, (name, viewer_left, viewer_right)
+    spread = {name: np.abs(np.nonzero(mask)[1] - midline).mean() for name, mask in hues.items()}
+    assert spread["multifidus"] < spread["erector spinae"], spread

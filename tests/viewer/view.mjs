@@ -1,0 +1,53 @@
+// Open a study in OHIF, load its SEG over the MR series, screenshot the viewport.
+// Usage: node view.mjs <origin> <studyUID> <screenshot.png> <label> [<label>...]
+import { chromium } from 'playwright-core';
+
+const [origin, study, shot, ...labels] = process.argv.slice(2);
+const browser = await chromium.launch({
+  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+         '--disable-component-update', '--disable-sync', '--no-first-run', '--use-gl=swiftshader',
+         '--enable-unsafe-swiftshader', '--ignore-gpu-blocklist'],
+});
+const log = (...a) => console.log(new Date().toISOString(), ...a);
+try {
+  const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
+  page.on('console', m => { if (m.type() === 'error') log('console error:', m.text().slice(0, 300)); });
+  page.on('pageerror', e => log('page error:', String(e).slice(0, 300)));
+  await page.goto(`${origin}/viewer?StudyInstanceUIDs=${study}`, { waitUntil: 'domcontentloaded' });
+  await page.waitForSelector('.cornerstone-canvas, canvas', { timeout: 60000 });
+  log('canvas present');
+  await page.waitForTimeout(3000);
+  await page.screenshot({ path: shot.replace(/\.png$/, '-mr.png') });
+  // The onboarding tour (Shepherd) covers the page on a first visit: skip it.
+  await page.keyboard.press('Escape');
+  await page.evaluate(() => document.querySelectorAll('.shepherd-modal-overlay-container, .shepherd-element').forEach(e => e.remove()));
+  // The SEG's thumbnail in the study browser: double-click loads it into the active viewport.
+  const seg = page.locator('[data-cy="study-browser-thumbnail"], [data-cy^="study-browser-thumbnail"]').filter({ hasText: 'SEG' }).first();
+  await seg.waitFor({ timeout: 30000 });
+  await seg.dblclick();
+  log('SEG thumbnail double-clicked');
+  // OHIF asks whether to load (hydrate) the segmentation; say yes.
+  for (let i = 0; i < 20; i++) {
+    const yes = page.getByRole('button', { name: /^(Yes|Load)$/i });
+    if (await yes.count()) { await yes.first().click(); log('confirmed load'); break; }
+    await page.waitForTimeout(500);
+  }
+  // Open the segmentation panel (right side panel) so that the segments are listed.
+  await page.waitForTimeout(3000);
+  await page.locator('[data-cy="panelSegmentation-btn"]').first().click();
+  for (const label of labels) {
+    await page.getByText(new RegExp(label.replace(/_/g, '[ _]'), 'i')).first().waitFor({ timeout: 20000 });
+    log('segment listed:', label);
+  }
+  await page.waitForTimeout(3000);
+  await page.screenshot({ path: shot });
+  const box = await page.locator('.cornerstone-viewport-element, [data-viewport-uid]').first().boundingBox();
+  console.log('VIEWPORT ' + JSON.stringify(box));
+} catch (e) {
+  log('FAILED', String(e).slice(0, 1000));
+  await (await browser.contexts()[0]?.pages()[0])?.screenshot({ path: shot.replace(/\.png$/, '-failed.png') }).catch(() => {});
+  process.exitCode = 1;
+} finally {
+  await browser.close();
+}
