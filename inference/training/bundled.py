@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m inference.training.bundled [--data ../shared/data/myosegmentum] [--work /tmp/train/bundled]
+    python -m inference.training.bundled [--data ../shared/data/myosegmentum] [--work build/bundled]
         [--install]
 
 Trains with :mod:`.train` on the one labelled MyoSegmenTUM subject with the hold-out, seed and
@@ -104,7 +104,7 @@ def train_arguments(data: Path, work: Path) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m inference.training.bundled", description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding TUM01_*.nii.gz")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/train/bundled"), help="training output folder")
+    parser.add_argument("--work", type=Path, default=Path("build/bundled"), help="training output folder")
     parser.add_argument("--install", action="store_true", help=f"copy the model and card into {MODELS_DIR}")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
