@@ -51,7 +51,7 @@ from tests import studies  # noqa: E402
 
 ABDOMEN = studies.DATA_DIR / "musclemap" / "contrast_agnostic_abdomen_model.json"
 BUNDLED = REPO / "inference" / "models" / "musclenode-lumbar-dixon.json"
-DEFAULT_CHECKPOINT = REPO / "build" / "bundled" / "checkpoint.pt"  
+DEFAULT_CHECKPOINT = REPO / "build" / "bundled" / "checkpoint.pt"  # where inference.training.bundled trains
 
 
 # ---------------------------------------------------------------------------------------------
