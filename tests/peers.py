@@ -211,12 +211,16 @@ class NodeProcess:
 class Orthanc:
     """A real Orthanc (Debian package) in a temporary folder, on free ports of 127.0.0.1."""
 
-    def __init__(self, folder: Path, ae_title: str = "ORTHANC", modalities: dict[str, list[Any]] | None = None) -> None:
+    def __init__(self, folder: Path, ae_title: str = "ORTHANC", modalities: dict[str, list[Any]] | None = None,
+                 extra_config: dict[str, Any] | None = None, ready_path: str = "/system") -> None:
         self.folder = folder
         self.ae_title = ae_title
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.modalities = modalities or {}
+        # Plugins, Lua scripts and their settings; ready_path is what must answer before start returns.
+        self.extra_config = extra_config or {}
+        self.ready_path = ready_path
         self.process: subprocess.Popen | None = None
 
     @property
@@ -240,6 +244,7 @@ class Orthanc:
             "Plugins": [],
             "DicomScpTimeout": 30,
             "HttpTimeout": 60,
+            **self.extra_config,
         }
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config, indent=1))
@@ -251,11 +256,12 @@ class Orthanc:
             if self.process.poll() is not None:
                 raise AssertionError(f"Orthanc exited:\n{(self.folder / 'orthanc.log').read_text()}")
             try:
-                self.get("/system")
+                self.get(self.ready_path)
                 return self
             except (urllib.error.URLError, ConnectionError):
                 time.sleep(0.2)
-        raise AssertionError("Orthanc did not start within 30 s")
+        raise AssertionError(f"Orthanc did not answer {self.ready_path} within 30 s:\n"
+                             f"{(self.folder / 'orthanc.log').read_text()}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

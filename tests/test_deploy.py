@@ -104,24 +104,13 @@ def test_example_configuration_is_accepted() -> None:
     assert config.tls.port == 2762 and not config.tls.enabled
 
 
-class RoutingOrthanc(Orthanc):
+def routing_orthanc(folder: Path, modalities: dict) -> Orthanc:
     """The test Orthanc with deploy/orthanc/route.lua and the settings it needs from orthanc.json."""
-
-    def start(self) -> "RoutingOrthanc":
-        deployed = json.loads((DEPLOY / "orthanc" / "orthanc.json").read_text())
-        original = json.dumps
-
-        def dumps(config, *args, **kwargs):
-            if isinstance(config, dict) and "DicomAet" in config:
-                config = {**config, "LuaScripts": [str(DEPLOY / "orthanc" / "route.lua")],
-                          "UserMetadata": deployed["UserMetadata"], "StableAge": 1}
-            return original(config, *args, **kwargs)
-
-        json.dumps = dumps
-        try:
-            return super().start()
-        finally:
-            json.dumps = original
+    deployed = json.loads((DEPLOY / "orthanc" / "orthanc.json").read_text())
+    return Orthanc(folder, modalities=modalities, extra_config={
+        "LuaScripts": [str(DEPLOY / "orthanc" / "route.lua")],
+        "UserMetadata": deployed["UserMetadata"], "StableAge": 1,
+    })
 
 
 def _mr(path: Path, study: str, body_part: str, description: str) -> Path:
@@ -142,7 +131,7 @@ def test_route_lua_in_a_real_orthanc(node, tmp_path: Path) -> None:
     study and a thoracic one to itself."""
     from pydicom.uid import generate_uid
 
-    orthanc = RoutingOrthanc(tmp_path / "orthanc", modalities={"musclenode": ["MUSCLENODE", "127.0.0.1", node.port]})
+    orthanc = routing_orthanc(tmp_path / "orthanc", {"musclenode": ["MUSCLENODE", "127.0.0.1", node.port]})
     orthanc.start()
     try:
         lumbar, head, ambiguous, thoracic = (generate_uid() for _ in range(4))

@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import threading
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from tests import studies
-from tests.peers import REPO, Orthanc, free_port, require_tool
+from tests.peers import REPO, Orthanc, free_port
 from tests.validators import missing
 
 VIEWER = REPO / "tests" / "viewer"
@@ -39,41 +38,13 @@ def ohif_dist() -> Path:
     return Path(os.environ.get("MUSCLENODE_OHIF_DIST", VIEWER / "ohif" / "package" / "dist"))
 
 
-class DicomWebOrthanc(Orthanc):
-    """Orthanc with its DICOMweb plugin at /dicom-web/."""
-
-    def start(self) -> "DicomWebOrthanc":
-        binary = require_tool("Orthanc")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        config = {
-            "Name": "musclenode-viewer-test",
-            "StorageDirectory": str(self.folder / "storage"),
-            "IndexDirectory": str(self.folder / "index"),
-            "HttpPort": self.http_port,
-            "DicomPort": self.dicom_port,
-            "DicomAet": self.ae_title,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "Plugins": [str(DICOMWEB_PLUGIN)],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
-                         "Ssl": False, "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
-            "HttpTimeout": 60,
-        }
-        path = self.folder / "orthanc.json"
-        path.write_text(json.dumps(config, indent=1))
-        log = open(self.folder / "orthanc.log", "w")
-        self.process = subprocess.Popen([binary, str(path)], stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"Orthanc exited:\n{(self.folder / 'orthanc.log').read_text()}")
-            try:
-                self.get("/dicom-web/studies")
-                return self
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.2)
-        raise AssertionError(f"Orthanc's DICOMweb did not answer within 30 s:\n{(self.folder / 'orthanc.log').read_text()}")
+def dicomweb_orthanc(folder: Path) -> Orthanc:
+    """Orthanc with its DICOMweb plugin at /dicom-web/ (and WADO-URI at /wado)."""
+    return Orthanc(folder, ready_path="/dicom-web/studies", extra_config={
+        "Plugins": [str(DICOMWEB_PLUGIN)],
+        "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado",
+                     "Ssl": False, "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
+    })
 
 
 def same_origin_server(port: int, dist: Path, config: bytes, archive: str) -> http.server.ThreadingHTTPServer:
@@ -154,7 +125,7 @@ def test_ohif_shows_the_seg_over_the_mr_series(tmp_path: Path) -> None:
     seg = build_segmentation(manual_label_map(water), *CARD, identity, SOFTWARE)
     seg.save_as(tmp_path / "seg.dcm")
 
-    orthanc = DicomWebOrthanc(tmp_path / "orthanc").start()
+    orthanc = dicomweb_orthanc(tmp_path / "orthanc").start()
     server = None
     try:
         orthanc.upload(study.series["water"].files)
