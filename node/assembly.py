@@ -128,7 +128,7 @@ class Assembler:
             for s in ready
         ]
         decisions = decide_study(headers, self.config.rules)
-        latest = self.index.latest_decisions()
+        latest = self.index.latest_decisions(study_uid)
         changed = [
             d for d in decisions
             if (previous := latest.get(d.series_uid)) is None

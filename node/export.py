@@ -272,7 +272,9 @@ class Exporter:
                           sop_instance_uid=delivery.sop_instance_uid)
         for delivery, error in failed:
             self._failed(destination, [delivery], error)
-        unsent = [d for d in deliveries if d.id not in sent and d not in [f[0] for f in failed]]
+        # Deliveries after a lost association were never tried.
+        handled = set(sent) | {delivery.id for delivery, _ in failed}
+        unsent = [d for d in deliveries if d.id not in handled]
         if unsent:
             self._failed(destination, unsent, "association lost")
 

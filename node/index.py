@@ -310,11 +310,13 @@ class Index:
                 [{**d, "decided": now, "selected": int(d["selected"])} for d in decisions],
             )
 
-    def latest_decisions(self) -> dict[str, dict[str, Any]]:
-        """The most recent decision for every series that has one."""
+    def latest_decisions(self, study_uid: str | None = None) -> dict[str, dict[str, Any]]:
+        """The most recent decision for every series (of one study, if given) that has one."""
+        where = "" if study_uid is None else " WHERE series_uid IN (SELECT series_uid FROM series WHERE study_uid = ?)"
         rows = self._query(
             "SELECT d.* FROM decisions d JOIN (SELECT series_uid, MAX(id) AS id FROM decisions"
-            " GROUP BY series_uid) latest ON latest.id = d.id"
+            f"{where} GROUP BY series_uid) latest ON latest.id = d.id",
+            () if study_uid is None else (study_uid,),
         )
         return {r["series_uid"]: dict(r) for r in rows}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-__all__ = ["IncompleteDataset", "Scan", "check_complete", "scan"]
+__all__ = ["IncompleteDataset", "Scan", "scan"]
 
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = (0xFFFE, 0xE000)
@@ -173,23 +173,3 @@ def scan(
     found = Scan()
     _walk_dataset(_Reader(data, implicit, little), 0, depth=0, found=found, wanted=wanted)
     return found
-
-
-def check_complete(data: bytes, implicit: bool, little: bool = True) -> None:
-    """Check that an encoded dataset (without file meta) is structurally complete.
-
-    Parameters
-    ----------
-    data : bytes
-        The dataset as encoded in its transfer syntax (deflated data must be inflated first).
-    implicit : bool
-        Whether the transfer syntax uses implicit VR.
-    little : bool
-        Whether it is little endian.
-
-    Raises
-    ------
-    IncompleteDataset
-        If any element, item or sequence extends beyond the data, or a delimiter is missing.
-    """
-    scan(data, implicit, little)

@@ -8,7 +8,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from node.integrity import IncompleteDataset, check_complete
+from node.integrity import IncompleteDataset, scan
 from node.headers import inflate, parse_header
 from node.scp import inspect
 
@@ -63,13 +63,13 @@ def test_truncated_files_are_caught(name: str, keep: float) -> None:
 def test_out_of_order_and_bad_vr_are_caught() -> None:
     ordered = b"\x08\x00\x18\x00UI\x02\x001\x00" + b"\x08\x00\x16\x00UI\x02\x002\x00"
     with pytest.raises(IncompleteDataset, match="out of order"):
-        check_complete(ordered, implicit=False)
+        scan(ordered, implicit=False)
     with pytest.raises(IncompleteDataset, match="no valid VR"):
-        check_complete(b"\x08\x00\x18\x00\x01\x02\x02\x001\x00", implicit=False)
+        scan(b"\x08\x00\x18\x00\x01\x02\x02\x001\x00", implicit=False)
 
 
 def test_garbage_is_caught() -> None:
     with pytest.raises(IncompleteDataset):
-        check_complete(b"\x08\x00\x18\x00UI\xff\x7f" + b"1.2.3", implicit=False)
+        scan(b"\x08\x00\x18\x00UI\xff\x7f" + b"1.2.3", implicit=False)
     with pytest.raises(IncompleteDataset):
-        check_complete(b"", implicit=True)
+        scan(b"", implicit=True)
