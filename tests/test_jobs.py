@@ -71,7 +71,7 @@ def test_permanent_failure_and_crash_recovery(queue: JobQueue) -> None:
 
 def test_export_queue_backoff_and_resend(tmp_path: Path) -> None:
     exports = ExportQueue(tmp_path / "index.sqlite", tmp_path)
-    pacs = Destination("pacs", "ORTHANC", "127.0.0.1", 4242)
+    pacs = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=4242)
     exports.add(7, [("1.2.1", "1.2.840.10008.5.1.4.1.1.66.4", "results/a.dcm", "seg"),
                     ("1.2.2", "1.2.840.10008.5.1.4.1.1.88.34", "results/b.dcm", "sr")], [pacs])
     due = exports.due()
@@ -82,7 +82,7 @@ def test_export_queue_backoff_and_resend(tmp_path: Path) -> None:
     assert "1.2.1" in [d.sop_instance_uid for d in exports.due(now=time.time() + 3)["pacs"]]
     exports.mark_sent([d.id for d in exports.due(now=time.time() + 3)["pacs"]])
     assert exports.counts() == {"pending": 0, "sent": 2, "retrying": 0}
-    assert exports.resend(7, Destination("archive", "ARCHIVE", "127.0.0.1", 104)) == 2
+    assert exports.resend(7, Destination(name="archive", ae_title="ARCHIVE", host="127.0.0.1", port=104)) == 2
     assert len(exports.due()["archive"]) == 2
     with pytest.raises(KeyError):
         exports.resend(8, pacs)
