@@ -37,6 +37,7 @@ import ipaddress
 import math
 import os
 import re
+import tomllib
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
@@ -398,7 +399,7 @@ class Rules(Section):
 class Peer(Section):
     """A DICOM application entity that may open associations to the node (a ``[[peers]]`` table)."""
 
-    ae_title: Annotated[str, AfterValidator(lambda v: v if v.strip() == "*" else _ae_title(v))] = setting(
+    ae_title: Annotated[str, AfterValidator(lambda v: "*" if v.strip() == "*" else _ae_title(v))] = setting(
         ..., "the calling AE title, or `\"*\"` for any")
     host: Host = setting("*", "the address it calls from, or `\"*\"` for any")
     port: Port | None = setting(None, "where the peer listens; needed only to send results back to it")
@@ -430,7 +431,11 @@ class Destination(Section):
 
 @dataclass(frozen=True)
 class _Request:
-    """What one :func:`load_config` call reads: pydantic-settings builds the sources from this."""
+    """What one :func:`load_config` call reads.
+
+    ``settings_customise_sources`` is a class method without per-call arguments, so
+    :func:`load_config` hands it the file and the environment through a context variable.
+    """
 
     file: TomlConfigSettingsSource | None
     environ: Mapping[str, str]
@@ -594,9 +599,13 @@ def _shortcut(section: str, name: str) -> property:
                     doc=f"``{section}.{name}`` (a flat name kept for existing code)")
 
 
-for _key, _field in _settings():
-    if (_name := _extra(_field, "shortcut")) is not None:
-        setattr(Config, _name, _shortcut(*_key.split(".")))
+def _add_shortcuts() -> None:
+    for key, field in _settings():
+        if (name := _extra(field, "shortcut")) is not None:
+            setattr(Config, name, _shortcut(*key.split(".")))
+
+
+_add_shortcuts()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,7 +658,7 @@ def _message(error: Mapping[str, Any], sources: Mapping[str, str]) -> str:
 
 
 def _provenance(document: Mapping[str, Any], source: str, sources: dict[str, str]) -> None:
-    """Record ``source`` for every setting that a file or the environment gives."""
+    """Record ``source`` for every table and setting that a file gives."""
     for section, body in document.items():
         sources[section] = source
         if isinstance(body, Mapping):
@@ -680,8 +689,6 @@ def load_config(
         If the file cannot be read or any setting is unknown or invalid. The message names the
         setting and where its value came from, one line per problem.
     """
-    import tomllib
-
     environ = os.environ if environ is None else environ
     path = path if path is not None else environ.get("MUSCLENODE_CONFIG") or None
     sources: dict[str, str] = {key: "default" for key, _ in _settings()}
