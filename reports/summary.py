@@ -68,7 +68,9 @@ def _source_from_series(label_map: LabelMap) -> Dataset:
     series = label_map.series
     patient, study = series.patient, series.study
     ds = Dataset()
-    ds.SOPClassUID = series.sop_class_uid  # says which modules to copy from
+    # The first source instance, standing in for its header: its class says which modules to copy.
+    ds.SOPClassUID = series.sop_class_uid
+    ds.SOPInstanceUID = series.geometry[0].sop_instance_uid
     ds.PatientName = patient.name
     ds.PatientID = patient.patient_id
     ds.PatientBirthDate = patient.birth_date

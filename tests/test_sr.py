@@ -94,7 +94,14 @@ def test_report_files_into_the_study_and_says_what_it_is(results: Results) -> No
     notes = next(i for i in report.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375")
     texts = [item.TextValue for item in notes.ContentSequence if item.ValueType == "TEXT"]
     assert any(RESEARCH_STATEMENT in t for t in texts)
-    assert any("age 34.0 years (PatientAge), sex M, BMI 23.4" in t for t in texts)
+    assert any("age 34.0 years (PatientAge), sex M, height 1.78 m, weight 74 kg, BMI 23.4" in t for t in texts)
+    # The age and sex the comparisons used are the subject's context (TID 1006/1007).
+    context = {item.ConceptNameCodeSequence[0].CodeValue: item for item in report.ContentSequence
+               if item.RelationshipType == "HAS OBS CONTEXT"}
+    assert context["121024"].ConceptCodeSequence[0].CodeValue == "121025"  # subject class: patient
+    assert context["121032"].ConceptCodeSequence[0].CodeValue == "M"
+    age = context["121033"].MeasuredValueSequence[0]
+    assert float(age.NumericValue) == 34.0 and age.MeasurementUnitsCodeSequence[0].CodeValue == "a"
     assert any(t.startswith("left multifidus: fat infiltration grade: grade 0") and "Kjaer P" in t for t in texts)
     procedure = [i for i in report.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121058"]
     assert procedure[0].ConceptCodeSequence[0].CodeValue == "25056-3"
