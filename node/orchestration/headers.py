@@ -8,7 +8,6 @@ multi-frame images alike), so that a series can be judged without opening its fi
 from __future__ import annotations
 
 import io
-import zlib
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -16,15 +15,11 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
-__all__ = ["inflate", "parse_header", "summarise"]
+from ..network.integrity import DEFLATED
 
-DEFLATED = "1.2.840.10008.1.2.1.99"
+__all__ = ["parse_header", "summarise"]
+
 _PIXEL_DATA = Tag(0x7FE0, 0x0010)
-
-
-def inflate(stream: bytes) -> bytes:
-    """The dataset of a deflated transfer syntax, inflated (raw deflate, PS3.5 A.5)."""
-    return zlib.decompress(stream, -zlib.MAX_WBITS)
 
 
 def parse_header(encoded: bytes, transfer_syntax: str) -> Dataset:

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from .config import Rules
+from ..config import Rules
 
 __all__ = ["Decision", "SeriesHeaders", "decide_study", "dixon_role", "orientation_name"]
 

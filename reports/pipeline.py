@@ -1,8 +1,9 @@
 """The pipeline: one selected group of series in, SEG, SR, summary and measurement rows out.
 
-The node's workers and the offline ``musclenode process`` command both call :func:`run`, so a
+The node's workers (``node.orchestration.worker``) and the offline ``musclenode process``
+command (``node.orchestration.offline``) both call :func:`run`, so a
 study gives the same numbers whichever way it came in. The steps read as the data flow of
-DESIGN.md: series -> segment -> measure -> assess -> SEG + SR + summary.
+README ("Architecture"): series -> segment -> measure -> assess -> SEG + SR + summary.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from reports.metrics import FatSource, MuscleMetrics, measure
 from reports.patient import PatientContext, from_dataset
 from reports.reference import SiteReference
 from reports.uids import ResultIdentity
-
-from . import __version__
 
 __all__ = ["PipelineError", "PipelineSettings", "Results", "WorkItem", "run", "cohort_rows"]
 
@@ -89,8 +88,12 @@ def _fat_source(kind: str, images: Mapping[str, SeriesImage], settings: Pipeline
     return FatSource(cluster=settings.cluster_method)
 
 
-def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = PipelineSettings()) -> Results:
+def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = PipelineSettings(), *,
+        software_version: str) -> Results:
     """Process one work item.
+
+    ``software_version`` is the node's version: it enters the result UIDs and the objects'
+    SoftwareVersions, so that results of another release replace, never duplicate, these.
 
     Raises
     ------
@@ -129,11 +132,11 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
 
     started = time.perf_counter()
     card = segmenter.card
-    identity = ResultIdentity([s.series_instance_uid for s in images.values()], f"{card.name} {card.version}", __version__)
-    segmentation = build_segmentation(label_map, card.name, card.version, identity, __version__)
-    report = build_report(label_map, segmentation, assessments, identity, card.name, card.version, __version__,
+    identity = ResultIdentity([s.series_instance_uid for s in images.values()], f"{card.name} {card.version}", software_version)
+    segmentation = build_segmentation(label_map, card.name, card.version, identity, software_version)
+    report = build_report(label_map, segmentation, assessments, identity, card.name, card.version, software_version,
                           patient=patient)
-    summary = build_summary(label_map, assessments, patient, identity, card.name, card.version, __version__,
+    summary = build_summary(label_map, assessments, patient, identity, card.name, card.version, software_version,
                             source_dataset)
     seconds["results"] = time.perf_counter() - started
     return Results(label_map, metrics, assessments, patient, segmentation, report, summary, seconds)
