@@ -17,9 +17,11 @@ import pydicom
 import pytest
 
 from inference.geometry import read_series
+from inference.patient import from_dataset
 from inference.vocabulary import Sex
 from reports.assessment import assess
 from reports.metrics import FatSource, measure
+from reports.pipeline import Results, cohort_rows
 from reports.seg import build_segmentation, source_datasets_of
 from reports.sr import build_report
 from reports.summary import build_summary
@@ -128,3 +130,16 @@ def test_the_report_says_what_the_comparisons_used(results: dict[str, list[Path]
                 if item.TextValue.startswith("Patient values used for the reference comparison"))
     assert "age 34.0 years (PatientAge), sex O, height 1.78 m" in text and "weight" not in text.split(";")[0]
     assert "PatientWeight is 0" in text and "centimetres" in text
+
+
+def test_cohort_rows_give_ages_in_whole_years_and_only_usable_values(odd: Tum01) -> None:
+    metrics = measure(odd.label_map, FatSource(water=odd.water, fat=odd.fat))
+    # Born 15 June 1980, scanned 14 June 2021: 40.997 years, which the field reports as 40.
+    patient = from_dataset({"PatientBirthDate": "19800615", "StudyDate": "20210614", "PatientSex": "F",
+                            "PatientSize": "170", "PatientWeight": "0"})
+    assert 40.99 < patient.age_years < 41
+    results = Results(odd.label_map, metrics, assess(metrics, patient), patient, None, None, [])
+    rows = cohort_rows(results, "study-1")
+    assert rows and all(row["age"] == 40 and row["sex"] == "F" and row["bmi"] is None for row in rows)
+    assert {row["muscle"] for row in rows} == {"multifidus", "erector_spinae"}
+    assert {row["side"] for row in rows} == {"left", "right", "both"}
