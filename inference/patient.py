@@ -292,37 +292,42 @@ class _Builder:
         self.values["sex"] = sex
         return None
 
-    def height(self, value: Any, label: str) -> None:
+    def _measured(self, name: str, value: Any, label: str, what: str) -> float | None:
+        """A header's number, or None after noting why it is missing (absent, no number, 0)."""
         if not _given(value):
-            return self.lack("height_m", f"{label} not recorded")
-        height = _number(value)
+            self.lack(name, f"{label} not recorded")
+            return None
+        number = _number(value)
+        if number is None:
+            self.lack(name, f"{label} {value!r} is not a number")
+        elif number == 0:
+            self.lack(name, f"{label} is 0, which scanners write when no {what} was entered")
+        return number or None
+
+    def height(self, value: Any, label: str) -> None:
+        height = self._measured("height_m", value, label, "height")
         if height is None:
-            return self.lack("height_m", f"{label} {value!r} is not a number")
-        if height == 0:
-            return self.lack("height_m", f"{label} is 0, which is written when no height was entered")
+            return None
         low, high = HEIGHT_BOUNDS_M
+        low_cm, high_cm = HEIGHT_BOUNDS_CM
         if low <= height <= high:
             self.values["height_m"] = height
-            return None
-        low_cm, high_cm = HEIGHT_BOUNDS_CM
-        if low_cm <= height <= high_cm:
+        elif low_cm <= height <= high_cm:
             self.values["height_m"] = height / 100
             self.notes.append(f"{label} {height:g} is centimetres, not metres: read as {height / 100:.2f} m")
-            return None
-        return self.lack("height_m", f"{label} {height:g} is outside {low}-{high} m (and {low_cm:g}-{high_cm:g} cm)")
+        else:
+            self.lack("height_m", f"{label} {height:g} is outside {low}-{high} m (and {low_cm:g}-{high_cm:g} cm)")
+        return None
 
     def weight(self, value: Any, label: str) -> None:
-        if not _given(value):
-            return self.lack("weight_kg", f"{label} not recorded")
-        weight = _number(value)
+        weight = self._measured("weight_kg", value, label, "weight")
         if weight is None:
-            return self.lack("weight_kg", f"{label} {value!r} is not a number")
-        if weight == 0:
-            return self.lack("weight_kg", f"{label} is 0, which scanners write when no weight was entered")
+            return None
         low, high = WEIGHT_BOUNDS_KG
-        if not low <= weight <= high:
-            return self.lack("weight_kg", f"{label} {weight:g} is outside {low:g}-{high:g} kg")
-        self.values["weight_kg"] = weight
+        if low <= weight <= high:
+            self.values["weight_kg"] = weight
+        else:
+            self.lack("weight_kg", f"{label} {weight:g} is outside {low:g}-{high:g} kg")
         return None
 
     def age(self, years: float, source: str) -> None:

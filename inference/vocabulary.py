@@ -1,4 +1,4 @@
-"""The canonical vocabulary: muscles, sides, input contrasts, fat methods and vertebral levels.
+"""The canonical vocabulary: muscles, sides, input contrasts, fat methods, vertebral levels, sex.
 
 Every concept that more than one module names is defined here, once, as an enum that carries its
 display names, colours and codes. This module is the lowest layer of the house: ``inference``,

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from .uids import ResultIdentity
+
 __all__ = ["MANUFACTURER", "Equipment", "ResultSeries", "fit_lo"]
 
 #: Manufacturer and model name of every result object.
@@ -55,6 +57,23 @@ class ResultSeries(Enum):
     def description(self, model: str = "") -> str:
         """SeriesDescription, naming the model where the series' description does."""
         return fit_lo(self._description.format(model=model))
+
+    def identification(self, identity: ResultIdentity, source_series_number: int | None, *, model: str = "",
+                       page: int | None = None) -> dict[str, Any]:
+        """Keyword arguments of highdicom's SOP class constructors that identify one instance.
+
+        Series and instance UIDs come from ``identity`` (``uid("seg", "series")``,
+        ``uid("seg", "instance")``; a page of the summary is ``uid("summary", "instance", "2")``),
+        the series number from :meth:`number`, the description from :meth:`description`.
+        """
+        instance = ("instance",) if page is None else ("instance", str(page))
+        return {
+            "series_instance_uid": identity.uid(self.name.lower(), "series"),
+            "series_number": self.number(source_series_number),
+            "sop_instance_uid": identity.uid(self.name.lower(), *instance),
+            "instance_number": 1 if page is None else page,
+            "series_description": self.description(model),
+        }
 
 
 @dataclass(frozen=True)

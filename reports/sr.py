@@ -2,7 +2,8 @@
 
 Structure of the report (PS3.16 TID 1500), built with highdicom's templates:
 
-- observer context: the device, musclenode running the named model;
+- observer context: the device, musclenode running the named model; subject context (TID 1007):
+  the age and sex the reference comparisons used;
 - procedure reported: MR (CID 100, see ``reports/CODES.md``);
 - one TID 1411 volumetric group per muscle and side, referencing its SEG segment with the SEG's
   own tracking identifier and UID: volume, mean CSA, fat (Dixon fat fraction, or fat infiltration
@@ -17,8 +18,8 @@ Structure of the report (PS3.16 TID 1500), built with highdicom's templates:
 - the grades as coded qualitative evaluations of their group (the citation's short form is in
   the concept's meaning);
 - document-level qualitative evaluations (TEXT): the research-use statement, the patient values
-  the comparisons used, and per group the full citations of its grades and why a comparison was
-  not made.
+  the comparisons used (age, sex, height, weight, BMI, and what was missing and why), and per
+  group the full citations of its grades and why a comparison was not made.
 
 UIDs come from :class:`reports.uids.ResultIdentity`; the device observer UID from
 :func:`reports.uids.derive_uid`, because it names the device, not the study.
@@ -425,13 +426,9 @@ def build_report(
     return Comprehensive3DSR(
         evidence=[*sources, segmentation],
         content=report[0],
-        series_instance_uid=identity.uid("sr", "series"),
-        series_number=ResultSeries.SR.number(series.series_number),
-        sop_instance_uid=identity.uid("sr", "instance"),
-        instance_number=1,
+        **ResultSeries.SR.identification(identity, series.series_number),
         **equipment.general_equipment(),
         is_complete=True,
         is_final=True,
-        series_description=ResultSeries.SR.description(),
         coding_schemes=[mn.coding_scheme()],
     )

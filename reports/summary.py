@@ -161,10 +161,7 @@ def encode_pages(
     created = created or datetime.now(timezone.utc)
     date, time = created.strftime("%Y%m%d"), created.strftime("%H%M%S")
     series = label_map.series
-    if series_number is None:
-        series_number = ResultSeries.SUMMARY.number(series.series_number)
     equipment = Equipment(software_version, f"{model_name} {model_version}", device_serial_number)
-    series_uid = identity.uid("summary", "series")
     every_frame = range(len(series))
     shown = key_frames(label_map, 4)
     datasets = []
@@ -172,6 +169,9 @@ def encode_pages(
         pixels = np.asarray(page.pixels)
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
             raise ValueError(f"page {number} must be uint8 RGB (rows, columns, 3), not {pixels.dtype} {pixels.shape}")
+        identification = ResultSeries.SUMMARY.identification(identity, series.series_number, page=number)
+        if series_number is not None:
+            identification["series_number"] = series_number
         ds = SCImage.from_ref_dataset(
             ref_dataset=source,
             pixel_array=np.ascontiguousarray(pixels),
@@ -179,12 +179,8 @@ def encode_pages(
             bits_allocated=8,
             coordinate_system="PATIENT",
             patient_orientation=("L", "P"),  # cleared below: a page is not a view of the patient
-            series_instance_uid=series_uid,
-            series_number=series_number,
-            sop_instance_uid=identity.uid("summary", "instance", str(number)),
-            instance_number=number,
+            **identification,
             transfer_syntax_uid=ExplicitVRLittleEndian,
-            series_description=ResultSeries.SUMMARY.description(),
             series_date=date,
             series_time=time,
             content_date=date,
