@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from inference.vocabulary import FatMethod
+from inference.vocabulary import FatMethod, vertebra_range
 
 __all__ = [
     "Config",
@@ -194,8 +194,13 @@ def _cluster_method(value: Any) -> FatMethod:
 
 
 def _levels(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"(|[LST]\d{1,2}(-[LST]\d{1,2})?)", value.strip()):
+    if not isinstance(value, str):
         raise ValueError("must be a level range such as L1-L5, or empty for none")
+    if value.strip():
+        try:
+            vertebra_range(value)
+        except ValueError:
+            raise ValueError("must be a level range such as L1-L5, or empty for none") from None
     return value.strip()
 
 
