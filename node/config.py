@@ -61,7 +61,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from inference.vocabulary import FatMethod
+from inference.vocabulary import FatMethod, vertebra_range
 
 __all__ = [
     "Config",
@@ -193,6 +193,16 @@ def _patterns(patterns: tuple[str, ...]) -> tuple[str, ...]:
         except re.error as exc:
             raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
     return patterns
+
+
+def _levels(value: str) -> str:
+    """A range of the vocabulary's vertebrae (``L1-L5``), or empty for none."""
+    if value.strip():
+        try:
+            vertebra_range(value)
+        except ValueError:
+            raise ValueError("must be a level range such as L1-L5, or empty for none") from None
+    return value.strip()
 
 
 def _optional(value: Any) -> Any:
@@ -330,8 +340,7 @@ class MetricsSettings(Section):
     cluster_method: Annotated[FatMethod, one_of(*_CLUSTERING)] = setting(
         FatMethod.GMM3, "T1/T2 fat infiltration: " + ", ".join(f"`{m}`" for m in _CLUSTERING),
         shortcut="cluster_method")
-    assume_levels: Annotated[str, matching(r"(|[LST]\d{1,2}(-[LST]\d{1,2})?)",
-                                           "must be a level range such as L1-L5, or empty for none")] = setting(
+    assume_levels: Annotated[str, AfterValidator(_levels)] = setting(
         "L1-L5", "without identified vertebral levels, the series is compared with this level range of the"
         " reference (stated in every result)", shortcut="assume_levels")
 

@@ -81,6 +81,8 @@ def test_config_file_named_by_environment(tmp_path: Path) -> None:
         ("", {"MUSCLENODE_HTTP_PORT": "70000"}, "http.port: must be 0 (off) or a TCP port between 1 and 65535"),
         ("", {"MUSCLENODE_MODEL": "no spaces please"}, "model.name: must be a model name"),
         ('[metrics]\nassume_levels = "lumbar"\n', {}, "metrics.assume_levels: must be a level range such as L1-L5"),
+        ('[metrics]\nassume_levels = "L5-L1"\n', {}, "metrics.assume_levels: must be a level range such as L1-L5"),
+        ('[metrics]\nassume_levels = "L9"\n', {}, "metrics.assume_levels: must be a level range such as L1-L5"),
         ('[reference]\nsite = 3\n', {}, "reference.site: must be a path, got 3 (from "),
         ('[[destinations]]\nname = "a"\nae_title = "X"\nhost = "h"\nport = 1\n' * 2, {}, "destinations: the name 'a' is used twice (from "),
         ("[tls]\nplain = false\n", {}, "tls.plain: false leaves no DICOM port while tls.enabled is false (from "),
