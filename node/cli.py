@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Sequence
 
 from . import __version__
-from .config import Config, ConfigError, load_config, to_toml
+from .config import Config, ConfigError, load_config, settings_table, to_toml
 
 __all__ = ["main"]
 
@@ -195,7 +195,12 @@ def _resend(args: argparse.Namespace) -> int:
             print(f"musclenode: unknown destination {args.destination!r} (configured: {names};"
                   " or give AE@host:port)", file=sys.stderr)
             return 1
-        destination = Destination(args.destination, match.group(1), match.group(2), int(match.group(3)))
+        try:
+            destination = Destination(name=args.destination, ae_title=match.group(1), host=match.group(2),
+                                      port=int(match.group(3)))
+        except ValueError as exc:  # pydantic's ValidationError
+            print(f"musclenode: {args.destination!r} is not a destination: {exc}", file=sys.stderr)
+            return 1
     exports = ExportQueue(config.index_path, config.data)
     try:
         count = exports.resend(args.job, destination)
@@ -210,6 +215,11 @@ def _resend(args: argparse.Namespace) -> int:
 
 def _config_show(args: argparse.Namespace) -> int:
     print(to_toml(_load(args)))
+    return 0
+
+
+def _config_settings(args: argparse.Namespace) -> int:
+    print(settings_table())
     return 0
 
 
@@ -416,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser("show", help="print the effective configuration and where each value came from")
     show.set_defaults(run=_config_show)
+    settings = config_commands.add_parser(
+        "settings", help="every setting with its default, environment variable and meaning (Markdown)")
+    settings.set_defaults(run=_config_settings)
 
     models = commands.add_parser("models", help="segmentation models: bundled and in extra folders")
     models_commands = models.add_subparsers(dest="models_command", required=True)
@@ -459,7 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.run(args))
     except ConfigError as exc:
-        print(f"musclenode: configuration error: {exc}", file=sys.stderr)
+        for problem in str(exc).splitlines():
+            print(f"musclenode: configuration error: {problem}", file=sys.stderr)
         return 2
 
 
