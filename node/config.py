@@ -486,6 +486,8 @@ def _flatten(document: Mapping[str, Any], source: str) -> dict[str, Any]:
         if section in ("peers", "destinations"):
             flat[section] = body
             continue
+        if section == "dashboard":
+            continue  # read and checked by node.dashboard.settings
         if not isinstance(body, dict):
             raise ConfigError(f"{section}: unknown setting (from {source})")
         for key, value in body.items():

@@ -18,7 +18,7 @@ from typing import Sequence
 from pydicom.dataset import Dataset
 
 from ..config import Config
-from reports.pipeline import PipelineError, PipelineSettings, WorkItem, run
+from reports.pipeline import PipelineError, PipelineSettings, WorkItem, cohort_rows, run
 
 from .. import __version__
 from ..network.export import Exporter
@@ -178,6 +178,9 @@ class Workers:
             "steps": {k: round(v, 2) for k, v in results.seconds.items()},
             "destinations": [d.name for d in destinations], "not_sent": why_none,
             "findings": len(results.label_map.findings),
+            # The cohort rows of ``musclenode process`` (no patient identifiers): the dashboard's
+            # measurement table and its CSV download.
+            "measurements": cohort_rows(results, job.study_uid),
         }
         if not self.jobs.finish(job.id, summary):
             log.info("job %d finished after its series changed; its results are not exported", job.id)
