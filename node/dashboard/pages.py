@@ -17,6 +17,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+from inference.vocabulary import FatMethod, Muscle
+
 from ..config import Config, to_toml
 from ..operations.state import NodeState
 from ..orchestration.headers import parse_header
@@ -199,7 +201,7 @@ class PageData:
             entry["sent" if delivery.state == "sent" else "pending"] += 1
             if delivery.state != "sent" and delivery.last_error:
                 entry["errors"].add(delivery.last_error)
-        measurements = (job.result or {}).get("measurements")
+        measurements = [_for_people(row) for row in (job.result or {}).get("measurements") or []]
         return {
             "job": self._job_row(job), "files": files,
             "summaries": [f for f in files if f["kind"] == "summary"],
@@ -274,6 +276,22 @@ class PageData:
         """The effective configuration as TOML, secrets hidden."""
         text = to_toml(self.config) + "\n" + dashboard_toml(self.settings)
         return hide_secrets(text)
+
+
+def _for_people(row: dict[str, Any]) -> dict[str, Any]:
+    """A cohort row with muscle names, sides and fat methods as people read them."""
+    shown = dict(row)
+    try:
+        shown["muscle"] = Muscle(row["muscle"]).display
+    except (KeyError, ValueError):
+        pass
+    if row.get("side") == "both":
+        shown["side"] = "left + right"
+    try:
+        shown["fat_method"] = FatMethod(row["fat_method"]).code.meaning
+    except (KeyError, ValueError):
+        pass
+    return shown
 
 
 def _quality_items(quality: Any) -> list[tuple[str, str]]:
