@@ -170,11 +170,12 @@ def _resend(args: argparse.Namespace) -> int:
 
 
 def _config_show(args: argparse.Namespace) -> int:
-    from .dashboard.pages import dashboard_toml, hide_secrets
+    from .dashboard.pages import dashboard_toml
     from .dashboard.settings import load_dashboard_settings
 
-    text = to_toml(_load(args))
-    print(text + "\n" + hide_secrets(dashboard_toml(load_dashboard_settings(args.config))))
+    # Password hashes are printed as they are, so that the output stays a valid configuration
+    # (the dashboard's configuration page hides them).
+    print(to_toml(_load(args)) + "\n" + dashboard_toml(load_dashboard_settings(args.config)))
     return 0
 
 

@@ -131,6 +131,8 @@ def test_settings_name_the_setting_and_its_source(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"dashboard\.port: .* \(from environment variable MUSCLENODE_DASHBOARD_PORT\)"):
         load_dashboard_settings(None, environ={"MUSCLENODE_DASHBOARD_PORT": "abc"})
     assert load_dashboard_settings(None, environ={"MUSCLENODE_DASHBOARD_PORT": "0"}).port == 0
+    example = load_dashboard_settings(Path(__file__).parents[1] / "deploy" / "musclenode.example.toml", environ={})
+    assert example.port == 8090 and not example.enabled
     # The node's own loader leaves the [dashboard] table to the dashboard.
     path.write_text('[dashboard]\nport = 9000\n')
     load_config(path, environ={})
@@ -356,3 +358,29 @@ def test_downloads_and_summary_page(node: Node) -> None:
     assert rows.status_code == 200 and rows.text.splitlines()[0] == "study,muscle,side,mean_csa_mm2"
     assert client.get(f"/jobs/{node.job}/files/99").status_code == 404
     assert client.get(f"/jobs/{node.job}/summary/1.png").status_code == 404  # a SEG, not a summary page
+
+
+def test_hash_password_command_and_config_show(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.peers import REPO
+
+    made = subprocess.run([sys.executable, "-m", "node", "dashboard", "hash-password"], input="s3cret words\n",
+                          capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert made.returncode == 0, made.stderr
+    hashed = made.stdout.strip()
+    path = tmp_path / "node.toml"
+    path.write_text(f'[dashboard]\nport = 9001\n[[dashboard.users]]\nname = "ann"\nrole = "viewer"\n'
+                    f'password_hash = "{hashed}"\n')
+    settings = load_dashboard_settings(path, environ={})
+    assert Authenticator(settings).check_password("ann", "s3cret words").name == "ann"
+    empty = subprocess.run([sys.executable, "-m", "node", "dashboard", "hash-password"], input="\n",
+                           capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert empty.returncode == 1 and "empty" in empty.stderr
+    shown = subprocess.run([sys.executable, "-m", "node", "--config", str(path), "config", "show"],
+                           capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert shown.returncode == 0 and "[dashboard]" in shown.stdout and "port = 9001" in shown.stdout
+    again = tmp_path / "shown.toml"
+    again.write_text(shown.stdout)
+    assert load_dashboard_settings(again, environ={}) == settings
