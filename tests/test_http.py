@@ -96,3 +96,40 @@ def test_health_fails_below_the_disk_watermark(node_factory) -> None:
     assert "musclenode_instances_received_total 0.0" in metrics
     status, headers, metrics = _get(node.http_port, "/metrics", {"Accept": "application/openmetrics-text"})
     assert headers["Content-Type"].startswith("application/openmetrics-text") and metrics.endswith("# EOF\n")
+
+
+def test_requests_beyond_the_limit_are_answered_busy_at_once() -> None:
+    import threading
+
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from node.operations.webserver import BackgroundServer
+
+    release = threading.Event()
+    arrived = threading.Semaphore(0)
+
+    async def slow(request):
+        arrived.release()
+        await run_in_threadpool(release.wait, 60)
+        return PlainTextResponse("done")
+
+    server = BackgroundServer(Starlette(routes=[Route("/slow", slow)]), "127.0.0.1", 0, "test", threads=2,
+                              max_requests=2)
+    server.start()
+    answers: list[int] = []
+    clients = [threading.Thread(target=lambda: answers.append(_get(server.port, "/slow")[0])) for _ in range(2)]
+    try:
+        for client in clients:
+            client.start()
+        assert arrived.acquire(timeout=30) and arrived.acquire(timeout=30)
+        status, headers, body = _get(server.port, "/slow")
+        assert status == 503 and headers.get("Retry-After") == "1" and "busy" in body
+    finally:
+        release.set()
+        for client in clients:
+            client.join(timeout=30)
+        server.stop()
+    assert answers == [200, 200]
