@@ -180,7 +180,7 @@ class Workers:
             "findings": len(results.label_map.findings),
             # The cohort rows of ``musclenode process`` (no patient identifiers): the dashboard's
             # measurement table and its CSV download.
-            "measurements": cohort_rows(results, job.study_uid),
+            "measurements": [_plain(row) for row in cohort_rows(results, job.study_uid)],
         }
         if not self.jobs.finish(job.id, summary):
             log.info("job %d finished after its series changed; its results are not exported", job.id)
@@ -200,6 +200,11 @@ class Workers:
             kept.append((str(dataset.SOPInstanceUID), str(dataset.SOPClassUID),
                          str(path.relative_to(self.store.root)), kind))
         return kept
+
+
+def _plain(row: dict) -> dict:
+    """A cohort row with every value as JSON keeps it: numbers, text (as cohort.csv writes it), or null."""
+    return {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for k, v in row.items()}
 
 
 class _Superseded(Exception):
