@@ -405,6 +405,77 @@ class Rules(Section):
         40.0, "a series is axial when every slice's normal is within this angle of the head-foot axis")
 
 
+#: Dashboard roles: ``viewer`` reads; ``operator`` may also retry and resend deliveries.
+ROLES = ("viewer", "operator")
+
+
+def _argon2_hash(value: str) -> str:
+    if value:
+        import argon2  # the dashboard's password hashing; imported where a hash is checked
+
+        try:
+            argon2.extract_parameters(value)
+        except argon2.exceptions.InvalidHashError:
+            raise ValueError("must be an argon2 hash made by `musclenode dashboard hash-password`") from None
+    return value
+
+
+def _networks(value: tuple[str, ...]) -> tuple[str, ...]:
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network") from None
+    return value
+
+
+class DashboardUser(Section):
+    """A person who may log in to the dashboard (a ``[[dashboard.users]]`` table)."""
+
+    name: Annotated[str, matching(r"[A-Za-z0-9_.@-]{1,64}", "must be 1 to 64 letters, digits or _.@-")] = setting(
+        ..., "the login name")
+    role: Annotated[str, one_of(*ROLES)] = setting(..., "`viewer` (read) or `operator` (may also retry and resend)")
+    password_hash: Annotated[str, AfterValidator(_argon2_hash)] = setting(
+        "", "from `musclenode dashboard hash-password`; empty: this user logs in only through the proxy header")
+
+
+class DashboardSettings(Section):
+    """The web dashboard: where it listens, who may log in, how long a session lasts."""
+
+    host: BindAddress = setting("127.0.0.1", "address the dashboard listens on", env="MUSCLENODE_DASHBOARD_HOST")
+    port: Annotated[Integer, bounded(0, 65535, "must be 0 (off) or a TCP port between 1 and 65535")] = setting(
+        8090, "the dashboard's port; `0` turns it off (it is off anyway until someone can log in)",
+        env="MUSCLENODE_DASHBOARD_PORT")
+    session_minutes: Annotated[Number, bounded(1, 24 * 60, "must be between 1 and 1440 minutes")] = setting(
+        30.0, "a session ends this long after the last page or action (live updates do not count)")
+    session_hours: Annotated[Number, bounded(0.1, 7 * 24, "must be between 0.1 and 168 hours")] = setting(
+        12.0, "and this long after the login in any case")
+    proxy_header: Annotated[str, matching(r"[A-Za-z0-9-]{0,64}", "must be an HTTP header name")] = setting(
+        "", "single sign-on: the request header in which a reverse proxy names the user")
+    trusted_proxies: Annotated[tuple[str, ...], BeforeValidator(_split), AfterValidator(_networks)] = setting(
+        (), "addresses or networks of that proxy; the header is ignored from anywhere else")
+    users: tuple[DashboardUser, ...] = setting((), "who may log in (`[[dashboard.users]]` tables)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DashboardSettings":
+        names = [u.name for u in self.users]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise SettingError("dashboard.users", f"the name {twice[0]!r} is used twice")
+        if self.proxy_header and not self.trusted_proxies:
+            raise SettingError("dashboard.proxy_header", "needs dashboard.trusted_proxies: the reverse proxy's addresses")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the dashboard runs: a port, and a way to log in."""
+        return self.port != 0 and (bool(self.proxy_header) or any(u.password_hash for u in self.users))
+
+    def user(self, name: str) -> DashboardUser | None:
+        """The configured user of this name, or None."""
+        return next((u for u in self.users if u.name == name), None)
+
+
 class Peer(Section):
     """A DICOM application entity that may open associations to the node (a ``[[peers]]`` table)."""
 
@@ -493,6 +564,7 @@ class Config(BaseSettings):
     http: HTTPSettings = Field(default_factory=HTTPSettings)
     tls: TLS = Field(default_factory=TLS)
     rules: Rules = Field(default_factory=Rules)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     # Lists of tables come last, so that config show can write them after the sections.
     peers: tuple[Peer, ...] = Field(
         # A closed node that still answers a local echoscu or storescu out of the box.
@@ -662,7 +734,8 @@ def _message(error: Mapping[str, Any], sources: Mapping[str, str]) -> str:
         wording = f"must be {context.get('expected')}"
     else:
         wording = _WORDING.get(kind, error["msg"])
-    got = "" if kind in ("missing", "extra_forbidden") else f", got {error['input']!r}"
+    secret = any("password" in str(part) for part in loc)
+    got = "" if kind in ("missing", "extra_forbidden") or secret else f", got {error['input']!r}"
     return f"{_where(loc)}: {wording}{got} (from {_source_of(loc, sources)})"
 
 
@@ -755,10 +828,20 @@ def to_toml(config: Config) -> str:
     for section, model in _sections():
         lines.append(f"[{section}]")
         body = getattr(config, section)
+        tables = []
         for key in model.model_fields:
             source = config.sources.get(f"{section}.{key}", "default")
-            lines.append(f"{key} = {_toml_value(getattr(body, key))}  # {source}")
+            value = getattr(body, key)
+            if _is_tables(model.model_fields[key]):
+                tables.append((key, value, source))
+                continue
+            lines.append(f"{key} = {_toml_value(value)}  # {source}")
         lines.append("")
+        for key, items, source in tables:
+            for item in items:
+                lines.append(f"[[{section}.{key}]]  # {source}")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in item if v is not None]
+                lines.append("")
     for name in ("peers", "destinations"):
         items, source = getattr(config, name), config.sources.get(name, "default")
         if not items:
@@ -770,12 +853,18 @@ def to_toml(config: Config) -> str:
     return "\n".join(lines)
 
 
+def _is_tables(field: FieldInfo) -> bool:
+    """Whether a setting is a list of tables (``[[dashboard.users]]``)."""
+    args = getattr(field.annotation, "__args__", ())
+    return bool(args) and isinstance(args[0], type) and issubclass(args[0], Section)
+
+
 def _shown(field: FieldInfo) -> str:
     """A setting's default as the README's table shows it."""
     if field.is_required():
         return "required"
     value = field.default
-    if value is None or value == ():
+    if value is None or value == () or value == "":
         return "none"
     if isinstance(value, tuple):
         shown = ", ".join(f"`{v}`" if v else '`""`' for v in value[:3])
@@ -788,6 +877,11 @@ def settings_table() -> str:
     rows = ["| setting | default | environment | meaning |", "|---|---|---|---|"]
     for key, field in _settings():
         env = _extra(field, "env")
+        if _is_tables(field):
+            rows.append(f"| `[[{key}]]` | none | | {field.description} |")
+            for item_key, item_field in field.annotation.__args__[0].model_fields.items():
+                rows.append(f"| `[[{key}]] {item_key}` | {_shown(item_field)} | | {item_field.description} |")
+            continue
         rows.append(f"| `{key}` | {_shown(field)} | {f'`{env}`' if env else ''} | {field.description} |")
     for name, model in (("peers", Peer), ("destinations", Destination)):
         field = Config.model_fields[name]
