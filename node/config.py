@@ -22,6 +22,7 @@ __all__ = [
     "Peer",
     "Rules",
     "TLS",
+    "Limits",
     "ENVIRONMENT",
     "load_config",
     "to_toml",
@@ -283,6 +284,49 @@ class TLS:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one connection, one peer and one instance may take of the DICOM listener.
+
+    Attributes
+    ----------
+    request_seconds : float
+        A new connection has this long to finish its TLS handshake and send its whole
+        A-ASSOCIATE-RQ; then it is closed. Connections still waiting take no association slot.
+    idle_seconds : float
+        An association that sends nothing for this long (or stops inside a PDU) is aborted; also
+        pynetdicom's DIMSE timeout.
+    associations : int
+        Associations at most at once, all peers together; the next is rejected-transient.
+    associations_per_peer : int
+        Associations at most at once from one peer (one calling AE title at one address).
+    instance_mb : int
+        The largest dataset accepted in one C-STORE (MiB); a larger one is streamed to a temporary
+        file and refused with 0xA700 (out of resources).
+    """
+
+    request_seconds: float = 10.0
+    idle_seconds: float = 120.0
+    associations: int = 32
+    associations_per_peer: int = 8
+    instance_mb: int = 2048
+
+
+def _timeout(value: Any) -> float:
+    number = _seconds(value)
+    if number <= 0:
+        raise ValueError("must be more than 0 seconds")
+    return number
+
+
+def _check_limits(limits: Limits, sources: Mapping[str, str]) -> None:
+    if limits.associations_per_peer > limits.associations:
+        raise ConfigError(
+            f"limits.associations_per_peer: {limits.associations_per_peer} is more than limits.associations"
+            f" ({limits.associations}) (from {sources.get('limits.associations_per_peer', 'default')})"
+        )
+
+
+@dataclass(frozen=True)
 class Rules:
     """Which series the node processes; see :mod:`node.rules` for how they are applied."""
 
@@ -327,6 +371,7 @@ class Config:
     destinations: tuple[Destination, ...]
     rules: Rules
     tls: TLS = field(default_factory=TLS)
+    limits: Limits = field(default_factory=Limits)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def peer_for(self, ae_title: str, address: str) -> Peer | None:
@@ -355,7 +400,8 @@ _SCALARS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "node.data": (_path, "musclenode-data"),
     "node.open": (_boolean, False),
     "node.min_free_mb": (_non_negative_integer, 1024),
-    "node.max_pdu": (_non_negative_integer, 0),
+    # Each PDU is read whole into memory: 1 MiB bounds that, and is more than DCMTK sends (128 KiB).
+    "node.max_pdu": (_non_negative_integer, 1048576),
     "node.log_level": (_log_level, "INFO"),
     "node.log_patient_data": (_boolean, False),
     "node.log_format": (lambda v: v if v in ("json", "text") else _fail_format(), "json"),
@@ -409,6 +455,12 @@ _SCALARS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "tls.key": (_optional_path, ""),
     "tls.ca": (_optional_path, ""),
     "tls.require_client_certificate": (_boolean, False),
+    # [limits]: see Limits.
+    "limits.request_seconds": (_timeout, Limits.request_seconds),
+    "limits.idle_seconds": (_timeout, Limits.idle_seconds),
+    "limits.associations": (lambda v: _bounded(v, 1, 1000), Limits.associations),
+    "limits.associations_per_peer": (lambda v: _bounded(v, 1, 1000), Limits.associations_per_peer),
+    "limits.instance_mb": (lambda v: _bounded(v, 1, 1 << 20), Limits.instance_mb),
 }
 
 _PEER_KEYS: dict[str, tuple[Callable[[Any], Any], bool]] = {
@@ -562,6 +614,8 @@ def load_config(
     rules = Rules(**{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("rules.")})
     tls = TLS(**{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("tls.")})
     _check_tls(tls, peers, destinations, values["node.port"], sources)
+    limits = Limits(**{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("limits.")})
+    _check_limits(limits, sources)
     return Config(
         ae_title=values["node.ae_title"],
         host=values["node.host"],
@@ -591,6 +645,7 @@ def load_config(
         destinations=tuple(destinations),
         rules=rules,
         tls=tls,
+        limits=limits,
         sources=sources,
     )
 
@@ -661,8 +716,8 @@ def to_toml(config: Config) -> str:
         section, name = key.split(".", 1)
         if section == "rules":
             continue
-        if section == "tls":
-            value = getattr(config.tls, name)
+        if section in ("tls", "limits"):
+            value = getattr(getattr(config, section), name)
             sections.setdefault(section, {})[name] = "" if value is None else value
             continue
         value = getattr(config, _FIELD_OF.get(key, name))

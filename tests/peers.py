@@ -105,6 +105,8 @@ class NodeProcess:
     ae_title: str = "MUSCLENODE"
     settings: dict[str, Any] = field(default_factory=dict)
     http_port: int = field(default_factory=free_port)
+    # Extra environment variables for the node's process.
+    environment: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
     restarts: int = 0
 
@@ -138,7 +140,8 @@ class NodeProcess:
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "node", "--config", str(self.config_path), "serve"],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.environment},
         )
         log.close()
         if wait:
@@ -249,7 +252,8 @@ class Orthanc:
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config, indent=1))
         log = open(self.folder / "orthanc.log", "w")
-        self.process = subprocess.Popen([binary, str(path)], stdout=log, stderr=subprocess.STDOUT)
+        # Orthanc's DICOM side is DCMTK, which leaves Nagle's algorithm on without TCP_NODELAY=1.
+        self.process = subprocess.Popen([binary, str(path)], stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env())
         log.close()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
