@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -130,7 +131,7 @@ class NodeProcess:
         sections["http"] = {"port": self.http_port, **self.settings.get("http", {})}
         # Receive-only unless a test asks for processing: most tests check the DICOM side.
         sections["jobs"] = {"workers": 0, **self.settings.get("jobs", {})}
-        for key in ("peers", "destinations", "rules", "model", "metrics"):
+        for key in ("peers", "destinations", "rules", "model", "metrics", "limits"):
             if key in self.settings:
                 sections[key] = self.settings[key]
         write_toml(self.config_path, sections)
@@ -329,3 +330,48 @@ def bit_preserving_reference(folder: Path, files: Iterable[Path], *storescu_opti
         str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): dataset_bytes(p)
         for p in folder.iterdir() if p.is_file()
     }
+
+
+# -- raw connections: peers that misbehave -----------------------------------------------------
+
+#: The first 8 bytes of an A-ASSOCIATE-RQ PDU (PS3.8 9.3.2): type 01H, reserved, a length of 205
+#: bytes, protocol version 1. A peer that sends these and stops leaves the node inside a PDU.
+ASSOCIATE_RQ_START = b"\x01\x00" + (205).to_bytes(4, "big") + b"\x00\x01"
+
+
+def raw_connections(port: int, count: int, first_bytes: bytes = b"") -> list[socket.socket]:
+    """``count`` TCP connections to the loopback port, each having sent ``first_bytes``."""
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if first_bytes:
+            sock.sendall(first_bytes)
+        sockets.append(sock)
+    return sockets
+
+
+def is_open(sock: socket.socket) -> bool:
+    """Whether the other end has not closed the connection (looks without waiting or reading)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return True
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except OSError:
+        return False
+
+
+def wait_closed(sockets: Iterable[socket.socket], timeout: float) -> list[socket.socket]:
+    """Wait until the other end has closed each connection; return those still open at the deadline."""
+    deadline = time.monotonic() + timeout
+    still_open = []
+    for sock in sockets:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            while sock.recv(65536):
+                pass  # an A-ABORT or A-ASSOCIATE-RJ before the close is fine
+        except TimeoutError:
+            still_open.append(sock)
+        except OSError:
+            pass  # reset: closed
+    return still_open

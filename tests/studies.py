@@ -157,7 +157,8 @@ def _missing_data() -> list[Path]:
 
 
 def require_data() -> Path:
-    """Skip the calling test when the shared MyoSegmenTUM volumes are not available.
+    """Skip the calling test (fail it when ``CI`` is set) when the shared MyoSegmenTUM volumes are
+    not available.
 
     Returns
     -------
@@ -187,6 +188,9 @@ def require_data() -> Path:
         import pytest  # lazily: the module is also a command-line tool
     except ImportError:  # pragma: no cover - only without pytest
         raise FileNotFoundError(message) from None
+    if os.environ.get("CI"):
+        # CI must run every test that needs the data, never pass by skipping them.
+        pytest.fail(f"{message} (CI must have the test data)", pytrace=False)
     pytest.skip(message, allow_module_level=True)
     raise AssertionError("unreachable")  # pragma: no cover
 

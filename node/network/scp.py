@@ -14,8 +14,9 @@ Each association request is admitted against ``limits.associations`` (all peers)
 with "local limit exceeded"; connections that have not yet sent their request take no slot (see
 :mod:`node.network.server`). When an association has ended, and its threads with it, the way it
 ended is recorded in the index and the audit log: ``released`` (A-RELEASE), ``aborted`` (the peer
-sent A-ABORT), ``aborted by node`` (the node sent A-ABORT, for instance after
-``limits.idle_seconds`` of silence) or ``dropped`` (the connection closed without either).
+sent A-ABORT), ``aborted by node`` (the node's association aborted, after ``limits.idle_seconds``
+of silence for instance) or ``dropped`` (the connection closed, or broke off inside a PDU, without
+release or abort).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, _config as pynetdicom_config, build_context, evt
 from pynetdicom.events import Event
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import A_ABORT
 
 from .. import IMPLEMENTATION_VERSION_NAME
 from ..config import Config
@@ -238,9 +240,10 @@ class StorageSCP:
         # fragment goes to the dataset's temporary file.
         ae.maximum_pdu_size = self.config.max_pdu
         ae.require_called_aet = True
-        # The node admits associations itself (see _admit); pynetdicom's own count includes
-        # connections that have not yet sent their request, so it is set out of the way.
-        ae.maximum_associations = limits.associations + server.pending_limit(limits.associations) + 16
+        # The node admits associations itself (see _admit). pynetdicom's own limit counts threads,
+        # among them those of connections closed before their request, which wait out
+        # acse_timeout: it is set out of the way.
+        ae.maximum_associations = 1_000_000
         ae.acse_timeout = limits.request_seconds
         ae.network_timeout = limits.idle_seconds
         ae.dimse_timeout = limits.idle_seconds
@@ -256,7 +259,7 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_PDU_RECV, self._on_pdu_received),
-            (evt.EVT_PDU_SENT, self._on_pdu_sent),
+            (evt.EVT_ACSE_SENT, self._on_acse_sent),
             (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -378,8 +381,10 @@ class StorageSCP:
         if isinstance(event.pdu, A_ABORT_RQ):
             self._ended_as(event, "aborted")
 
-    def _on_pdu_sent(self, event: Event) -> None:
-        if isinstance(event.pdu, A_ABORT_RQ):
+    def _on_acse_sent(self, event: Event) -> None:
+        # The association itself aborting (a timeout): not the A-ABORT that the DUL answers a
+        # broken PDU with, which is how a peer killed mid-transfer usually ends (dropped).
+        if isinstance(event.primitive, A_ABORT):
             self._ended_as(event, "aborted by node")
 
     def _on_closed(self, event: Event) -> None:
@@ -411,8 +416,9 @@ class StorageSCP:
         if state.id is None:
             return  # admitted, then rejected in pynetdicom's negotiation: never accepted
         assoc = state.assoc
-        outcome = state.outcome or ("released" if assoc.is_released else "aborted by node" if assoc.is_aborted
-                                    else "dropped")
+        # Without an event that told otherwise, it ended without release or abort: pynetdicom marks
+        # a connection lost as aborted too (an A-P-ABORT indication).
+        outcome = state.outcome or ("released" if assoc.is_released else "dropped")
         series = self.index.association_ended(state.id, outcome, state.instances, state.failures)
         log.info(
             "association %d %s: %d instances stored, %d refused; handler seconds: %s",

@@ -67,8 +67,8 @@ class _Handler(RequestHandler):
             if isinstance(sock, ssl.SSLSocket):
                 sock.do_handshake()
         except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
-            log.info("connection from %s closed before any association: %s",
-                     self.client_address[0], exc.__class__.__name__ if isinstance(exc, TimeoutError) else exc)
+            log.debug("connection from %s closed before its association request: %s",
+                      self.client_address[0], "timed out" if isinstance(exc, TimeoutError) else exc)
             self.server.forget(sock)
             self.server.shutdown_request(sock)
             return
@@ -107,6 +107,7 @@ class GuardedServer(ThreadedAssociationServer):
         self._pending: collections.OrderedDict[int, socket.socket] = collections.OrderedDict()
         self._sockets: dict[int, socket.socket] = {}
         self._lock = threading.Lock()
+        self._evicted = 0
         super().__init__(*args, request_handler=_Handler, **kwargs)
         self.bind(evt.EVT_CONN_OPEN, self._on_open)
         self.bind(evt.EVT_REQUESTED, self._on_requested)
@@ -128,9 +129,11 @@ class GuardedServer(ThreadedAssociationServer):
             self._pending[id(request)] = request
             if len(self._pending) > self.max_pending:
                 _, evicted = self._pending.popitem(last=False)
+                self._evicted += 1
         if evicted is not None:
-            log.warning("more than %d connections waiting for an association request: closing the oldest",
-                        self.max_pending)
+            if self._evicted % 100 == 1:  # a flood must not flood the log as well
+                log.warning("more than %d connections waiting for an association request: closing the oldest"
+                            " (%d so far)", self.max_pending, self._evicted)
             _shut(evicted)
         return True
 
@@ -174,7 +177,9 @@ class GuardedServer(ThreadedAssociationServer):
 def _shut(sock: socket.socket) -> None:
     """Make a connection's blocked reads return, so that its threads end and it is closed."""
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        # The plain socket's shutdown, also for a TLS socket: SSLSocket.shutdown() would drop its
+        # TLS state under a handshake running in another thread.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
     except OSError:
         pass
 
