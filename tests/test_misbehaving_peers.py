@@ -207,3 +207,25 @@ def test_an_unknown_pynetdicom_release_gets_the_stock_server_and_a_warning(monke
         assoc.release()
     finally:
         stock.shutdown()
+
+
+# -- the settings ------------------------------------------------------------------------------
+
+
+def test_limits_settings_are_checked_and_named(tmp_path: Path) -> None:
+    from node.config import ConfigError, load_config
+    from tests.peers import write_toml
+
+    def load(limits: dict) -> object:
+        return load_config(write_toml(tmp_path / "limits.toml", {"limits": limits}), environ={}).limits
+
+    assert load({}).associations == 32
+    assert load({"request_seconds": 2.5, "associations": 4, "associations_per_peer": 4}).request_seconds == 2.5
+    with pytest.raises(ConfigError, match=r"^limits\.request_seconds: must be more than 0 seconds, got 0 "):
+        load({"request_seconds": 0})
+    with pytest.raises(ConfigError, match=r"^limits\.associations_per_peer: 9 is more than limits\.associations"):
+        load({"associations": 8, "associations_per_peer": 9})
+    with pytest.raises(ConfigError, match=r"^limits\.instance_mb: must be between 1 and"):
+        load({"instance_mb": 0})
+    with pytest.raises(ConfigError, match=r"^limits\.burst: unknown setting"):
+        load({"burst": 1})
