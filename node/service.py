@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 from pathlib import Path
 
 from pydicom import dcmread
 
 from .operations import logs
-
-from .network import reactor
 
 from .network import tls
 from .orchestration.assembly import Assembler
@@ -23,6 +20,7 @@ from .operations.http import StatusServer, prometheus_text
 from .storage.index import Index, InstanceRecord
 from .storage.jobs import JobQueue
 from .orchestration.rules import Decision
+from .network.filemeta import dataset_offset
 from .network.scp import StorageSCP, inspect
 from .storage.store import InstanceStore
 from .orchestration.worker import Workers, submit_selected
@@ -100,8 +98,6 @@ class Node:
 
     def start(self) -> None:
         """Recover from the previous run if it did not stop cleanly, then listen."""
-        if os.environ.get("MUSCLENODE_TMP_REACTOR"):  # TEMPORARY, for the side-by-side benchmark
-            reactor.install()
         marker = self.config.data / _CLEAN_STOP
         if marker.exists():
             marker.unlink()
@@ -182,8 +178,7 @@ def source_ae_title(path: Path) -> str:
 def record_for_file(path: Path, relative: str) -> InstanceRecord:
     """The index record of a stored file, made the way the SCP makes it on receipt."""
     raw = path.read_bytes()
-    (meta_length,) = struct.unpack_from("<I", raw, 140)
-    stream = raw[144 + meta_length :]
+    stream = raw[dataset_offset(raw):]
     syntax = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
     found, header_bytes = inspect(stream, syntax)
     return InstanceRecord(

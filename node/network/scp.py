@@ -46,7 +46,7 @@ from ..operations.logs import audit
 from ..storage.index import Index, InstanceRecord
 from ..storage.store import DiskFull, FileRange, InstanceStore
 from . import server
-from .filemeta import file_preamble_and_meta
+from .filemeta import dataset_offset, file_preamble_and_meta
 from .integrity import DEFLATED, DatasetTooLarge, IncompleteDataset, Scan, inflate, scan
 from .tls import peer_certificate, server_context
 
@@ -173,11 +173,10 @@ def inspect(stream: bytes | memoryview, transfer_syntax: str, max_size: int | No
 
 
 def _dataset_offset(part10: bytes | mmap.mmap) -> int:
-    """Where the dataset starts in a Part 10 file: after preamble, prefix and file meta group."""
-    if len(part10) < 144 or part10[128:132] != b"DICM":
-        raise IncompleteDataset("the received file has no file meta information")
-    (meta_length,) = struct.unpack_from("<I", part10, 140)
-    return 144 + meta_length
+    try:
+        return dataset_offset(part10)
+    except ValueError as exc:
+        raise IncompleteDataset(f"the received file: {exc}") from None
 
 
 def _prefer_senders_transfer_syntax(assoc: Any) -> None:
