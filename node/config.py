@@ -282,8 +282,9 @@ class NodeSettings(Section):
     min_free_mb: NonNegative = setting(
         1024, "below this much free disk, C-STORE is answered 0xA700 (out of resources) and nothing is written",
         env="MUSCLENODE_MIN_FREE_MB", shortcut="min_free_mb")
-    max_pdu: NonNegative = setting(0, "maximum PDU the node receives; `0`: no limit",
-                                   env="MUSCLENODE_MAX_PDU", shortcut="max_pdu")
+    max_pdu: NonNegative = setting(
+        1048576, "maximum PDU the node receives (each PDU is held in memory whole; `0` means no limit)",
+        env="MUSCLENODE_MAX_PDU", shortcut="max_pdu")
     log_level: Annotated[str, one_of("DEBUG", "INFO", "WARNING", "ERROR", fold=str.upper)] = setting(
         "INFO", "DEBUG, INFO, WARNING, ERROR", env="MUSCLENODE_LOG_LEVEL", shortcut="log_level")
     log_patient_data: bool = setting(False, "logs carry no patient identifiers unless this is set",
@@ -376,6 +377,28 @@ class TLS(Section):
                                " checked against")
     require_client_certificate: bool = setting(
         False, "every TLS caller must present a certificate signed by `tls.ca`")
+
+
+class Limits(Section):
+    """What one connection, one peer and one instance may take of the DICOM listener (``[limits]``)."""
+
+    request_seconds: Annotated[Number, bounded(0.001, 86400, "must be more than 0 seconds")] = setting(
+        10.0, "a new connection has this long for its TLS handshake and its whole A-ASSOCIATE-RQ, then it is"
+        " closed (connections still waiting take no association slot)")
+    idle_seconds: Annotated[Number, bounded(0.001, 86400, "must be more than 0 seconds")] = setting(
+        120.0, "an association silent this long (or stopped inside a PDU) is aborted by the node")
+    associations: Annotated[Integer, bounded(1, 1000)] = setting(32, "associations at once, all peers together")
+    associations_per_peer: Annotated[Integer, bounded(1, 1000)] = setting(
+        8, "associations at once from one peer (one calling AE title at one address)")
+    instance_mb: Annotated[Integer, bounded(1, 1 << 20)] = setting(
+        2048, "the largest instance accepted (MiB); a larger one is refused with 0xA700 (out of resources)")
+
+    @model_validator(mode="after")
+    def _per_peer_within_all(self) -> "Limits":
+        if self.associations_per_peer > self.associations:
+            raise SettingError("limits.associations_per_peer", f"{self.associations_per_peer} is more than"
+                               f" limits.associations ({self.associations})")
+        return self
 
 
 class Rules(Section):
@@ -563,6 +586,7 @@ class Config(BaseSettings):
     reference: ReferenceSettings = Field(default_factory=ReferenceSettings)
     http: HTTPSettings = Field(default_factory=HTTPSettings)
     tls: TLS = Field(default_factory=TLS)
+    limits: Limits = Field(default_factory=Limits)
     rules: Rules = Field(default_factory=Rules)
     dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     # Lists of tables come last, so that config show can write them after the sections.

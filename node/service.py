@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import threading
 from pathlib import Path
 
 from pydicom import dcmread
 
 from .operations import logs
-
-from .network import reactor
 
 from .network import tls
 from .orchestration.assembly import Assembler
@@ -27,6 +24,7 @@ from .operations.webserver import BackgroundServer
 from .storage.index import Index, InstanceRecord
 from .storage.jobs import JobQueue
 from .orchestration.rules import Decision
+from .network.filemeta import dataset_offset
 from .network.scp import StorageSCP, inspect
 from .storage.store import InstanceStore
 from .orchestration.worker import Workers, submit_selected
@@ -99,7 +97,6 @@ class Node:
 
     def start(self) -> None:
         """Recover from the previous run if it did not stop cleanly, then listen."""
-        reactor.install()
         marker = self.config.data / _CLEAN_STOP
         if marker.exists():
             marker.unlink()
@@ -210,8 +207,7 @@ def source_ae_title(path: Path) -> str:
 def record_for_file(path: Path, relative: str) -> InstanceRecord:
     """The index record of a stored file, made the way the SCP makes it on receipt."""
     raw = path.read_bytes()
-    (meta_length,) = struct.unpack_from("<I", raw, 140)
-    stream = raw[144 + meta_length :]
+    stream = raw[dataset_offset(raw):]
     syntax = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
     found, header_bytes = inspect(stream, syntax)
     return InstanceRecord(

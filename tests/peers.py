@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -111,6 +112,8 @@ class NodeProcess:
     settings: dict[str, Any] = field(default_factory=dict)
     http_port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
+    # Extra environment variables for the node's process.
+    environment: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen | None = None
     restarts: int = 0
 
@@ -137,7 +140,7 @@ class NodeProcess:
         # The dashboard only where a test asks for it (its users), on a free port.
         if "dashboard" in self.settings:
             sections["dashboard"] = {"port": self.dashboard_port, **self.settings["dashboard"]}
-        for key in ("peers", "destinations", "rules", "model", "metrics"):
+        for key in ("peers", "destinations", "rules", "model", "metrics", "limits"):
             if key in self.settings:
                 sections[key] = self.settings[key]
         write_toml(self.config_path, sections)
@@ -147,7 +150,8 @@ class NodeProcess:
         log = open(self.log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "node", "--config", str(self.config_path), "serve"],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.environment},
         )
         log.close()
         if wait:
@@ -258,7 +262,8 @@ class Orthanc:
         path = self.folder / "orthanc.json"
         path.write_text(json.dumps(config, indent=1))
         log = open(self.folder / "orthanc.log", "w")
-        self.process = subprocess.Popen([binary, str(path)], stdout=log, stderr=subprocess.STDOUT)
+        # Orthanc's DICOM side is DCMTK, which leaves Nagle's algorithm on without TCP_NODELAY=1.
+        self.process = subprocess.Popen([binary, str(path)], stdout=log, stderr=subprocess.STDOUT, env=dcmtk_env())
         log.close()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -334,3 +339,48 @@ def bit_preserving_reference(folder: Path, files: Iterable[Path], *storescu_opti
         str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): dataset_bytes(p)
         for p in folder.iterdir() if p.is_file()
     }
+
+
+# -- raw connections: peers that misbehave -----------------------------------------------------
+
+#: The first 8 bytes of an A-ASSOCIATE-RQ PDU (PS3.8 9.3.2): type 01H, reserved, a length of 205
+#: bytes, protocol version 1. A peer that sends these and stops leaves the node inside a PDU.
+ASSOCIATE_RQ_START = b"\x01\x00" + (205).to_bytes(4, "big") + b"\x00\x01"
+
+
+def raw_connections(port: int, count: int, first_bytes: bytes = b"") -> list[socket.socket]:
+    """``count`` TCP connections to the loopback port, each having sent ``first_bytes``."""
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if first_bytes:
+            sock.sendall(first_bytes)
+        sockets.append(sock)
+    return sockets
+
+
+def is_open(sock: socket.socket) -> bool:
+    """Whether the other end has not closed the connection (looks without waiting or reading)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return True
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except OSError:
+        return False
+
+
+def wait_closed(sockets: Iterable[socket.socket], timeout: float) -> list[socket.socket]:
+    """Wait until the other end has closed each connection; return those still open at the deadline."""
+    deadline = time.monotonic() + timeout
+    still_open = []
+    for sock in sockets:
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            while sock.recv(65536):
+                pass  # an A-ABORT or A-ASSOCIATE-RJ before the close is fine
+        except TimeoutError:
+            still_open.append(sock)
+        except OSError:
+            pass  # reset: closed
+    return still_open

@@ -27,3 +27,20 @@ def test_file_meta_reads_back() -> None:
         assert meta.get("SourceApplicationEntityTitle") == source
         assert meta.FileMetaInformationGroupLength == len(data) - 132 - 12
         assert read.PatientName == "X"
+
+
+def test_dataset_offset_finds_the_dataset_after_any_file_meta(tmp_path) -> None:
+    import pytest
+    from pydicom.data import get_testdata_file
+
+    from node.network.filemeta import dataset_offset
+
+    for source in ("STORESCU", None, "ODD"):
+        meta = file_preamble_and_meta("1.2.840.10008.5.1.4.1.1.4", "1.2.3.45", "1.2.840.10008.1.2.1", source)
+        assert dataset_offset(meta + b"\x08\x00") == len(meta)
+    # A file pydicom wrote, with its own file meta group.
+    raw = open(get_testdata_file("MR_small.dcm"), "rb").read()
+    read = dcmread(io.BytesIO(raw))
+    assert dataset_offset(raw) == 132 + 12 + read.file_meta.FileMetaInformationGroupLength
+    with pytest.raises(ValueError, match="not a DICOM file"):
+        dataset_offset(b"\x00" * 200)

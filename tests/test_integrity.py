@@ -74,3 +74,19 @@ def test_garbage_is_caught() -> None:
         scan(b"\x08\x00\x18\x00UI\xff\x7f" + b"1.2.3", implicit=False)
     with pytest.raises(IncompleteDataset):
         scan(b"", implicit=True)
+
+
+def test_inflate_stops_at_the_size_limit() -> None:
+    """A few kilobytes of deflate can stand for gigabytes: inflating stops past the limit."""
+    from node.network.integrity import DatasetTooLarge
+
+    data = b"\x00" * (8 * 2**20)
+    packer = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = packer.compress(data) + packer.flush()
+    assert len(deflated) < 2**16
+    assert inflate(deflated, max_size=len(data)) == data
+    assert inflate(deflated) == data
+    with pytest.raises(DatasetTooLarge):
+        inflate(deflated, max_size=2**20)
+    with pytest.raises(DatasetTooLarge):
+        inflate(deflated, max_size=len(data) - 1)

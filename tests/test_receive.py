@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE
 
 from tests.dicomfiles import SAMPLES, STORESCU_PROPOSE, dataset_bytes, sample, transfer_syntax
-from tests.peers import bit_preserving_reference, run_dcmtk
+from tests.peers import bit_preserving_reference, dcmtk_env, require_tool, run_dcmtk
 
 
 def _stored(node, sop_instance_uid: str) -> Path:
@@ -160,3 +162,58 @@ def test_below_the_disk_watermark_the_node_answers_out_of_resources(node_factory
     assert not list(node.data.glob("studies/*/*/*.dcm"))
     assert not list(node.data.glob("incoming/*"))
     assert node.status()["counts"]["instances"] == 0
+
+
+# -- how associations end: status and audit log tell release, abort and a dropped connection apart --
+
+
+def _ended(node, calling: str) -> tuple[dict, dict]:
+    """The status row and the audit record of the (single) association from ``calling``, once ended."""
+    status = node.wait_for(
+        lambda s: any(a["calling_ae"] == calling and a["ended"] for a in s["associations"]),
+        what=f"the association from {calling} to end",
+    )
+    (row,) = [a for a in status["associations"] if a["calling_ae"] == calling]
+    records = [json.loads(line) for line in (node.data / "audit.log").read_text().splitlines()]
+    (record,) = [r for r in records if r["event"] == "association ended" and r["calling_ae"] == calling]
+    return row, record
+
+
+def test_release_abort_and_dropped_connection_are_recorded_apart(node) -> None:
+    path = sample("explicit VR little endian")
+    assert node.storescu([path], calling="RELEASER").returncode == 0
+    aborted = node.storescu([path], "--abort", calling="ABORTER")
+    assert "Store Failed" not in aborted.stderr, aborted.stderr
+    # A sender killed in the middle of its transfer: the connection drops without release or abort.
+    sender = subprocess.Popen(
+        [require_tool("storescu"), "-aet", "DROPPER", "-aec", node.ae_title, "--repeat", "1000000",
+         "127.0.0.1", str(node.port), str(path)],
+        env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        node.wait_for(lambda s: any(a["calling_ae"] == "DROPPER" for a in s["associations"]),
+                      what="the DROPPER association accepted")
+    finally:
+        sender.kill()
+        sender.wait()
+
+    outcomes = {calling: _ended(node, calling) for calling in ("RELEASER", "ABORTER", "DROPPER")}
+    assert {calling: row["outcome"] for calling, (row, _) in outcomes.items()} == {
+        "RELEASER": "released", "ABORTER": "aborted", "DROPPER": "dropped"}
+    assert {calling: record["outcome"] for calling, (_, record) in outcomes.items()} == {
+        "RELEASER": "released", "ABORTER": "aborted", "DROPPER": "dropped"}
+    assert outcomes["RELEASER"][0]["instances"] == 1
+    # musclenode status shows them too, in words.
+    text = node.cli("status").stdout
+    assert "aborted" in text and "dropped" in text and "released" in text
+
+
+def test_an_association_silent_too_long_is_aborted_by_the_node(node_factory) -> None:
+    node = node_factory(limits={"idle_seconds": 2})
+    ae = AE(ae_title="SILENT")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    row, record = _ended(node, "SILENT")
+    assert row["outcome"] == record["outcome"] == "aborted by node"
+    assert assoc.is_aborted or not assoc.is_established

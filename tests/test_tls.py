@@ -22,7 +22,10 @@ from node.config import ConfigError, Destination, load_config
 from node.network.export import Exporter
 from node.storage.deliveries import ExportQueue
 from node.network.tls import client_context, server_context
-from tests.peers import NodeProcess, dcmtk_env, free_port, require_tool, run_dcmtk, write_toml
+from tests.peers import (
+    NodeProcess, dcmtk_env, free_port, is_open, raw_connections, require_tool, run_dcmtk, wait_closed, wait_port,
+    write_toml,
+)
 
 MR = get_testdata_file("MR_small.dcm")
 
@@ -133,6 +136,31 @@ def test_echoscu_and_storescu_over_tls(tls_node_factory, pki: Path) -> None:
     assert run_dcmtk("echoscu", "-aec", "MUSCLENODE", "127.0.0.1", str(node.port)).returncode == 0
 
 
+def test_idle_connection_to_the_tls_port_blocks_no_one(tls_node_factory, pki: Path) -> None:
+    """A connection that never starts its handshake does not stop TLS associations (the handshake
+    runs off the accepting thread), and is closed after limits.request_seconds."""
+    node = tls_node_factory(limits={"request_seconds": 600})
+    port = node.tls["port"]
+    idle = raw_connections(port, 3)
+    try:
+        echo = run_dcmtk("echoscu", *_client_tls(pki), "-aec", "MUSCLENODE", "127.0.0.1", str(port))
+        assert echo.returncode == 0, echo.stdout + echo.stderr
+        assert all(is_open(sock) for sock in idle)  # they stood while the echo went through
+    finally:
+        for sock in idle:
+            sock.close()
+
+    short = tls_node_factory("short", limits={"request_seconds": 2})
+    idle = raw_connections(short.tls["port"], 3)
+    try:
+        assert wait_closed(idle, timeout=90) == []
+    finally:
+        for sock in idle:
+            sock.close()
+    echo = run_dcmtk("echoscu", *_client_tls(pki), "-aec", "MUSCLENODE", "127.0.0.1", str(short.tls["port"]))
+    assert echo.returncode == 0, echo.stdout + echo.stderr
+
+
 def test_untrusted_server_certificate_is_refused_by_dcmtk(tls_node_factory, pki: Path) -> None:
     """The client side of the check: DCMTK verifying against another CA refuses the node."""
     node = tls_node_factory()
@@ -194,15 +222,10 @@ def _storescp(folder: Path, pki: Path, port: int) -> subprocess.Popen:
          str(pki / "ca.crt"), "-od", str(folder), "-aet", "PACS", str(port)],
         env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return scp
-        except OSError:
-            time.sleep(0.05)
-    scp.kill()
-    raise AssertionError("storescp did not listen")
+    if not wait_port(port):
+        scp.kill()
+        raise AssertionError("storescp did not listen")
+    return scp
 
 
 def _export_config(tmp_path: Path, pki: Path, port: int):
@@ -254,7 +277,7 @@ def test_export_to_a_plain_storescp_fails_and_stays_pending(tmp_path: Path, pki:
     scp = subprocess.Popen([require_tool("storescp"), "-od", str(received), "-aet", "PACS", str(port)],
                            env=dcmtk_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
+        assert wait_port(port), "storescp did not listen"
         exporter.send_due()
     finally:
         scp.terminate()

@@ -12,9 +12,13 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
 
 from .. import IMPLEMENTATION_VERSION_NAME
 
-__all__ = ["file_preamble_and_meta"]
+__all__ = ["dataset_offset", "file_preamble_and_meta"]
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
+#: Where the value of (0002,0000) File Meta Information Group Length sits: after the preamble, the
+#: prefix and the element's own tag, VR and length (PS3.10 7.1); the group follows it.
+_GROUP_LENGTH_AT = len(_PREAMBLE) + 8
+_GROUP_AT = _GROUP_LENGTH_AT + 4
 
 
 def _element(element: int, vr: bytes, value: bytes, padding: bytes) -> bytes:
@@ -47,3 +51,22 @@ def file_preamble_and_meta(
         _element(0x0016, b"AE", source_ae_title.encode("ascii"), b" ") if source_ae_title else b"",
     ))
     return _PREAMBLE + struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+
+def dataset_offset(part10: bytes | memoryview) -> int:
+    """Where the dataset starts in a DICOM file: after preamble, prefix and file meta group.
+
+    Parameters
+    ----------
+    part10 : bytes-like
+        The file's first bytes (at least 144) or all of it.
+
+    Raises
+    ------
+    ValueError
+        If it does not start like a DICOM file with a file meta group length.
+    """
+    if len(part10) < _GROUP_AT or bytes(part10[128:132]) != b"DICM" or bytes(part10[132:136]) != b"\x02\x00\x00\x00":
+        raise ValueError("not a DICOM file with file meta information")
+    (group_length,) = struct.unpack_from("<I", part10, _GROUP_LENGTH_AT)
+    return _GROUP_AT + group_length

@@ -13,15 +13,36 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 
-__all__ = ["DEFLATED", "inflate", "IncompleteDataset", "Scan", "scan"]
+__all__ = ["DEFLATED", "DatasetTooLarge", "inflate", "IncompleteDataset", "Scan", "scan"]
 
 #: Deflated Explicit VR Little Endian (PS3.5 A.5): the dataset is a raw deflate stream.
 DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
-def inflate(stream: bytes) -> bytes:
-    """The dataset of a deflated transfer syntax, inflated (raw deflate, PS3.5 A.5)."""
-    return zlib.decompress(stream, -zlib.MAX_WBITS)
+class DatasetTooLarge(ValueError):
+    """The dataset is larger than the node accepts."""
+
+
+def inflate(stream: bytes | memoryview, max_size: int | None = None) -> bytes:
+    """The dataset of a deflated transfer syntax, inflated (raw deflate, PS3.5 A.5).
+
+    Raises
+    ------
+    DatasetTooLarge
+        If it inflates to more than ``max_size`` bytes (it stops there: a small deflated stream
+        can stand for a huge dataset).
+    zlib.error
+        If the stream is not raw deflate data.
+    """
+    if max_size is None:
+        return zlib.decompress(stream, -zlib.MAX_WBITS)
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    data = inflater.decompress(stream, max_size + 1)
+    if len(data) <= max_size and not inflater.unconsumed_tail:
+        data += inflater.flush()
+    if len(data) > max_size or inflater.unconsumed_tail:
+        raise DatasetTooLarge(f"the deflated dataset inflates to more than {max_size} bytes")
+    return data
 
 
 _UNDEFINED = 0xFFFFFFFF

@@ -1,13 +1,30 @@
-"""The DICOM SCP: Verification and Storage, with peers checked at association time.
+"""The DICOM SCP: Verification and Storage, with peers checked and admitted at association time.
 
 The C-STORE handler does the minimum that durability needs before it answers: check the dataset
 is complete, read its header (not its pixels), write the bytes as they came with file meta,
 fsync, rename, index. Everything slower (assembly, rules, inference) happens elsewhere.
+
+Datasets arrive through a temporary file (pynetdicom's documented
+``_config.STORE_RECV_CHUNKED_DATASET``), so that a large instance never sits in memory: it is
+checked through a memory map and copied into the store by the kernel. One larger than
+``limits.instance_mb`` is refused with 0xA700 (out of resources).
+
+Each association request is admitted against ``limits.associations`` (all peers) and
+``limits.associations_per_peer`` (one calling AE title at one address), or rejected-transient
+with "local limit exceeded"; connections that have not yet sent their request take no slot (see
+:mod:`node.network.server`). When an association has ended, and its threads with it, the way it
+ended is recorded in the index and the audit log: ``released`` (A-RELEASE), ``aborted`` (the peer
+sent A-ABORT), ``aborted by node`` (the node's association aborted, after ``limits.idle_seconds``
+of silence for instance) or ``dropped`` (the connection closed, or broke off inside a PDU, without
+release or abort).
 """
 
 from __future__ import annotations
 
 import logging
+import mmap
+import os
+import queue
 import struct
 import threading
 import time
@@ -18,19 +35,22 @@ from typing import Any, Callable
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import AE, build_context, evt
+from pynetdicom import AE, _config as pynetdicom_config, build_context, evt
 from pynetdicom.events import Event
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import A_ABORT
 
 from .. import IMPLEMENTATION_VERSION_NAME
 from ..config import Config
-from .filemeta import file_preamble_and_meta
-from ..storage.index import Index, InstanceRecord
 from ..operations.logs import audit
-from .integrity import DEFLATED, IncompleteDataset, Scan, inflate, scan
-from ..storage.store import DiskFull, InstanceStore
+from ..storage.index import Index, InstanceRecord
+from ..storage.store import DiskFull, FileRange, InstanceStore
+from . import server
+from .filemeta import dataset_offset, file_preamble_and_meta
+from .integrity import DEFLATED, DatasetTooLarge, IncompleteDataset, Scan, inflate, scan
 from .tls import peer_certificate, server_context
 
-__all__ = ["STORAGE_SOP_CLASSES", "TRANSFER_SYNTAXES", "StorageSCP", "Status"]
+__all__ = ["STORAGE_SOP_CLASSES", "TRANSFER_SYNTAXES", "StorageSCP", "Status", "inspect"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +86,13 @@ TRANSFER_SYNTAXES = [
 ]
 VERIFICATION = "1.2.840.10008.1.1"
 
+#: A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4: rejected-permanent by the service user,
+#: no reason given / calling AE title not recognised; rejected-transient by the service provider
+#: (presentation related function), local limit exceeded.
+REJECT_NO_REASON = (0x01, 0x01, 0x01)
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
+
 
 class Status:
     """C-STORE status codes the node answers with (PS3.4 Annex B.2.3)."""
@@ -97,14 +124,22 @@ class Refused(Exception):
 
 @dataclass
 class _AssociationState:
-    id: int
+    assoc: Any
     calling_ae: str
     address: str
-    outcome: str = "closed"
+    #: The index's id, once the association is accepted (``None``: requested, not accepted).
+    id: int | None = None
+    #: How it ended, when an event told: released, aborted, aborted by node.
+    outcome: str | None = None
     instances: int = 0
     failures: int = 0
+    ending: bool = False
     # Seconds spent in the C-STORE handler by step, so a slow transfer can be explained.
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("read", "write", "index"), 0.0))
+
+    @property
+    def peer(self) -> tuple[str, str]:
+        return self.calling_ae, self.address
 
 
 # Top-level elements the store needs before it answers; everything else is read later.
@@ -114,18 +149,20 @@ _MODALITY, _SERIES_DESCRIPTION = (0x0008, 0x0060), (0x0008, 0x103E)
 _WANTED = frozenset((_SOP_CLASS, _SOP_INSTANCE, _STUDY, _SERIES, _MODALITY, _SERIES_DESCRIPTION))
 
 
-def inspect(stream: bytes, transfer_syntax: str) -> tuple[Scan, bytes]:
+def inspect(stream: bytes | memoryview, transfer_syntax: str, max_size: int | None = None) -> tuple[Scan, bytes]:
     """Check a received dataset and return its scan and its encoded header (before pixel data).
 
     Raises
     ------
     IncompleteDataset
         If the bytes are truncated, garbled or cannot be inflated.
+    DatasetTooLarge
+        If a deflated dataset inflates to more than ``max_size`` bytes.
     """
     syntax = UID(transfer_syntax)
     if syntax == DEFLATED:
         try:
-            stream = inflate(stream)
+            stream = inflate(stream, max_size)
         except zlib.error as exc:
             raise IncompleteDataset(f"deflated dataset cannot be inflated: {exc}") from None
         found = scan(stream, implicit=False, little=True, wanted=_WANTED)
@@ -133,6 +170,13 @@ def inspect(stream: bytes, transfer_syntax: str) -> tuple[Scan, bytes]:
         found = scan(stream, syntax.is_implicit_VR, syntax.is_little_endian, wanted=_WANTED)
     end = found.pixel_data_offset if found.pixel_data_offset is not None else len(stream)
     return found, bytes(stream[:end])
+
+
+def _dataset_offset(part10: bytes | mmap.mmap) -> int:
+    try:
+        return dataset_offset(part10)
+    except ValueError as exc:
+        raise IncompleteDataset(f"the received file: {exc}") from None
 
 
 def _prefer_senders_transfer_syntax(assoc: Any) -> None:
@@ -160,7 +204,7 @@ class StorageSCP:
     Parameters
     ----------
     config : Config
-        AE title, address, peers.
+        AE title, address, peers, limits.
     store : InstanceStore
         Where files go.
     index : Index
@@ -176,8 +220,11 @@ class StorageSCP:
         self.store = store
         self.index = index
         self.on_association_ended = on_association_ended
+        # Admitted associations (requested and not yet recorded as ended), by id() of pynetdicom's.
         self._associations: dict[int, _AssociationState] = {}
         self._lock = threading.Lock()
+        self._ended: queue.Queue[_AssociationState | None] = queue.Queue()
+        self._reaper: threading.Thread | None = None
         self._server: Any = None
         self._tls_server: Any = None
         # Built now, so that bad TLS files are refused (ConfigError) before anything listens.
@@ -185,14 +232,20 @@ class StorageSCP:
         self.ae = self._make_ae()
 
     def _make_ae(self) -> AE:
+        limits = self.config.limits
         ae = AE(ae_title=self.config.ae_title)
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
-        # 0 = no limit: the sender chooses its PDU size and large instances arrive in few PDUs.
+        # The largest PDU the node takes; each one is read whole into memory before its
+        # fragment goes to the dataset's temporary file.
         ae.maximum_pdu_size = self.config.max_pdu
         ae.require_called_aet = True
-        ae.maximum_associations = 32
-        ae.network_timeout = 120
-        ae.dimse_timeout = 120
+        # The node admits associations itself (see _admit). pynetdicom's own limit counts threads,
+        # among them those of connections closed before their request, which wait out
+        # acse_timeout: it is set out of the way.
+        ae.maximum_associations = 1_000_000
+        ae.acse_timeout = limits.request_seconds
+        ae.network_timeout = limits.idle_seconds
+        ae.dimse_timeout = limits.idle_seconds
         ae.add_supported_context(VERIFICATION)
         for sop_class in STORAGE_SOP_CLASSES:
             ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
@@ -204,7 +257,8 @@ class StorageSCP:
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, self._on_released),
-            (evt.EVT_ABORTED, self._on_aborted),
+            (evt.EVT_PDU_RECV, self._on_pdu_received),
+            (evt.EVT_ACSE_SENT, self._on_acse_sent),
             (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -212,95 +266,166 @@ class StorageSCP:
 
     def start(self) -> None:
         """Listen for associations (in background threads): plain, TLS, or both."""
+        # A documented pynetdicom setting: C-STORE datasets arrive in a temporary file
+        # (event.dataset_path) instead of memory. It concerns C-STORE requests received, which in
+        # this process only this SCP receives.
+        pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
+        self._reaper = threading.Thread(target=self._reap, name="association ends", daemon=True)
+        self._reaper.start()
         tls = self.config.tls
         if tls.plain:
-            self._server = self.ae.start_server(
-                (self.config.host, self.config.port), block=False, evt_handlers=self.handlers
-            )
+            self._server = self._listen(self.config.port, None)
             log.info("listening as %s on %s:%d", self.config.ae_title, self.config.host, self.config.port)
         if tls.enabled:
             try:
-                self._tls_server = self.ae.start_server(
-                    (self.config.host, tls.port), block=False, evt_handlers=self.handlers,
-                    ssl_context=self._ssl_context,
-                )
+                self._tls_server = self._listen(tls.port, self._ssl_context)
             except OSError as exc:
                 self.stop()
                 exc.setting = "tls.port"  # type: ignore[attr-defined]  # named in the refusal
                 raise
             log.info("listening as %s with TLS on %s:%d", self.config.ae_title, self.config.host, tls.port)
 
+    def _listen(self, port: int, ssl_context: Any) -> Any:
+        limits = self.config.limits
+        return server.start(
+            self.ae, (self.config.host, port), self.handlers, ssl_context=ssl_context,
+            request_seconds=limits.request_seconds, idle_seconds=limits.idle_seconds,
+            max_pending=server.pending_limit(limits.associations),
+        )
+
     @property
     def listening(self) -> bool:
         return self._server is not None or self._tls_server is not None
 
     def stop(self) -> None:
-        for server in (self._server, self._tls_server):
-            if server is not None:
-                server.shutdown()
+        for listener in (self._server, self._tls_server):
+            if listener is not None:
+                listener.shutdown()
         self._server = self._tls_server = None
+        if self._reaper is not None:
+            self._ended.put(None)
+            self._reaper.join(timeout=10)
+            self._reaper = None
 
     # -- association life cycle ---------------------------------------------------------------
 
     def _on_requested(self, event: Event) -> None:
-        calling = event.assoc.requestor.primitive.calling_ae_title.strip()
-        address = event.assoc.requestor.address
+        assoc = event.assoc
+        calling = assoc.requestor.primitive.calling_ae_title.strip()
+        address = assoc.requestor.address
         peer = self.config.peer_for(calling, address)
-        if peer is not None and peer.require_certificate and not peer_certificate(event.assoc):
-            log.warning("rejected association from %s at %s: the peer must call over TLS with a certificate",
-                        calling, address)
-            audit("association rejected", calling_ae=calling, address=address, reason="no TLS client certificate")
-            # Rejected-permanent, by the service user, no reason given (PS3.8 9.3.4).
-            event.assoc.acse.send_reject(0x01, 0x01, 0x01)
-            event.assoc.kill()
+        if peer is not None and peer.require_certificate and not peer_certificate(assoc):
+            self._reject(assoc, calling, address, REJECT_NO_REASON, "no TLS client certificate",
+                         "the peer must call over TLS with a certificate")
             return
-        if self.config.open or peer is not None:
-            _prefer_senders_transfer_syntax(event.assoc)
+        if not self.config.open and peer is None:
+            self._reject(assoc, calling, address, REJECT_CALLING_AE, "not a configured peer",
+                         "not a configured peer")
             return
-        log.warning("rejected association from %s at %s: not a configured peer", calling, address)
-        audit("association rejected", calling_ae=calling, address=address, reason="not a configured peer")
-        # Rejected-permanent, by the service user, calling AE title not recognised (PS3.8 9.3.4).
-        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        refusal = self._admit(assoc, calling, address)
+        if refusal is not None:
+            self._reject(assoc, calling, address, REJECT_LOCAL_LIMIT, refusal, refusal)
+            return
+        _prefer_senders_transfer_syntax(assoc)
+
+    def _reject(self, assoc: Any, calling: str, address: str, reason: tuple[int, int, int], audited: str,
+                logged: str) -> None:
+        log.warning("rejected association from %s at %s: %s", calling, address, logged)
+        audit("association rejected", calling_ae=calling, address=address, reason=audited)
+        assoc.acse.send_reject(*reason)
         # As pynetdicom does after its own rejections: wait until the DUL has sent the PDU, or
         # the socket would be closed under it and the peer would see an abort, not a reason.
-        event.assoc.kill()
+        assoc.kill()
 
-    def _on_accepted(self, event: Event) -> None:
-        calling = event.assoc.requestor.ae_title.strip()
-        address = event.assoc.requestor.address
-        association_id = self.index.association_started(calling, address)
+    def _admit(self, assoc: Any, calling: str, address: str) -> str | None:
+        """Take an association slot for this request, or say why there is none."""
+        limits = self.config.limits
         with self._lock:
-            self._associations[id(event.assoc)] = _AssociationState(association_id, calling, address)
-        log.info("association %d accepted from %s at %s", association_id, calling, address)
-        audit("association accepted", association=association_id, calling_ae=calling, address=address)
+            # An association whose threads ended without closing its connection (pynetdicom
+            # should not let that happen) must not keep its slot.
+            for state in self._associations.values():
+                if not state.ending and not state.assoc.is_alive():
+                    state.ending = True
+                    self._ended.put(state)
+            if len(self._associations) >= limits.associations:
+                return f"{len(self._associations)} associations open, limits.associations is {limits.associations}"
+            same_peer = sum(1 for s in self._associations.values() if s.peer == (calling, address))
+            if same_peer >= limits.associations_per_peer:
+                return (f"{same_peer} associations open from this peer,"
+                        f" limits.associations_per_peer is {limits.associations_per_peer}")
+            self._associations[id(assoc)] = _AssociationState(assoc, calling, address)
+        return None
 
     def _state(self, event: Event) -> _AssociationState | None:
         with self._lock:
             return self._associations.get(id(event.assoc))
 
-    def _on_released(self, event: Event) -> None:
+    def _on_accepted(self, event: Event) -> None:
         state = self._state(event)
-        if state is not None:
-            state.outcome = "released"
+        if state is None:
+            return
+        state.id = self.index.association_started(state.calling_ae, state.address)
+        log.info("association %d accepted from %s at %s", state.id, state.calling_ae, state.address)
+        audit("association accepted", association=state.id, calling_ae=state.calling_ae, address=state.address)
 
-    def _on_aborted(self, event: Event) -> None:
+    def _ended_as(self, event: Event, outcome: str) -> None:
         state = self._state(event)
-        if state is not None:
-            state.outcome = "aborted"
+        if state is not None and state.outcome is None:
+            state.outcome = outcome
+
+    def _on_released(self, event: Event) -> None:
+        self._ended_as(event, "released")
+
+    def _on_pdu_received(self, event: Event) -> None:
+        if isinstance(event.pdu, A_ABORT_RQ):
+            self._ended_as(event, "aborted")
+
+    def _on_acse_sent(self, event: Event) -> None:
+        # The association itself aborting (a timeout): not the A-ABORT that the DUL answers a
+        # broken PDU with, which is how a peer killed mid-transfer usually ends (dropped).
+        if isinstance(event.primitive, A_ABORT):
+            self._ended_as(event, "aborted by node")
 
     def _on_closed(self, event: Event) -> None:
         with self._lock:
-            state = self._associations.pop(id(event.assoc), None)
-        if state is None:
-            return  # rejected or never accepted
-        series = self.index.association_ended(state.id, state.outcome, state.instances, state.failures)
+            state = self._associations.get(id(event.assoc))
+            if state is None or state.ending:
+                return  # rejected before admission, or already on its way out
+            state.ending = True
+        # The connection is closed, but the association's thread may yet tell how it ended (the
+        # abort indication of a dropped connection comes after this): wait for it elsewhere.
+        self._ended.put(state)
+
+    def _reap(self) -> None:
+        """Record associations once their threads have ended (runs in its own thread)."""
+        while True:
+            state = self._ended.get()
+            if state is None:
+                return
+            state.assoc.join(timeout=self.config.limits.idle_seconds + 30)
+            try:
+                self._record_end(state)
+            except Exception:
+                log.exception("recording the end of an association failed")
+            finally:
+                with self._lock:
+                    self._associations.pop(id(state.assoc), None)
+
+    def _record_end(self, state: _AssociationState) -> None:
+        if state.id is None:
+            return  # admitted, then rejected in pynetdicom's negotiation: never accepted
+        assoc = state.assoc
+        # Without an event that told otherwise, it ended without release or abort: pynetdicom marks
+        # a connection lost as aborted too (an A-P-ABORT indication).
+        outcome = state.outcome or ("released" if assoc.is_released else "dropped")
+        series = self.index.association_ended(state.id, outcome, state.instances, state.failures)
         log.info(
             "association %d %s: %d instances stored, %d refused; handler seconds: %s",
-            state.id, state.outcome, state.instances, state.failures,
+            state.id, outcome, state.instances, state.failures,
             ", ".join(f"{step} {seconds:.3f}" for step, seconds in state.timings.items()),
         )
         audit("association ended", association=state.id, calling_ae=state.calling_ae, address=state.address,
-              outcome=state.outcome, stored=state.instances, refused=state.failures, series=len(series))
+              outcome=outcome, stored=state.instances, refused=state.failures, series=len(series))
         self.on_association_ended(series)
 
     # -- services -----------------------------------------------------------------------------
@@ -331,15 +456,37 @@ class StorageSCP:
         return Status.SUCCESS
 
     def _store(self, event: Event, state: _AssociationState | None) -> None:
+        # pynetdicom's temporary file: its own file meta, then the dataset as received.
+        with open(event.dataset_path, "rb") as received:
+            self._store_file(event, state, received.fileno())
+
+    def _store_file(self, event: Event, state: _AssociationState | None, fd: int) -> None:
         request = event.request
         transfer_syntax = str(event.context.transfer_syntax)
-        stream = request.DataSet.getvalue()
         timings = state.timings if state is not None else dict.fromkeys(("read", "write", "index"), 0.0)
         started = time.perf_counter()
+        max_size = self.config.limits.instance_mb * 2**20
+        size_on_disk = os.fstat(fd).st_size
+        if size_on_disk == 0:
+            raise Refused(Status.CANNOT_UNDERSTAND, "incomplete dataset: nothing received")
+        # Mapped, not read: only the pages that the check touches come into memory. The map is
+        # unmapped with its last reference.
+        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         try:
-            found, header_bytes = inspect(stream, transfer_syntax)
+            offset = _dataset_offset(mapped)
         except IncompleteDataset as exc:
             raise Refused(Status.CANNOT_UNDERSTAND, f"incomplete dataset: {exc}") from None
+        size = size_on_disk - offset
+        if size > max_size:
+            raise Refused(Status.OUT_OF_RESOURCES,
+                          f"{size / 2**20:.0f} MiB is over limits.instance_mb ({max_size // 2**20} MiB)")
+        stream = memoryview(mapped)[offset:]
+        try:
+            found, header_bytes = inspect(stream, transfer_syntax, max_size)
+        except IncompleteDataset as exc:
+            raise Refused(Status.CANNOT_UNDERSTAND, f"incomplete dataset: {exc}") from None
+        except DatasetTooLarge as exc:
+            raise Refused(Status.OUT_OF_RESOURCES, f"{exc}; see limits.instance_mb") from None
 
         sop_class_uid, sop_instance_uid = found.text(*_SOP_CLASS), found.text(*_SOP_INSTANCE)
         if sop_class_uid != request.AffectedSOPClassUID:
@@ -359,7 +506,8 @@ class StorageSCP:
         read_done = time.perf_counter()
         timings["read"] += read_done - started
         try:
-            self.store.write(path, [meta, stream])
+            # The dataset goes from the temporary file to the store inside the kernel.
+            self.store.write(path, [meta, FileRange(fd, offset, size)])
         except DiskFull as exc:
             raise Refused(Status.OUT_OF_RESOURCES, f"disk full: {exc}") from None
         except OSError as exc:
@@ -374,7 +522,7 @@ class StorageSCP:
                 study_uid=study_uid,
                 series_uid=series_uid,
                 path=str(path.relative_to(self.store.root)),
-                size=len(meta) + len(stream),
+                size=len(meta) + size,
                 modality=found.text(*_MODALITY),
                 series_description=found.text(*_SERIES_DESCRIPTION),
                 header_bytes=header_bytes,
@@ -385,12 +533,19 @@ class StorageSCP:
         )
         timings["index"] += time.perf_counter() - written
 
-    def _already_stored(self, sop_instance_uid: str, path: Path, stream: bytes) -> bool:
+    def _already_stored(self, sop_instance_uid: str, path: Path, stream: memoryview) -> bool:
         """Whether this exact dataset is on disk already under the same name."""
         existing = self.index.instance_path(sop_instance_uid)
-        if existing is None or self.store.root / existing != path or not path.exists():
+        if existing is None or self.store.root / existing != path:
             return False
-        on_disk = path.read_bytes()
         # Compare the dataset, not the file meta: another sender writes another Source AE Title.
-        (meta_length,) = struct.unpack_from("<I", on_disk, 140)
-        return on_disk[144 + meta_length :] == stream
+        chunk = 1 << 20
+        try:
+            with open(path, "rb") as handle:
+                offset = _dataset_offset(handle.read(144))
+                if os.fstat(handle.fileno()).st_size - offset != len(stream):
+                    return False
+                handle.seek(offset)
+                return all(handle.read(chunk) == stream[start:start + chunk] for start in range(0, len(stream), chunk))
+        except (OSError, IncompleteDataset):
+            return False

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DiskFull", "InstanceStore", "UID_PATTERN"]
+__all__ = ["DiskFull", "FileRange", "InstanceStore", "UID_PATTERN"]
 
 #: A DICOM UID: digits and dots, at most 64 characters. Checked before a UID becomes part of a
 #: path so that no sender can write outside the store.
@@ -21,6 +22,48 @@ UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
 
 class DiskFull(OSError):
     """Writing would take the data folder below its free-space watermark."""
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """``length`` bytes of the open file ``fd`` from ``offset``: a chunk that :meth:`InstanceStore.write`
+    copies inside the kernel, so that a large instance never passes through the node's memory."""
+
+    fd: int
+    offset: int
+    length: int
+
+
+def _copy_range(source: FileRange, fd: int) -> None:
+    offset, left = source.offset, source.length
+    while left:
+        try:
+            copied = os.copy_file_range(source.fd, fd, left, offset)
+        except OSError:  # across file systems on older kernels, or not supported: read and write
+            copied = os.write(fd, os.pread(source.fd, min(left, 1 << 20), offset))
+        if copied == 0:
+            raise OSError(f"the source ended {left} bytes early")
+        offset += copied
+        left -= copied
+
+
+def _write_all(fd: int, chunks: list[bytes | memoryview | FileRange]) -> None:
+    if not any(isinstance(c, FileRange) for c in chunks):
+        size = sum(len(c) for c in chunks)
+        written = os.writev(fd, chunks)
+        # writev may write less than asked for large buffers; finish the rest in order.
+        if written < size:
+            rest = b"".join(chunks)[written:]
+            while rest:
+                rest = rest[os.write(fd, rest):]
+        return
+    for chunk in chunks:
+        if isinstance(chunk, FileRange):
+            _copy_range(chunk, fd)
+        else:
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view):]
 
 
 def _fsync_directory(path: Path) -> None:
@@ -71,23 +114,18 @@ class InstanceStore:
                 f"{free // 2**20} MiB free in {self.root}, watermark {self.min_free_bytes // 2**20} MiB"
             )
 
-    def write(self, path: Path, chunks: list[bytes]) -> None:
+    def write(self, path: Path, chunks: list[bytes | memoryview | FileRange]) -> None:
         """Write ``chunks`` as the file ``path``, durably and atomically.
 
         The space check comes first, so that nothing partial is left when the disk is nearly full.
         """
-        size = sum(len(c) for c in chunks)
+        size = sum(c.length if isinstance(c, FileRange) else len(c) for c in chunks)
         self.check_space(size)
         self._ensure_directory(path.parent)
         temporary = self.incoming / f"{path.name}.{os.getpid()}.{id(chunks):x}.part"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         try:
-            written = os.writev(fd, chunks)
-            # writev may write less than asked for large buffers; finish the rest in order.
-            if written < size:
-                rest = b"".join(chunks)[written:]
-                while rest:
-                    rest = rest[os.write(fd, rest):]
+            _write_all(fd, chunks)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
