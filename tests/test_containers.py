@@ -69,10 +69,12 @@ def built(request: pytest.FixtureRequest, engine: Podman) -> Iterator[dict[str, 
     yield images
     lines = [f"{role}: {image.describe()}" for role, image in images.items()]
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and lines:
-        reporter.write_line("")
-        for line in lines:
-            reporter.write_line(f"containers: {line}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None and lines:
+        with capture.global_and_fixture_disabled():  # past pytest's capture, to the terminal
+            reporter.write_line("")
+            for line in lines:
+                reporter.write_line(f"containers: {line}")
     artifacts = Path(os.environ.get("MUSCLENODE_ARTIFACTS", REPO / "artifacts"))
     artifacts.mkdir(parents=True, exist_ok=True)
     (artifacts / "containers.json").write_text(json.dumps(
