@@ -69,7 +69,7 @@ def storescp_round(folder: Path, files: list[Path]) -> float:
 def durability_floor(folder: Path, files: list[Path]) -> float:
     """Seconds to write, fsync, rename and folder-fsync every file with nothing else going on:
     what any receiver that acknowledges only durable instances pays on this disk."""
-    from node.store import InstanceStore
+    from node.storage.store import InstanceStore
 
     store = InstanceStore(folder / "floor")
     contents = [f.read_bytes() for f in files]

@@ -75,14 +75,14 @@ def _when(timestamp: float | None) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .index import Index
+    from .storage.index import Index
 
     config = _load(args)
     if not config.index_path.exists():
         print(f"no index at {config.index_path}: the node has not received anything yet")
         return 0
-    from .export import ExportQueue
-    from .jobs import JobQueue
+    from .storage.deliveries import ExportQueue
+    from .storage.jobs import JobQueue
 
     index = Index(config.index_path)
     jobs = JobQueue(config.index_path)
@@ -151,7 +151,7 @@ def _process(args: argparse.Namespace) -> int:
     from inference.registry import load_model
     from inference.runtime import Segmenter
 
-    from .offline import process
+    from .orchestration.offline import process
     from .service import setup_logging
 
     config = _load(args)
@@ -167,7 +167,7 @@ def _process(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from .jobs import JobQueue
+    from .storage.jobs import JobQueue
 
     config = _load(args)
     jobs = JobQueue(config.index_path)
@@ -184,7 +184,7 @@ def _retry(args: argparse.Namespace) -> int:
 
 def _resend(args: argparse.Namespace) -> int:
     from .config import Destination
-    from .export import ExportQueue
+    from .storage.deliveries import ExportQueue
 
     config = _load(args)
     destination = next((d for d in config.destinations if d.name == args.destination), None)
@@ -219,7 +219,7 @@ def _label_summary(card: Any) -> str:
     for value in card.output_labels:
         info = card.labels.get(value)
         if info is not None:
-            sides.setdefault(info.muscle.replace("_", " "), []).append(info.side[0].upper())
+            sides.setdefault(info.muscle.words, []).append(info.side.letter)
     return ", ".join(f"{muscle} {'/'.join(sorted(s))}" for muscle, s in sides.items())
 
 

@@ -10,17 +10,22 @@ from pathlib import Path
 
 from pydicom import dcmread
 
-from . import logs, reactor, tls
-from .assembly import Assembler
+from .operations import logs
+
+from .network import reactor
+
+from .network import tls
+from .orchestration.assembly import Assembler
 from .config import Config, ConfigError
-from .export import Exporter, ExportQueue
-from .http import StatusServer, prometheus_text
-from .index import Index, InstanceRecord
-from .jobs import JobQueue
-from .rules import Decision
-from .scp import StorageSCP, inspect
-from .store import InstanceStore
-from .worker import Workers, submit_selected
+from .network.export import Exporter
+from .storage.deliveries import ExportQueue
+from .operations.http import StatusServer, prometheus_text
+from .storage.index import Index, InstanceRecord
+from .storage.jobs import JobQueue
+from .orchestration.rules import Decision
+from .network.scp import StorageSCP, inspect
+from .storage.store import InstanceStore
+from .orchestration.worker import Workers, submit_selected
 
 __all__ = ["Node", "setup_logging"]
 
@@ -63,7 +68,7 @@ class Node:
         self.exporter = Exporter(self.exports, config.ae_title, tls={name: client for name in tls_destinations})
         self.workers = Workers(config, self.index, self.jobs, self.exports, self.store, self.exporter)
         self.assembler = Assembler(self.index, config, on_ready=self._on_ready)
-        self.scp = StorageSCP(config, self.store, self.index, self.assembler)
+        self.scp = StorageSCP(config, self.store, self.index, self.assembler.association_ended)
         self.http: StatusServer | None = None
         self._stopped = threading.Event()
 

@@ -8,7 +8,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filewriter import dcmwrite
 
-from node.filemeta import file_preamble_and_meta
+from node.network.filemeta import file_preamble_and_meta
 
 
 def test_file_meta_reads_back() -> None:

@@ -8,9 +8,10 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
-from node.integrity import IncompleteDataset, scan
-from node.headers import inflate, parse_header
-from node.scp import inspect
+from node.network.integrity import IncompleteDataset, scan
+from node.network.integrity import inflate
+from node.orchestration.headers import parse_header
+from node.network.scp import inspect
 
 # Real files shipped with pydicom: native and encapsulated pixel data, implicit, explicit, big endian.
 FILES = [

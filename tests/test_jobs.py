@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from node.config import Destination
-from node.export import ExportQueue
-from node.jobs import JobQueue
+from node.storage.deliveries import ExportQueue
+from node.storage.jobs import JobQueue
 
 
 @pytest.fixture

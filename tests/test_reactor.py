@@ -1,6 +1,6 @@
-"""node.reactor: event-driven pynetdicom reactors, against real DCMTK and pynetdicom peers.
+"""node.network.reactor: event-driven pynetdicom reactors, against real DCMTK and pynetdicom peers.
 
-Every test runs with :func:`node.reactor.install` active in this process (the module
+Every test runs with :func:`node.network.reactor.install` active in this process (the module
 fixture removes it afterwards so other test modules see stock pynetdicom).
 """
 
@@ -29,7 +29,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, dimse_messages, dimse
 from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
 from pynetdicom.sop_class import Verification
 
-from node import reactor
+from node.network import reactor
 
 HAVE_DCMTK = all(shutil.which(tool) for tool in ("storescu", "echoscu", "storescp"))
 needs_dcmtk = pytest.mark.skipif(not HAVE_DCMTK, reason="DCMTK tools not installed")

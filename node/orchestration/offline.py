@@ -19,9 +19,11 @@ from typing import Iterable, Sequence, TextIO
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from .config import Config
+from reports.pipeline import PipelineError, PipelineSettings, WorkItem, cohort_rows, run
+
+from .. import __version__
+from ..config import Config
 from .headers import summarise
-from .pipeline import PipelineError, PipelineSettings, WorkItem, cohort_rows, run
 from .rules import Decision, SeriesHeaders, decide_study
 
 __all__ = ["CohortSummary", "find_work", "process"]
@@ -109,7 +111,7 @@ def process(paths: Sequence[Path], out: Path, config: Config, segmenter, stream:
     _progress(0, len(work), "finding series", stream)
     for number, (study_uid, item, label) in enumerate(work, start=1):
         try:
-            results = run(item, segmenter, settings)
+            results = run(item, segmenter, settings, software_version=__version__)
         except PipelineError as exc:
             summary.failed += 1
             log.warning("study %s, %s: %s", study_uid, label, exc)

@@ -10,7 +10,7 @@ import struct
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID
 
-from . import IMPLEMENTATION_VERSION_NAME
+from .. import IMPLEMENTATION_VERSION_NAME
 
 __all__ = ["file_preamble_and_meta"]
 

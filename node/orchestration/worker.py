@@ -17,13 +17,17 @@ from typing import Sequence
 
 from pydicom.dataset import Dataset
 
-from .config import Config
-from .export import Exporter, ExportQueue, destinations_for
-from .index import Index
-from .jobs import Job, JobQueue
-from .pipeline import PipelineError, PipelineSettings, WorkItem, run
+from ..config import Config
+from reports.pipeline import PipelineError, PipelineSettings, WorkItem, run
+
+from .. import __version__
+from ..network.export import Exporter
+from ..storage.deliveries import ExportQueue
+from .routing import destinations_for
+from ..storage.index import Index
+from ..storage.jobs import Job, JobQueue
 from .rules import Decision
-from .store import InstanceStore
+from ..storage.store import InstanceStore
 
 __all__ = ["Workers", "submit_selected"]
 
@@ -145,7 +149,7 @@ class Workers:
         started = time.perf_counter()
         try:
             item = self._work_item(job)
-            results = run(item, segmenter, self._settings)
+            results = run(item, segmenter, self._settings, software_version=__version__)
         except _Superseded:
             log.info("job %d: its series changed; a newer job follows", job.id)
             self.jobs.supersede(job.id, "the series changed before it ran; a newer job follows")

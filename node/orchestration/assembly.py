@@ -15,9 +15,9 @@ from typing import Callable
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from .config import Config
+from ..config import Config
 from .headers import parse_header, summarise
-from .index import Index
+from ..storage.index import Index
 from .rules import Decision, SeriesHeaders, decide_study
 
 __all__ = ["Assembler"]

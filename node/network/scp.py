@@ -14,22 +14,20 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, build_context, evt
 from pynetdicom.events import Event
 
-from . import IMPLEMENTATION_VERSION_NAME
-from .assembly import Assembler
-from .config import Config
+from .. import IMPLEMENTATION_VERSION_NAME
+from ..config import Config
 from .filemeta import file_preamble_and_meta
-from .headers import DEFLATED, inflate
-from .index import Index, InstanceRecord
-from .logs import audit
-from .integrity import IncompleteDataset, Scan, scan
-from .store import DiskFull, InstanceStore
+from ..storage.index import Index, InstanceRecord
+from ..operations.logs import audit
+from .integrity import DEFLATED, IncompleteDataset, Scan, inflate, scan
+from ..storage.store import DiskFull, InstanceStore
 from .tls import peer_certificate, server_context
 
 __all__ = ["STORAGE_SOP_CLASSES", "TRANSFER_SYNTAXES", "StorageSCP", "Status"]
@@ -167,15 +165,17 @@ class StorageSCP:
         Where files go.
     index : Index
         Where they are recorded.
-    assembler : Assembler
-        Told when an association ends.
+    on_association_ended : callable
+        Called with the UIDs of the series that received instances when an association ends
+        (the node's assembler, which starts their quiet time).
     """
 
-    def __init__(self, config: Config, store: InstanceStore, index: Index, assembler: Assembler) -> None:
+    def __init__(self, config: Config, store: InstanceStore, index: Index,
+                 on_association_ended: Callable[[list[str]], None]) -> None:
         self.config = config
         self.store = store
         self.index = index
-        self.assembler = assembler
+        self.on_association_ended = on_association_ended
         self._associations: dict[int, _AssociationState] = {}
         self._lock = threading.Lock()
         self._server: Any = None
@@ -301,7 +301,7 @@ class StorageSCP:
         )
         audit("association ended", association=state.id, calling_ae=state.calling_ae, address=state.address,
               outcome=state.outcome, stored=state.instances, refused=state.failures, series=len(series))
-        self.assembler.association_ended(series)
+        self.on_association_ended(series)
 
     # -- services -----------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
-from .config import Config, ConfigError
+from ..config import Config, ConfigError
 
 __all__ = ["server_context", "client_context", "peer_certificate"]
 

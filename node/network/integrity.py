@@ -10,9 +10,19 @@ the store needs), so that the C-STORE handler needs no full parse.
 from __future__ import annotations
 
 import struct
+import zlib
 from dataclasses import dataclass, field
 
-__all__ = ["IncompleteDataset", "Scan", "scan"]
+__all__ = ["DEFLATED", "inflate", "IncompleteDataset", "Scan", "scan"]
+
+#: Deflated Explicit VR Little Endian (PS3.5 A.5): the dataset is a raw deflate stream.
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def inflate(stream: bytes) -> bytes:
+    """The dataset of a deflated transfer syntax, inflated (raw deflate, PS3.5 A.5)."""
+    return zlib.decompress(stream, -zlib.MAX_WBITS)
+
 
 _UNDEFINED = 0xFFFFFFFF
 _ITEM = (0xFFFE, 0xE000)

@@ -1,0 +1,1 @@
+"""Operations: structured and audit logs, and the health and metrics endpoint."""
