@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the tests need on a fresh Debian machine with Python 3.11, then run them all.
 #   bash deploy/test.sh [pytest arguments]
-# Debian packages: the real peers the tests talk to (DCMTK, Orthanc). Python: a virtual
-# environment in .venv with musclenode and its test extra.
+# Debian packages: the real peers the tests talk to (DCMTK, Orthanc) and podman for the container
+# tests. Python: a virtual environment in .venv with musclenode and its test extra.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +19,15 @@ command -v openssl >/dev/null || need+=(openssl)
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v chromium >/dev/null || need+=(chromium)
 command -v npm >/dev/null || need+=(nodejs npm)
+# Containers (tests/test_containers.py): podman with runc (crun refuses hybrid cgroup layouts),
+# catatonit for kube play's pause image, debootstrap for the base image built from the Debian archive.
+command -v podman >/dev/null || need+=(podman)
+command -v runc >/dev/null || need+=(runc)
+command -v catatonit >/dev/null || need+=(catatonit)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v newuidmap >/dev/null || need+=(uidmap)
+command -v fuse-overlayfs >/dev/null || need+=(fuse-overlayfs)
+command -v slirp4netns >/dev/null || need+=(slirp4netns)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -38,8 +38,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    print(f"musclenode {__version__} listening as {config.ae_title} on {config.host}:{config.port},"
-          f" data in {config.data.resolve()}", flush=True)
+    logging.getLogger("node").info("musclenode %s listening as %s on %s:%d, data in %s", __version__,
+                                   config.ae_title, config.host, config.port, config.data.resolve())
     node.wait()
     return 0
 

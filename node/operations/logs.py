@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,9 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(level: str, log_format: str, data: Path | None) -> None:
-    """Configure the root logger and, when a data folder is given, the audit log in it."""
-    handler = logging.StreamHandler()
+    """Configure the root logger (to standard output, where container engines and journald collect
+    it) and, when a data folder is given, the audit log in it."""
+    handler = logging.StreamHandler(sys.stdout)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
