@@ -19,6 +19,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Destination",
+    "Pacs",
     "Peer",
     "Rules",
     "TLS",
@@ -253,6 +254,31 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class Pacs:
+    """An archive that cohorts are queried from and retrieved from (``musclenode cohort``).
+
+    Attributes
+    ----------
+    name : str
+        What commands call it (``--pacs NAME``).
+    ae_title, host, port
+        Its query/retrieve SCP: C-FIND, and C-MOVE or C-GET.
+    retrieve : {"move", "get", "dicomweb"}
+        How ``cohort fetch`` retrieves: C-MOVE to this node (the archive must know the node's AE
+        title, host and port), C-GET into a folder, or WADO-RS into a folder.
+    dicomweb : str or None
+        Base URL of its DICOMweb service (QIDO-RS and WADO-RS), e.g. ``http://pacs:8042/dicom-web``.
+    """
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    retrieve: str = "move"
+    dicomweb: str | None = None
+
+
+@dataclass(frozen=True)
 class TLS:
     """DICOM TLS (PS3.15 Annex B.1): a second listening port, and the export SCU's credentials.
 
@@ -326,6 +352,7 @@ class Config:
     peers: tuple[Peer, ...]
     destinations: tuple[Destination, ...]
     rules: Rules
+    pacs: tuple[Pacs, ...] = ()
     tls: TLS = field(default_factory=TLS)
     sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
@@ -426,6 +453,27 @@ _DESTINATION_KEYS: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "tls": (_boolean, False),
 }
 
+def _retrieve(value: Any) -> str:
+    if value not in ("move", "get", "dicomweb"):
+        raise ValueError("must be move, get or dicomweb")
+    return value
+
+
+def _url(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value.strip()):
+        raise ValueError("must be an http:// or https:// URL")
+    return value.strip().rstrip("/")
+
+
+_PACS_KEYS: dict[str, tuple[Callable[[Any], Any], bool]] = {
+    "name": (_name, True),
+    "ae_title": (_ae_title, True),
+    "host": (_host, True),
+    "port": (_port, True),
+    "retrieve": (_retrieve, False),
+    "dicomweb": (_url, False),
+}
+
 #: By default only programs on this machine may call the node: a closed node that still answers
 #: a local ``echoscu`` or ``storescu`` out of the box.
 _DEFAULT_PEERS: list[dict[str, Any]] = [{"ae_title": "*", "host": "127.0.0.1"}]
@@ -483,7 +531,7 @@ def _parse_tables(
 def _flatten(document: Mapping[str, Any], source: str) -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for section, body in document.items():
-        if section in ("peers", "destinations"):
+        if section in ("peers", "destinations", "pacs"):
             flat[section] = body
             continue
         if not isinstance(body, dict):
@@ -523,6 +571,7 @@ def load_config(
     raw: dict[str, Any] = {key: default for key, (_, default) in _SCALARS.items()}
     raw["peers"] = _DEFAULT_PEERS
     raw["destinations"] = []
+    raw["pacs"] = []
     sources = {key: "default" for key in raw}
 
     path = path if path is not None else environ.get("MUSCLENODE_CONFIG") or None
@@ -559,6 +608,14 @@ def load_config(
     if duplicated:
         raise ConfigError(f"destinations: the name {duplicated[0]!r} is used twice (from {sources['destinations']})")
 
+    pacs = [Pacs(**p) for p in _parse_tables(raw["pacs"], _PACS_KEYS, "pacs", sources["pacs"])]
+    pacs_names = [p.name for p in pacs]
+    for number, archive in enumerate(pacs, start=1):
+        if pacs_names.count(archive.name) > 1:
+            raise ConfigError(f"pacs: the name {archive.name!r} is used twice (from {sources['pacs']})")
+        if archive.retrieve == "dicomweb" and archive.dicomweb is None:
+            raise ConfigError(f"pacs[{number}].dicomweb: required with retrieve = \"dicomweb\" (from {sources['pacs']})")
+
     rules = Rules(**{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("rules.")})
     tls = TLS(**{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("tls.")})
     _check_tls(tls, peers, destinations, values["node.port"], sources)
@@ -590,6 +647,7 @@ def load_config(
         peers=tuple(peers),
         destinations=tuple(destinations),
         rules=rules,
+        pacs=tuple(pacs),
         tls=tls,
         sources=sources,
     )
@@ -674,7 +732,7 @@ def to_toml(config: Config) -> str:
             source = config.sources.get(f"{section}.{key}", "default")
             lines.append(f"{key} = {_toml_value(value)}  # {source}")
         lines.append("")
-    for name, items in (("peers", config.peers), ("destinations", config.destinations)):
+    for name, items in (("peers", config.peers), ("destinations", config.destinations), ("pacs", config.pacs)):
         if not items:
             lines.append(f"# no {name}  # {config.sources.get(name, 'default')}")
             lines.append("")
