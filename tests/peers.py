@@ -128,7 +128,7 @@ class NodeProcess:
         sections["http"] = {"port": self.http_port, **self.settings.get("http", {})}
         # Receive-only unless a test asks for processing: most tests check the DICOM side.
         sections["jobs"] = {"workers": 0, **self.settings.get("jobs", {})}
-        for key in ("peers", "destinations", "rules", "model", "metrics"):
+        for key in ("peers", "destinations", "rules", "model", "metrics", "pacs"):
             if key in self.settings:
                 sections[key] = self.settings[key]
         write_toml(self.config_path, sections)

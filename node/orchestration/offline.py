@@ -259,7 +259,7 @@ def _write_tables(out: Path, records: dict[str, dict[str, Any]]) -> None:
     studies = []
     for record in ordered:
         groups = record.get("groups", [])
-        reasons = [p["reason"] for p in record.get("problems", []) if p["outcome"] == "failed"]
+        reasons = list(dict.fromkeys(p["reason"] for p in record.get("problems", []) if p["outcome"] == "failed"))
         studies.append({
             "study": record["study"], "status": record["status"], "resumed": bool(record.get("resumed")),
             "groups": len(groups), "groups_failed": sum(g["outcome"] != "done" for g in groups),
