@@ -228,6 +228,7 @@ def _cohort_query(args: argparse.Namespace) -> int:
     from .cohort.manifest import write_manifest
     from .cohort.query import query_cohort
     from .network.query_retrieve import QueryRetrieveError, QueryRetrieveSCU
+    from .operations.progress import ProgressBar
 
     config = _load(args)
     archive = _pacs(config, args.pacs)
@@ -244,11 +245,21 @@ def _cohort_query(args: argparse.Namespace) -> int:
         print(f"musclenode: {exc}", file=sys.stderr)
         return 2
     scu = QueryRetrieveSCU(archive.ae_title, archive.host, archive.port, config.ae_title, timeout=args.timeout)
+    bars: list[ProgressBar] = []
+
+    def progress(done: int, total: int) -> None:
+        if not bars:  # the number of studies is known once the archive has answered
+            bars.append(ProgressBar(f"series of the studies in {archive.name}", total))
+        bars[0].advance()
+
     try:
-        rows = query_cohort(scu, cohort)
+        rows = query_cohort(scu, cohort, progress)
     except QueryRetrieveError as exc:
         print(f"musclenode: query of {archive.name} failed: {exc}", file=sys.stderr)
         return 1
+    finally:
+        for bar in bars:
+            bar.close()
     count = write_manifest(args.out, rows)
     series = sum(len(r.series_uids) for r in rows)
     print(f"{count} matching studies ({series} matching series) from {archive.name}; manifest in {args.out}")
@@ -303,9 +314,13 @@ def _cohort_fetch(args: argparse.Namespace) -> int:
                 raise ConfigError(f"pacs {archive.name}: no dicomweb URL configured for --via dicomweb")
             route = DicomWebRoute(DicomWebSource(archive.dicomweb, timeout=args.timeout), target)
         where = str(Path(args.out))
-    with ProgressBar(f"fetching from {archive.name} by {via}", len(rows), ("fetched", "present", "failed")) as bar:
-        outcomes = fetch_cohort(rows, route, scu, concurrency=args.concurrency, attempts=args.attempts,
-                                backoff=args.backoff, progress=bar)
+    try:
+        with ProgressBar(f"fetching from {archive.name} by {via}", len(rows), ("fetched", "present", "failed")) as bar:
+            outcomes = fetch_cohort(rows, route, scu, concurrency=args.concurrency, attempts=args.attempts,
+                                    backoff=args.backoff, progress=bar)
+    finally:
+        if isinstance(target, NodeStoreTarget):
+            target.close()
     totals = summarise(outcomes)
     for outcome in outcomes:
         if outcome.error is not None:

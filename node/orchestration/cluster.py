@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .study_task import ModelSpec, SegmenterPlugin
 
-__all__ = ["ClusterError", "DaskExecutor", "InlineExecutor"]
+__all__ = ["ClusterError", "DaskExecutor", "InlineExecutor", "describe_error"]
 
 
 class ClusterError(Exception):
@@ -102,11 +102,15 @@ class DaskExecutor:
                 self.cluster = LocalCluster(n_workers=self.workers, threads_per_worker=1, processes=True,
                                             dashboard_address=None, silence_logs=logging.ERROR)
                 self.client = Client(self.cluster)
-            self.client.register_plugin(SegmenterPlugin(self.model), name=SegmenterPlugin.name)
         except (OSError, TimeoutError) as exc:
             self.__exit__(None, None, None)
             where = self.scheduler or f"a local cluster of {self.workers} workers"
             raise ClusterError(f"cannot use {where}: {exc}") from exc
+        try:
+            self.client.register_plugin(SegmenterPlugin(self.model), name=SegmenterPlugin.name)
+        except Exception as exc:
+            self.__exit__(None, None, None)
+            raise ClusterError(f"the workers cannot load the model {self.model.name}: {exc}") from exc
         return self
 
     def __exit__(self, *exc: object) -> None:

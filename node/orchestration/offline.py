@@ -98,7 +98,9 @@ def _files(paths: Iterable[Path]) -> list[str]:
     found: list[str] = []
     for path in paths:
         if path.is_dir():
-            found.extend(str(p) for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith("."))
+            # Hidden files and folders (a fetch's .incoming, a record's .part) are not part of the cohort.
+            found.extend(str(p) for p in sorted(path.rglob("*"))
+                         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
         elif path.is_file():
             found.append(str(path))
     return found

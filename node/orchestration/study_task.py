@@ -160,11 +160,12 @@ def run_study(task: StudyTask) -> dict[str, Any]:
     The record: ``study``, ``status`` (``done``, ``partial``, ``failed`` or ``nothing
     selected``), ``model``, ``software_version``, ``inputs``, ``groups`` (each with its
     ``outcome``, ``reason`` and result files), ``results``, ``rows`` (the cohort rows),
-    ``problems`` (skipped and failed series with reasons), ``tracebacks``, ``seconds``,
-    ``cpu_seconds``, ``worker`` (host and process) and ``segmenter_loads`` (in that process,
-    so far).
+    ``problems`` (skipped and failed series with reasons), ``tracebacks``, ``started`` and
+    ``finished`` (Unix time), ``seconds``, ``cpu_seconds`` (of the whole worker process while it
+    ran the study), ``worker`` (host and process) and ``segmenter_loads`` (in that process, so
+    far).
     """
-    started, cpu_started = time.perf_counter(), time.process_time()
+    started, cpu_started, started_at = time.perf_counter(), time.process_time(), time.time()
     study = task.study_uid
     record: dict[str, Any] = {
         "study": study, "status": "failed", "model": task.model_id, "software_version": task.software_version,
@@ -177,7 +178,8 @@ def run_study(task: StudyTask) -> dict[str, Any]:
         record["status"] = "failed"
         record["problems"].append(_problem(study, "", "", "failed", f"unexpected error: {type(exc).__name__}: {exc}"))
         record["tracebacks"].append(traceback.format_exc())
-    record.update(seconds=round(time.perf_counter() - started, 3),
+    record.update(started=round(started_at, 3), finished=round(time.time(), 3),
+                  seconds=round(time.perf_counter() - started, 3),
                   cpu_seconds=round(time.process_time() - cpu_started, 3),
                   worker=f"{socket.gethostname()}:{os.getpid()}", segmenter_loads=_segmenter_loads)
     folder = Path(task.out) / study
