@@ -182,7 +182,10 @@ def _process(args: argparse.Namespace) -> int:
     workers = default_workers() if args.workers is None else args.workers
     if workers < 0:
         raise ConfigError("--workers: must be 0 (this process) or more")
-    threads = args.threads or config.threads or max(1, default_workers() // max(1, workers))
+    # A local cluster shares this machine's cores among its workers; remote workers run one process
+    # per core (dask worker --nworkers N --nthreads 1), so one ONNX Runtime thread each unless told.
+    local_share = 1 if args.scheduler else max(1, default_workers() // max(1, workers))
+    threads = args.threads or config.threads or local_share
     model = ModelSpec(card.name, tuple(str(d) for d in config.model_dirs), config.device, threads)
     resources = _resources(args.resources)
     executor = (InlineExecutor() if workers == 0 and not args.scheduler
@@ -586,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("--workers", type=int, help="local worker processes (default: one per core;"
                          " 0 runs everything in this process)")
     process.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (default: jobs.threads,"
-                         " else cores / workers)")
+                         " else cores / workers, or 1 with --scheduler)")
     process.add_argument("--resources", help="Dask resources each study needs, e.g. GPU=1 (workers started"
                          " with --resources GPU=1)")
     process.set_defaults(run=_process)
