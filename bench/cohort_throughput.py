@@ -15,7 +15,9 @@ Every scenario processes the same cohort, and the results of each are checked to
 another runtime (say, an optimised inference), add a :class:`Scenario` with its own
 ``model`` (a model name in ``model.dirs`` or a card folder): its column appears beside the others.
 
-The machine is shared: the load average is printed at the start and the end.
+The machine is shared: the load average is printed at the start and the end, and the cores the
+workers kept busy (their CPU seconds over the wall time) show how much of the machine each
+scenario was given; two workers can only scale when a second core is free for them.
 
     python -m bench.cohort_throughput [--studies 8] [--slices 29] [--rounds 1]
 """
@@ -64,6 +66,11 @@ class Measurement:
     @property
     def studies_per_hour(self) -> float:
         return 3600 * self.studies / self.makespan_s
+
+    @property
+    def cores_busy(self) -> float:
+        """Cores the workers kept busy on average: on a shared machine, what they were given."""
+        return self.studies * self.cpu_s_per_study / self.makespan_s
 
 
 def write_cohort(folder: Path, count: int, slices: int) -> None:
@@ -133,6 +140,7 @@ def main() -> int:
         "studies per hour": lambda s: f"{median(s.label, 'studies_per_hour'):.0f}",
         "seconds for the cohort": lambda s: f"{median(s.label, 'makespan_s'):.1f}",
         "CPU seconds per study": lambda s: f"{median(s.label, 'cpu_s_per_study'):.1f}",
+        "cores busy (CPU s / wall s)": lambda s: f"{median(s.label, 'cores_busy'):.2f}",
         "peak memory per worker (MiB)": lambda s: "/".join(
             f"{v:.0f}" for v in sorted(results[s.label][-1].peak_rss_mib)),
     }
