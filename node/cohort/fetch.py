@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol, Sequence
 
+from pynetdicom import sop_class
+
 from ..network.dicomweb import DicomWebError, DicomWebSource, file_bytes
 from ..network.query_retrieve import QueryRetrieveError, QueryRetrieveSCU, Received, identifier
 from .manifest import ManifestRow
@@ -127,6 +129,15 @@ class MoveRoute(_DimseListing):
                     " the node? see [[peers]]; does it know the node's address?)")
 
 
+#: Storage SOP classes a C-GET proposes when the archive's image-level C-FIND did not return the
+#: instances' SOP Class UIDs (an optional key): MR, CT, Secondary Capture, SEG, SR, PDF.
+COMMON_STORAGE = tuple(str(getattr(sop_class, name)) for name in (
+    "MRImageStorage", "EnhancedMRImageStorage", "LegacyConvertedEnhancedMRImageStorage", "CTImageStorage",
+    "EnhancedCTImageStorage", "SecondaryCaptureImageStorage", "SegmentationStorage", "BasicTextSRStorage",
+    "EnhancedSRStorage", "ComprehensiveSRStorage", "Comprehensive3DSRStorage", "EncapsulatedPDFStorage",
+))
+
+
 class GetRoute(_DimseListing):
     """C-GET: the instances come back on our own association and are written to a folder."""
 
@@ -141,7 +152,7 @@ class GetRoute(_DimseListing):
             arrived()
 
         for request in self._identifiers(study_uid, series_uid, missing, whole):
-            counts = self.scu.get(request, sop_classes, keep)
+            counts = self.scu.get(request, sop_classes or COMMON_STORAGE, keep)
             if counts.failed:
                 raise QueryRetrieveError(f"C-GET: {counts.failed} instances could not be received or kept")
 
