@@ -49,7 +49,7 @@ EXIT_USAGE = 2
 EXIT_NOTHING = 3
 EXIT_CLUSTER = 4
 EXIT_INTERRUPTED = 130
-#: Exit status of ``musclenode process`` and what it means (README "Offline cohorts").
+#: Exit status of ``musclenode process`` and what it means (README "Research cohorts").
 EXIT_CODES = {
     EXIT_OK: "every selected series was processed (now or by an earlier run)",
     EXIT_FAILED: "some selected series failed; the others' results and rows are written",
