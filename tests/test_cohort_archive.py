@@ -25,7 +25,7 @@ from pydicom import dcmread
 
 from tests import studies
 from tests.dicomfiles import dataset_bytes
-from tests.peers import REPO, NodeProcess, Orthanc, free_port, write_toml
+from tests.peers import REPO, NodeProcess, Orthanc, free_port
 from tests.test_viewer import DICOMWEB_PLUGIN
 from tests.validators import missing
 
