@@ -20,13 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CONTRASTS", "MUSCLES", "SIDES", "CardError", "LabelInfo", "ModelCard"]
+from .vocabulary import Contrast, Muscle, Side
 
-#: Canonical muscle names (see the vocabulary in DESIGN.md; codes live in reports).
-MUSCLES = ("multifidus", "erector_spinae", "psoas_major", "quadratus_lumborum")
-SIDES = ("left", "right")
-#: Input contrasts a card may name: Dixon components and single weighted series.
-CONTRASTS = ("water", "fat", "in_phase", "opposed_phase", "fat_fraction", "t1", "t2")
+__all__ = ["CardError", "LabelInfo", "ModelCard"]
+
 #: Patient directions (DICOM LPS letters and their opposites) for the axes of a 2D input array.
 _DIRECTIONS = set("LRAPSI")
 _NORMALISATIONS = ("zscore_nonzero", "zscore", "percentile")
@@ -38,20 +35,30 @@ class CardError(ValueError):
 
 @dataclass(frozen=True)
 class LabelInfo:
-    """What one output label value means."""
+    """What one output label value means: a muscle of the vocabulary on one side.
 
-    muscle: str
-    side: str
+    Plain strings (as a card's JSON gives them) are parsed into :class:`Muscle` and :class:`Side`.
+    """
+
+    muscle: Muscle
+    side: Side
 
     def __post_init__(self) -> None:
-        if self.muscle not in MUSCLES:
-            raise CardError(f"label muscle {self.muscle!r} is not one of {', '.join(MUSCLES)}")
-        if self.side not in SIDES:
-            raise CardError(f"label side {self.side!r} is not one of {', '.join(SIDES)}")
+        object.__setattr__(self, "muscle", _member(Muscle, self.muscle, "label muscle"))
+        object.__setattr__(self, "side", _member(Side, self.side, "label side"))
 
     @property
     def name(self) -> str:
-        return f"{self.side} {self.muscle.replace('_', ' ')}"
+        """``"left erector spinae"``: the SEG's segment label."""
+        return f"{self.side} {self.muscle.words}"
+
+
+def _member(kind: type, value: Any, what: str) -> Any:
+    """``kind(value)``, or a CardError naming what was expected."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise CardError(f"{what} {value!r} is not one of {', '.join(m.value for m in kind)}") from None
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ class ModelCard:
         Label value of each output class after the background (class ``k`` -> ``output_labels[k-1]``);
         0 for a class the node ignores (counted as background), such as the non-lumbar muscles
         of a whole-body model. Label values are 1 to 255 (label maps are 8-bit).
-    contrasts : list of str
+    contrasts : list of Contrast
         Input contrasts: with one channel, those the model accepts, preferred first; with several
         channels, one per channel, in channel order.
     channels : int
@@ -114,7 +121,7 @@ class ModelCard:
     sha256: str
     labels: dict[int, LabelInfo]
     output_labels: list[int]
-    contrasts: list[str]
+    contrasts: list[Contrast]
     channels: int
     array_axes: list[str]
     spacing_mm: list[float]
@@ -143,8 +150,14 @@ class ModelCard:
         missing = [v for v in self.output_labels if v not in self.labels and v != 0]
         if missing and len(missing) == len(self.output_labels):
             problems.append("no output label is described in labels")
-        if any(c not in CONTRASTS for c in self.contrasts) or not self.contrasts:
-            problems.append(f"contrasts must be among {', '.join(CONTRASTS)}")
+        try:
+            contrasts = [Contrast(c) for c in self.contrasts]
+        except ValueError:
+            contrasts = []
+        if contrasts:
+            object.__setattr__(self, "contrasts", contrasts)
+        else:
+            problems.append(f"contrasts must be among {', '.join(Contrast)}")
         if self.channels < 1:
             problems.append("channels must be at least 1")
         axes = [a.upper() for a in self.array_axes]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -31,11 +30,13 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from .card import LabelInfo
+from .functional_groups import functional_group, is_enhanced
+from .patient import PatientContext, from_dataset
+from .vocabulary import Muscle, Side
 
 __all__ = [
     "GeometryError",
     "FrameGeometry",
-    "PatientInfo",
     "StudyInfo",
     "SeriesImage",
     "LateralityFinding",
@@ -209,40 +210,6 @@ class FrameGeometry:
 
 
 @dataclass(frozen=True)
-class PatientInfo:
-    """Patient attributes the results need (reference values, the DICOM result objects).
-
-    Identifying values are kept out of ``repr`` so that logging a series never logs them.
-
-    Attributes
-    ----------
-    name, patient_id, birth_date : str
-        PatientName (as its DICOM string), PatientID, PatientBirthDate.
-    sex : str
-        PatientSex ("M", "F", "O" or "").
-    age_years : float or None
-        From PatientAge, else from the birth and study dates.
-    size_m, weight_kg : float or None
-        PatientSize and PatientWeight.
-    """
-
-    name: str = field(default="", repr=False)
-    patient_id: str = field(default="", repr=False)
-    birth_date: str = field(default="", repr=False)
-    sex: str = ""
-    age_years: float | None = None
-    size_m: float | None = None
-    weight_kg: float | None = None
-
-    @property
-    def bmi(self) -> float | None:
-        """Body-mass index (kg/m^2) when size and weight are known."""
-        if not self.size_m or not self.weight_kg:
-            return None
-        return self.weight_kg / self.size_m ** 2
-
-
-@dataclass(frozen=True)
 class StudyInfo:
     """Study attributes the result objects repeat."""
 
@@ -279,7 +246,9 @@ class SeriesImage:
     series_instance_uid, frame_of_reference_uid, sop_class_uid : str
         Identity; FrameOfReferenceUID says which series share patient coordinates.
     study : StudyInfo
-    patient : PatientInfo
+    patient : PatientContext
+        Age, sex, height, weight and BMI as the node reads them (:mod:`inference.patient`), and
+        the patient's identity as recorded.
     modality, series_description : str
     series_number : int or None
     image_type : tuple of str
@@ -295,7 +264,7 @@ class SeriesImage:
     frame_of_reference_uid: str
     sop_class_uid: str
     study: StudyInfo
-    patient: PatientInfo = field(default_factory=PatientInfo)
+    patient: PatientContext = field(default_factory=lambda: from_dataset({}))
     modality: str = ""
     series_description: str = ""
     series_number: int | None = None
@@ -348,8 +317,7 @@ class LateralityFinding:
     ----------
     frame_index : int
         Index of the frame in its series (source order).
-    muscle : str
-        Canonical muscle name.
+    muscle : Muscle
     action : str
         ``"swapped"`` (both sides were on the wrong side: the pair's values were exchanged) or
         ``"kept"`` (only one side was wrong, or the pair was incomplete: labels left as the
@@ -359,7 +327,7 @@ class LateralityFinding:
     """
 
     frame_index: int
-    muscle: str
+    muscle: Muscle
     action: str
     detail: str
 
@@ -417,7 +385,7 @@ class LabelMap:
             found.update(int(v) for v in np.unique(labels))
         return sorted(found - {0})
 
-    def value_of(self, muscle: str, side: str) -> int:
+    def value_of(self, muscle: Muscle | str, side: Side | str) -> int:
         """The label value of a muscle and side."""
         for value, info in self.meaning.items():
             if info.muscle == muscle and info.side == side:
@@ -500,7 +468,7 @@ def _build(datasets: list[Dataset], paths: list[Path | None]) -> SeriesImage:
         frame_of_reference_uid=frame_of_reference.pop(),
         sop_class_uid=str(first.SOPClassUID),
         study=_study_info(first),
-        patient=_patient_info(first),
+        patient=from_dataset(first),
         modality=str(first.get("Modality", "")),
         series_description=str(first.get("SeriesDescription", "")),
         series_number=_int_or(first.get("SeriesNumber"), None),
@@ -533,7 +501,7 @@ def _instance_frames(ds: Dataset) -> list[tuple[np.ndarray, FrameGeometry]]:
         raise GeometryError(f"cannot decode the pixels of instance {uid}: {exc}") from None
     count = _int_or(ds.get("NumberOfFrames"), 1)
     stored = stored.reshape(count, int(ds.Rows), int(ds.Columns))
-    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    enhanced = is_enhanced(ds)
     if not enhanced and count > 1:
         raise GeometryError(f"instance {uid} has {count} frames but no functional groups to place them")
     out = []
@@ -560,27 +528,16 @@ def _classic_frame(ds: Dataset) -> tuple[FrameGeometry, float, float]:
     return frame, 1.0 if slope is None else slope, 0.0 if intercept is None else intercept
 
 
-def _group(ds: Dataset, k: int, sequence: str) -> Dataset | None:
-    """The functional group item for frame ``k``: per-frame overrides shared (PS3.3 C.7.6.16)."""
-    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
-    shared = ds.get("SharedFunctionalGroupsSequence")
-    items = ([per_frame[k]] if per_frame and k < len(per_frame) else []) + ([shared[0]] if shared else [])
-    for item in items:
-        if sequence in item and item[sequence].value:
-            return item[sequence].value[0]
-    return None
-
-
 def _enhanced_frame(ds: Dataset, k: int) -> tuple[FrameGeometry, float, float]:
     uid = str(ds.SOPInstanceUID)
-    position = _group(ds, k, "PlanePositionSequence")
-    orientation = _group(ds, k, "PlaneOrientationSequence")
-    measures = _group(ds, k, "PixelMeasuresSequence")
+    position = functional_group(ds, k, "PlanePositionSequence")
+    orientation = functional_group(ds, k, "PlaneOrientationSequence")
+    measures = functional_group(ds, k, "PixelMeasuresSequence")
     if position is None or orientation is None or measures is None:
         raise GeometryError(f"frame {k + 1} of instance {uid} lacks plane position, orientation or pixel measures")
     frame = _frame(uid, k + 1, position.ImagePositionPatient, orientation.ImageOrientationPatient,
                    measures.PixelSpacing, ds.Rows, ds.Columns, measures.get("SliceThickness"))
-    transform = _group(ds, k, "PixelValueTransformationSequence")
+    transform = functional_group(ds, k, "PixelValueTransformationSequence")
     slope = _float_or_none(transform.get("RescaleSlope")) if transform is not None else None
     intercept = _float_or_none(transform.get("RescaleIntercept")) if transform is not None else None
     return frame, 1.0 if slope is None else slope, 0.0 if intercept is None else intercept
@@ -610,32 +567,6 @@ def _study_info(ds: Dataset) -> StudyInfo:
         referring_physician_name=str(ds.get("ReferringPhysicianName", "")),
         study_description=str(ds.get("StudyDescription", "")),
     )
-
-
-def _patient_info(ds: Dataset) -> PatientInfo:
-    birth = str(ds.get("PatientBirthDate", ""))
-    return PatientInfo(
-        name=str(ds.get("PatientName", "")),
-        patient_id=str(ds.get("PatientID", "")),
-        birth_date=birth,
-        sex=str(ds.get("PatientSex", "")),
-        age_years=_age_years(str(ds.get("PatientAge", "")), birth, str(ds.get("StudyDate", ""))),
-        size_m=_float_or_none(ds.get("PatientSize")) or None,
-        weight_kg=_float_or_none(ds.get("PatientWeight")) or None,
-    )
-
-
-def _age_years(age: str, birth: str, study_date: str) -> float | None:
-    """PatientAge (AS, e.g. "034Y") in years; else the years between birth and study dates."""
-    units = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
-    if len(age) == 4 and age[:3].isdigit() and age[3] in units:
-        return int(age[:3]) * units[age[3]]
-    try:
-        born = date(int(birth[:4]), int(birth[4:6]), int(birth[6:8]))
-        seen = date(int(study_date[:4]), int(study_date[4:6]), int(study_date[6:8]))
-    except (ValueError, IndexError):
-        return None
-    return (seen - born).days / 365.25 if seen >= born else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -71,7 +71,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .card import CONTRASTS, LabelInfo, ModelCard, file_sha256
+from .card import LabelInfo, ModelCard, file_sha256
+from .vocabulary import Contrast, Muscle, Side
 
 __all__ = [
     "MUSCLEMAP_COMMIT",
@@ -106,24 +107,26 @@ MUSCLEMAP_CROP_MARGIN = 20
 DEFAULT_OVERLAP = 0.5
 #: Contrasts the card accepts, preferred first. MuscleMap's models are "contrast agnostic"
 #: (trained on T1-, T2-weighted and Dixon images); water is preferred as for the bundled model.
-DEFAULT_CONTRASTS = ("water", "in_phase", "t1", "t2", "opposed_phase", "fat")
+DEFAULT_CONTRASTS = (Contrast.WATER, Contrast.IN_PHASE, Contrast.T1, Contrast.T2, Contrast.OPPOSED_PHASE,
+                     Contrast.FAT)
 
-#: MuscleMap anatomy names (region ``abdomen``) to canonical muscles.
+#: MuscleMap anatomy names (region ``abdomen``) to canonical muscles: MuscleMap's words, not ours.
 _ANATOMY = {
-    "multifidus": "multifidus",
-    "thoracolumbar multifidus": "multifidus",
-    "erector spinae": "erector_spinae",
-    "psoas major": "psoas_major",
-    "quadratus lumborum": "quadratus_lumborum",
+    "multifidus": Muscle.MULTIFIDUS,
+    "thoracolumbar multifidus": Muscle.MULTIFIDUS,
+    "erector spinae": Muscle.ERECTOR_SPINAE,
+    "psoas major": Muscle.PSOAS_MAJOR,
+    "quadratus lumborum": Muscle.QUADRATUS_LUMBORUM,
 }
 #: The node's label value of each lumbar muscle and side in imported MuscleMap models: the
 #: numbering of MuscleMap's abdomen model (muscle by muscle, right then left).
-NODE_VALUES: dict[tuple[str, str], int] = {
-    ("multifidus", "right"): 1, ("multifidus", "left"): 2,
-    ("erector_spinae", "right"): 3, ("erector_spinae", "left"): 4,
-    ("psoas_major", "right"): 5, ("psoas_major", "left"): 6,
-    ("quadratus_lumborum", "right"): 7, ("quadratus_lumborum", "left"): 8,
+NODE_VALUES: dict[tuple[Muscle, Side], int] = {
+    (Muscle.MULTIFIDUS, Side.RIGHT): 1, (Muscle.MULTIFIDUS, Side.LEFT): 2,
+    (Muscle.ERECTOR_SPINAE, Side.RIGHT): 3, (Muscle.ERECTOR_SPINAE, Side.LEFT): 4,
+    (Muscle.PSOAS_MAJOR, Side.RIGHT): 5, (Muscle.PSOAS_MAJOR, Side.LEFT): 6,
+    (Muscle.QUADRATUS_LUMBORUM, Side.RIGHT): 7, (Muscle.QUADRATUS_LUMBORUM, Side.LEFT): 8,
 }
+_SIDES = {side.value: side for side in Side}
 
 
 class ImportErrorMM(ValueError):
@@ -262,8 +265,8 @@ def label_mapping(config: MuscleMapConfig) -> LabelMapping:
     node_of: dict[int, int] = {}
     for entry in config.labels:
         muscle = _ANATOMY.get(str(entry["anatomy"]).strip().lower())
-        side = str(entry["side"]).strip().lower()
-        if muscle is None or side not in ("left", "right") or str(entry.get("region", "abdomen")).lower() != "abdomen":
+        side = _SIDES.get(str(entry["side"]).strip().lower())
+        if muscle is None or side is None or str(entry.get("region", "abdomen")).lower() != "abdomen":
             continue
         node = NODE_VALUES[(muscle, side)]
         if node in meaning:
@@ -272,7 +275,7 @@ def label_mapping(config: MuscleMapConfig) -> LabelMapping:
         node_of[int(entry["value"])] = node
     if not meaning:
         raise ImportErrorMM("none of the configuration's labels is a lumbar muscle of the abdomen region"
-                            " (multifidus, erector spinae, psoas major, quadratus lumborum)")
+                            f" ({', '.join(m.words for m in Muscle)})")
     return LabelMapping(musclemap_values=ordered, output_labels=[node_of.get(v, 0) for v in ordered],
                         labels=dict(sorted(meaning.items())))
 
@@ -375,7 +378,7 @@ def make_card(config: MuscleMapConfig, onnx_path: Path, *, name: str, checkpoint
               torch_difference: float | None = None) -> ModelCard:
     """The card of an exported MuscleMap model (not yet saved; ``onnx_path`` must exist)."""
     mapping = label_mapping(config)
-    unknown = [c for c in contrasts if c not in CONTRASTS]
+    unknown = [c for c in contrasts if c not in set(Contrast)]
     if unknown:
         raise ImportErrorMM(f"unknown contrasts {unknown}")
     ignored = sum(1 for v in mapping.output_labels if v == 0)

@@ -51,6 +51,7 @@ from scipy import ndimage
 from .card import CardError, LabelInfo, ModelCard
 from .geometry import FrameGeometry, LabelMap, LateralityFinding, SeriesImage, pair_frames
 from .resample import canonical_grid, resample
+from .vocabulary import Side
 
 __all__ = [
     "CPU",
@@ -445,7 +446,7 @@ def check_laterality(labels: np.ndarray, frame: FrameGeometry, meaning: Mapping[
     values = labels[rows, columns]
     # Signed distance of each label's centroid from the midline towards the side it should be on.
     towards_own_side = {
-        int(v): (float(x[values == v].mean()) - midline) * (1.0 if meaning[int(v)].side == "left" else -1.0)
+        int(v): (float(x[values == v].mean()) - midline) * meaning[int(v)].side.lps_sign
         for v in np.unique(values) if int(v) in meaning}
     wrong = {v: d < -MIDLINE_MARGIN_MM for v, d in towards_own_side.items()}
     pairs: dict[str, dict[str, int]] = {}
@@ -454,7 +455,7 @@ def check_laterality(labels: np.ndarray, frame: FrameGeometry, meaning: Mapping[
     findings = []
     out = labels
     for muscle, sides in sorted(pairs.items()):
-        left, right = sides.get("left", -1), sides.get("right", -1)
+        left, right = sides.get(Side.LEFT, -1), sides.get(Side.RIGHT, -1)
         wrong_left, wrong_right = wrong.get(left, False), wrong.get(right, False)
         if wrong_left and wrong_right:
             out = labels.copy() if out is labels else out
@@ -465,7 +466,7 @@ def check_laterality(labels: np.ndarray, frame: FrameGeometry, meaning: Mapping[
                 f"left and right centroids {-towards_own_side[left]:.1f} mm and {-towards_own_side[right]:.1f} mm "
                 "across the midline from their sides: both on the wrong side, exchanged"))
         elif wrong_left or wrong_right:
-            side, value = ("left", left) if wrong_left else ("right", right)
+            side, value = (Side.LEFT, left) if wrong_left else (Side.RIGHT, right)
             findings.append(LateralityFinding(
                 frame_index, muscle, "kept",
                 f"{side} centroid {-towards_own_side[value]:.1f} mm across the midline from its side "

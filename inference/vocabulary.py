@@ -1,4 +1,4 @@
-"""The canonical vocabulary: muscles, sides, input contrasts, fat methods and vertebral levels.
+"""The canonical vocabulary: muscles, sides, input contrasts, fat methods, vertebral levels, sex.
 
 Every concept that more than one module names is defined here, once, as an enum that carries its
 display names, colours and codes. This module is the lowest layer of the house: ``inference``,
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
+from typing import Iterable
 
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -28,11 +29,16 @@ __all__ = [
     "Contrast",
     "DIXON_COMPONENTS",
     "FatMethod",
+    "FatQuantity",
+    "Laterality",
     "Level",
     "Muscle",
     "ReferenceMethod",
+    "Sex",
     "Side",
     "Vertebra",
+    "muscle_group",
+    "vertebra_range",
 ]
 
 #: Private coding scheme designator of musclenode (PS3.3 C.12.1.1.2.1: "99" then the owner).
@@ -62,6 +68,38 @@ class Side(StrEnum):
     def lps_sign(self) -> int:
         """Sign of the LPS x coordinate on this side of the midline (+x is the patient's left)."""
         return 1 if self is Side.LEFT else -1
+
+    @property
+    def other(self) -> "Side":
+        """The opposite side."""
+        return Side.RIGHT if self is Side.LEFT else Side.LEFT
+
+
+class Laterality(StrEnum):
+    """The sides a measurement covers: one :class:`Side`, or both together.
+
+    Metrics are reported per side and for both sides together (the left/right asymmetry belongs
+    to the latter); a label map's labels always have one :class:`Side`.
+    """
+
+    LEFT = Side.LEFT.value
+    RIGHT = Side.RIGHT.value
+    BOTH = "both"
+
+    @property
+    def sides(self) -> tuple[Side, ...]:
+        """The sides covered, left first."""
+        return tuple(Side) if self is Laterality.BOTH else (Side(self.value),)
+
+    @property
+    def code(self) -> Code:
+        """SCT laterality (CID 244): Left, Right, or Bilateral 51440002 for both."""
+        return codes.SCT.Bilateral if self is Laterality.BOTH else Side(self.value).code
+
+    @property
+    def letter(self) -> str:
+        """``"L"``, ``"R"`` or ``"L+R"``."""
+        return "+".join(side.letter for side in self.sides)
 
 
 class Muscle(StrEnum):
@@ -102,7 +140,36 @@ class Muscle(StrEnum):
         """Position in the canonical order."""
         return list(Muscle).index(self)
 
+    @property
+    def words(self) -> str:
+        """The name in lower-case words, e.g. ``"erector spinae"`` (segment labels, sentences)."""
+        return self.display.lower()
 
+
+def muscle_group(muscles: "str | Iterable[str]") -> tuple[Muscle, ...]:
+    """The muscles of a group key such as ``"multifidus+erector_spinae"``, in canonical order.
+
+    Parameters
+    ----------
+    muscles : str or iterable of str
+        One muscle, a group key joined by ``"+"``, or the members.
+
+    Raises
+    ------
+    ValueError
+        When a member is not a :class:`Muscle`, a muscle is named twice, or none is named.
+    """
+    names = [n.strip() for n in (muscles.split("+") if isinstance(muscles, str) else muscles)]
+    unknown = [n for n in names if n not in _MUSCLE_VALUES]
+    if unknown or not names:
+        raise ValueError(f"muscle {'+'.join(names)!r}: each member must be one of "
+                         f"{', '.join(m.value for m in Muscle)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"muscle {'+'.join(names)!r} names a muscle twice")
+    return tuple(sorted((Muscle(n) for n in names), key=lambda m: m.index))
+
+
+_MUSCLE_VALUES = frozenset(m.value for m in Muscle)
 _MUSCLE_DISPLAY = {
     Muscle.MULTIFIDUS: ("Multifidus", "Multifidus"),
     Muscle.ERECTOR_SPINAE: ("Erector spinae", "Erector spinae"),
@@ -290,6 +357,57 @@ class Level:
         return self.order < other.order
 
 
+_RANGE_TEXT = re.compile(r"^([TLS]\d{1,2})(?:-([TLS]\d{1,2}))?$")
+
+
+def vertebra_range(text: str) -> tuple[Vertebra, ...]:
+    """The vertebral bodies of an inclusive range, head first: ``"L3-L5"`` -> L3, L4, L5.
+
+    This is how the published reference cohorts state the levels they measured over (and how
+    the SR names the finding sites of a group): a range of bodies, so ``"L4-L5"`` here means
+    the bodies L4 and L5. A slice's level, which may be the disc between two bodies, is a
+    :class:`Level`. An en or em dash, spaces and lower case are accepted.
+
+    Raises
+    ------
+    ValueError
+        When the text names no vertebra of :class:`Vertebra`, or runs from foot to head.
+    """
+    cleaned = str(text).strip().replace("\u2013", "-").replace("\u2014", "-").replace(" ", "").upper()
+    match = _RANGE_TEXT.match(cleaned)
+    members = {v.value for v in Vertebra}
+    if not match or any(g is not None and g not in members for g in match.groups()):
+        raise ValueError(f"levels {text!r}: expected a vertebra such as L3 or a range such as L3-L5 "
+                         f"({list(Vertebra)[0].value} to {list(Vertebra)[-1].value})")
+    first = Vertebra(match.group(1))
+    last = Vertebra(match.group(2) or match.group(1))
+    if last.index < first.index:
+        raise ValueError(f"levels {text!r}: the range must run from head to foot")
+    return tuple(list(Vertebra)[first.index:last.index + 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The person
+
+
+class Sex(StrEnum):
+    """PatientSex as DICOM defines it (PS3.3 C.7.1.1: M, F, O), with the coded Subject Sex."""
+
+    MALE = "M"
+    FEMALE = "F"
+    OTHER = "O"
+
+    @property
+    def display(self) -> str:
+        """``"male"``, ``"female"`` or ``"other"``."""
+        return self.name.lower()
+
+    @property
+    def code(self) -> Code:
+        """Subject Sex value (CID 7455): DCM M, F, or 121102 Other sex."""
+        return {Sex.MALE: codes.DCM.Male, Sex.FEMALE: codes.DCM.Female, Sex.OTHER: codes.DCM.OtherSex}[self]
+
+
 # ---------------------------------------------------------------------------------------------
 # Images and methods
 
@@ -327,45 +445,88 @@ class ReferenceMethod(StrEnum):
     DIXON_FF = "dixon_ff"
     T1T2_THRESHOLD = "t1t2_threshold"
 
+    @property
+    def quantity(self) -> "FatQuantity":
+        """The quantity a fat method of this kind measures."""
+        return FatQuantity.FAT_FRACTION if self is ReferenceMethod.DIXON_FF else FatQuantity.FAT_INFILTRATION
+
+    @classmethod
+    def of(cls, method: str) -> "ReferenceMethod | None":
+        """The reference method of a :class:`FatMethod` or of a reference method's own name;
+        None for a name that is neither."""
+        if method in _REFERENCE_VALUES:
+            return cls(method)
+        if method in _FAT_METHOD_VALUES:
+            return FatMethod(method).reference
+        return None
+
+
+class FatQuantity(StrEnum):
+    """What a fat number is: a Dixon fat fraction, or the share of a cross-section classified fat.
+
+    Different quantities (Masi et al. 2023): never compared with each other's references.
+    """
+
+    FAT_FRACTION = "fat_fraction"
+    FAT_INFILTRATION = "fat_infiltration"
+
+    @property
+    def words(self) -> str:
+        """``"fat fraction"`` or ``"fat infiltration"``."""
+        return self.value.replace("_", " ")
+
+
+_REFERENCE_VALUES = frozenset(m.value for m in ReferenceMethod)
+
 
 class FatMethod(StrEnum):
     """How the node measures fat inside a muscle.
 
     Each member carries: its value (the name written in CSV files and settings), the reference
-    method it is compared under, whether it clusters intensities of a weighted image, its code
+    method it is compared under, for a clustering method the algorithm and its number of classes
+    (``("gmm", 3)``: scikit-learn's GaussianMixture; ``("kmeans", 2)``: KMeans), its code
     (private scheme: no public concept names these methods), and a sentence for people.
     """
 
-    DIXON_FF = ("dixon_ff", ReferenceMethod.DIXON_FF, False,
+    DIXON_FF = ("dixon_ff", ReferenceMethod.DIXON_FF, None,
                 "DIXONFF", "Dixon fat signal fraction F/(F+W)",
                 "Dixon fat fraction F/(F+W)")
-    DIXON_VENDOR_FF = ("dixon_vendor_ff", ReferenceMethod.DIXON_FF, False,
+    DIXON_VENDOR_FF = ("dixon_vendor_ff", ReferenceMethod.DIXON_FF, None,
                        "VENDORFF", "Scanner fat-fraction map",
                        "the scanner's fat-fraction map")
-    GMM2 = ("gmm2", ReferenceMethod.T1T2_THRESHOLD, True,
+    GMM2 = ("gmm2", ReferenceMethod.T1T2_THRESHOLD, ("gmm", 2),
             "GMM2", "2-class Gaussian mixture of T1/T2 intensity",
             "fat infiltration: share of voxels in the bright class of a 2-class Gaussian mixture of the image")
-    GMM3 = ("gmm3", ReferenceMethod.T1T2_THRESHOLD, True,
+    GMM3 = ("gmm3", ReferenceMethod.T1T2_THRESHOLD, ("gmm", 3),
             "GMM3", "3-class Gaussian mixture of T1/T2 intensity",
             "fat infiltration: share of voxels in the brightest class of a 3-class Gaussian mixture of the image")
-    KMEANS2 = ("kmeans2", ReferenceMethod.T1T2_THRESHOLD, True,
+    KMEANS2 = ("kmeans2", ReferenceMethod.T1T2_THRESHOLD, ("kmeans", 2),
                "KMEANS2", "2-class k-means of T1/T2 intensity",
                "fat infiltration: share of voxels in the bright of 2 k-means clusters of the image")
-    KMEANS3 = ("kmeans3", ReferenceMethod.T1T2_THRESHOLD, True,
+    KMEANS3 = ("kmeans3", ReferenceMethod.T1T2_THRESHOLD, ("kmeans", 3),
                "KMEANS3", "3-class k-means of T1/T2 intensity",
                "fat infiltration: share of voxels in the brightest of 3 k-means clusters of the image")
 
-    def __new__(cls, value: str, reference: ReferenceMethod, clustering: bool, code_value: str,
+    def __new__(cls, value: str, reference: ReferenceMethod, cluster: tuple[str, int] | None, code_value: str,
                 code_meaning: str, description: str) -> "FatMethod":
         member = str.__new__(cls, value)
         member._value_ = value
         member.reference = reference
-        member.clustering = clustering
+        member.cluster = cluster
+        member.clustering = cluster is not None
         member.code = Code(code_value, PRIVATE_SCHEME, code_meaning)
         member.description = description
         return member
+
+    @property
+    def quantity(self) -> FatQuantity:
+        """Fat fraction (Dixon) or fat infiltration (clustering)."""
+        return self.reference.quantity
 
     @classmethod
     def clustering_methods(cls) -> tuple["FatMethod", ...]:
         """The methods that cluster a T1/T2 image (the setting ``metrics.cluster_method``)."""
         return tuple(m for m in cls if m.clustering)
+
+
+_FAT_METHOD_VALUES = frozenset(m.value for m in FatMethod)

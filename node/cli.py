@@ -402,7 +402,7 @@ def _label_summary(card: Any) -> str:
     for value in card.output_labels:
         info = card.labels.get(value)
         if info is not None:
-            sides.setdefault(info.muscle.replace("_", " "), []).append(info.side[0].upper())
+            sides.setdefault(info.muscle.words, []).append(info.side.letter)
     return ", ".join(f"{muscle} {'/'.join(sorted(s))}" for muscle, s in sides.items())
 
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from inference.vocabulary import FatMethod, vertebra_range
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -185,15 +187,21 @@ def _device(value: Any) -> str:
     return value.lower()
 
 
-def _cluster_method(value: Any) -> str:
-    if value not in ("gmm3", "gmm2", "kmeans2", "kmeans3"):
-        raise ValueError("must be gmm3, gmm2, kmeans2 or kmeans3")
-    return value
+def _cluster_method(value: Any) -> FatMethod:
+    methods = FatMethod.clustering_methods()
+    if value not in methods:
+        raise ValueError(f"must be {', '.join(methods[:-1])} or {methods[-1]}")
+    return FatMethod(value)
 
 
 def _levels(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"(|[LST]\d{1,2}(-[LST]\d{1,2})?)", value.strip()):
+    if not isinstance(value, str):
         raise ValueError("must be a level range such as L1-L5, or empty for none")
+    if value.strip():
+        try:
+            vertebra_range(value)
+        except ValueError:
+            raise ValueError("must be a level range such as L1-L5, or empty for none") from None
     return value.strip()
 
 
@@ -344,7 +352,7 @@ class Config:
     max_attempts: int
     retry_seconds: float
     erode_fat: bool
-    cluster_method: str
+    cluster_method: FatMethod
     assume_levels: str
     site_reference: Path | None
     http_host: str
@@ -397,7 +405,7 @@ _SCALARS: dict[str, tuple[Callable[[Any], Any], Any]] = {
     "jobs.max_attempts": (lambda v: _bounded(v, 1, 100), 4),
     "jobs.retry_seconds": (_seconds, 10.0),
     "metrics.erode_fat": (_boolean, True),
-    "metrics.cluster_method": (_cluster_method, "gmm3"),
+    "metrics.cluster_method": (_cluster_method, FatMethod.GMM3),
     "metrics.assume_levels": (_levels, "L1-L5"),
     "reference.site": (_optional_path, ""),
     "http.host": (_bind_address, "127.0.0.1"),

@@ -16,9 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from inference.patient import PatientContext
+from inference.vocabulary import FatMethod
+
 from .grades import Grade, fat_infiltration_grade, severe_multifidus_fat
 from .metrics import ALL_LEVELS, MuscleMetrics
-from .patient import PatientContext
 from .reference import Comparison, ReferenceTable, SiteReference, compare
 
 __all__ = ["Assessment", "assess"]
@@ -85,7 +87,7 @@ def assess(
             )
             grade = fat_infiltration_grade(item.fat.mean_percent, method=item.fat.method, muscle=item.muscle)
             severe = severe_multifidus_fat(item.fat.mean_percent, method=item.fat.method, muscle=item.muscle)
-        csa_method = item.fat.method if item.fat is not None else "dixon_ff"
+        csa_method = item.fat.method if item.fat is not None else FatMethod.DIXON_FF
         csa_comparison = compare(
             item.mean_csa_mm2, method=csa_method, muscle=item.muscle, measurement="csa_mm2",
             levels=levels, patient=patient, table=table, site=site,

@@ -18,8 +18,9 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
+from inference.vocabulary import FatMethod
+
 __all__ = [
-    "CLUSTER_METHODS",
     "ClusterFat",
     "FatSummary",
     "cluster_fat",
@@ -28,8 +29,6 @@ __all__ = [
     "summarise_fraction",
 ]
 
-#: Clustering methods for T1/T2 fat infiltration: (algorithm, number of classes).
-CLUSTER_METHODS = {"gmm3": ("gmm", 3), "gmm2": ("gmm", 2), "kmeans2": ("kmeans", 2), "kmeans3": ("kmeans", 3)}
 #: Below this signal (F + W), a voxel's fat fraction is noise: it is left out.
 _MIN_SIGNAL = 1e-6
 
@@ -96,8 +95,8 @@ class ClusterFat:
 
     Attributes
     ----------
-    method : str
-        Key of :data:`CLUSTER_METHODS`.
+    method : FatMethod
+        A clustering method.
     fat_percent : float
         Share of voxels in the brightest class.
     intermediate_percent : float or None
@@ -109,7 +108,7 @@ class ClusterFat:
         of all the muscle's voxels.
     """
 
-    method: str
+    method: FatMethod
     fat_percent: float
     intermediate_percent: float | None
     voxels: int
@@ -138,7 +137,7 @@ def _classifier(values: np.ndarray, algorithm: str, classes: int, seed: int) -> 
     return lambda x: rank[model.predict(np.asarray(x).reshape(-1, 1))]
 
 
-def cluster_fat(slices: Sequence[np.ndarray], method: str = "gmm3", seed: int = 0) -> ClusterFat:
+def cluster_fat(slices: Sequence[np.ndarray], method: FatMethod | str = FatMethod.GMM3, seed: int = 0) -> ClusterFat:
     """Classify a muscle's voxel intensities into muscle, (intermediate,) and fat, slice by slice.
 
     Each slice gets its own model: the signal of a T1- or T2-weighted image drifts from slice to
@@ -151,8 +150,9 @@ def cluster_fat(slices: Sequence[np.ndarray], method: str = "gmm3", seed: int = 
     ----------
     slices : sequence of numpy.ndarray
         The image values inside the muscle mask, one array per slice (one muscle, one side).
-    method : str
-        ``"gmm3"`` (default: best agreement with Dixon), ``"gmm2"``, ``"kmeans2"`` or ``"kmeans3"``.
+    method : FatMethod or str
+        A clustering method (:meth:`FatMethod.clustering_methods`): ``gmm3`` (default: best
+        agreement with Dixon), ``gmm2``, ``kmeans2`` or ``kmeans3``.
     seed : int
         Fixed, so that the same image always gives the same number.
 
@@ -161,9 +161,10 @@ def cluster_fat(slices: Sequence[np.ndarray], method: str = "gmm3", seed: int = 
     ValueError
         For an unknown method, or too few voxels to fit the classes.
     """
-    if method not in CLUSTER_METHODS:
-        raise ValueError(f"unknown fat method {method!r}; use one of {', '.join(CLUSTER_METHODS)}")
-    algorithm, classes = CLUSTER_METHODS[method]
+    if method not in FatMethod.clustering_methods():
+        raise ValueError(f"unknown fat method {method!r}; use one of {', '.join(FatMethod.clustering_methods())}")
+    method = FatMethod(method)
+    algorithm, classes = method.cluster
     cleaned = [np.asarray(v, dtype=np.float64).ravel() for v in slices]
     cleaned = [v[np.isfinite(v)] for v in cleaned]
     everything = np.concatenate(cleaned) if cleaned else np.array([])

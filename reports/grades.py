@@ -25,7 +25,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .reference import METHODS, muscle_key, reference_method
+from inference.vocabulary import Muscle, ReferenceMethod, muscle_group
+
+from .reference import muscle_key
 
 __all__ = [
     "CITATION_KJAER_STORHEIM",
@@ -74,11 +76,11 @@ class Grade:
         return self.value is not None
 
 
-def _method(fat_percent: float, method: str) -> str:
+def _method(fat_percent: float, method: str) -> ReferenceMethod:
     """The reference method of a method name; refuses unknown methods and impossible values."""
-    known = reference_method(method)
+    known = ReferenceMethod.of(method)
     if known is None:
-        raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)} or a pipeline fat method")
+        raise ValueError(f"method {method!r} is not one of {', '.join(ReferenceMethod)} or a fat method")
     if not (math.isfinite(fat_percent) and 0.0 <= fat_percent <= 100.0):
         raise ValueError(f"fat percentage must be within 0-100, got {fat_percent}")
     return known
@@ -92,7 +94,7 @@ def fat_unreliable_reason(method: str, muscle: str) -> str | None:
     2024, T2-weighted images). T1-weighted thresholding is treated the same way, since nothing
     shows it does better for the psoas.
     """
-    if reference_method(method) == "t1t2_threshold" and "psoas_major" in muscle_key(muscle).split("+"):
+    if ReferenceMethod.of(method) is ReferenceMethod.T1T2_THRESHOLD and Muscle.PSOAS_MAJOR in muscle_group(muscle):
         return ("psoas fat from T1/T2 thresholding is unreliable (ICC <= 0.01 against Dixon for every "
                 "thresholding model tested) and is not graded")
     return None
@@ -102,7 +104,7 @@ def _refusal(method: str, muscle: str, citation_if_muscle: str, what: str) -> Gr
     reason = fat_unreliable_reason(method, muscle)
     if reason is not None:
         return Grade(None, "not graded", CITATION_WESSELINK_2024, reason)
-    if muscle_key(muscle) != "multifidus":
+    if muscle_group(muscle) != (Muscle.MULTIFIDUS,):
         return Grade(None, "not graded", citation_if_muscle,
                      f"{what} was defined for the multifidus only, not for {muscle_key(muscle)}")
     return None
@@ -117,8 +119,8 @@ def fat_infiltration_grade(fat_percent: float, *, method: str, muscle: str) -> G
         Percentage of the muscle cross-section that is fat (0-100). Storheim et al. grade the
         total multifidus cross-section, left plus right side together.
     method : str
-        ``dixon_ff`` or ``t1t2_threshold``, or a pipeline method such as ``gmm3`` (see
-        :data:`reports.reference.PIPELINE_METHODS`).
+        ``dixon_ff`` or ``t1t2_threshold``, or a fat method such as ``gmm3`` (compared under
+        its :class:`~inference.vocabulary.ReferenceMethod`).
     muscle : str
         Muscle key; only ``multifidus`` is graded.
 
@@ -140,7 +142,7 @@ def fat_infiltration_grade(fat_percent: float, *, method: str, muscle: str) -> G
         value, label = 2, "grade 2 (>50% fat)"
     note = ("share of the multifidus cross-section (left plus right in the source) containing fat, graded "
             "visually on T2-weighted images in the source; " + _BOUNDARIES)
-    if method == "dixon_ff":
+    if method is ReferenceMethod.DIXON_FF:
         note += "; " + _DIXON
     return Grade(value, label, CITATION_KJAER_STORHEIM, note)
 
@@ -174,6 +176,6 @@ def severe_multifidus_fat(fat_percent: float, *, method: str, muscle: str) -> Gr
     label = "severe (>=50% fat)" if severe else "non-severe (<50% fat)"
     note = ("per muscle side, T2-weighted MRI with automated models in the source; 50 % exactly counts as "
             "severe; associated with worse 5-year recovery after decompression for lumbar spinal stenosis")
-    if method == "dixon_ff":
+    if method is ReferenceMethod.DIXON_FF:
         note += "; " + _DIXON
     return Grade(severe, label, CITATION_WESSELINK_2025, note)

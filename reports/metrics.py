@@ -27,20 +27,17 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from inference.card import MUSCLES
 from inference.geometry import FrameGeometry, LabelMap, SeriesImage, pair_frames
+from inference.vocabulary import FatMethod, FatQuantity, Laterality, Muscle
 
-from .fat import CLUSTER_METHODS, cluster_fat, dixon_fat_fraction, erode, summarise_fraction, vendor_fraction
+from .fat import cluster_fat, dixon_fat_fraction, erode, summarise_fraction, vendor_fraction
+from .grades import CITATION_WESSELINK_2024, fat_unreliable_reason
 
 __all__ = ["ALL_LEVELS", "FatSource", "FatResult", "MuscleMetrics", "SliceArea", "measure"]
 
 ALL_LEVELS = "all"
 #: A level assigner: the vertebral level (e.g. "L3", "L4-L5") of a frame, or None if unknown.
 LevelAssigner = Callable[[FrameGeometry], "str | None"]
-_RELIABILITY_NOTE = (
-    "psoas fat by T1/T2 thresholding is unreliable (ICC <= 0.01, Wesselink et al. 2024, "
-    "N Am Spine Soc J 17:100313): shown for completeness, never graded"
-)
 
 
 @dataclass(frozen=True)
@@ -48,14 +45,14 @@ class FatSource:
     """Where fat comes from for a label map.
 
     Exactly one of: ``water`` and ``fat`` (Dixon components of the label map's acquisition),
-    ``fraction`` (a vendor fat-fraction series), or ``cluster`` (a method of
-    :data:`reports.fat.CLUSTER_METHODS`, applied to the label map's own images).
+    ``fraction`` (a vendor fat-fraction series), or ``cluster`` (a clustering
+    :class:`~inference.vocabulary.FatMethod`, applied to the label map's own images).
     """
 
     water: SeriesImage | None = None
     fat: SeriesImage | None = None
     fraction: SeriesImage | None = None
-    cluster: str | None = None
+    cluster: FatMethod | None = None
     erode: bool = True
 
     def __post_init__(self) -> None:
@@ -65,14 +62,17 @@ class FatSource:
             raise ValueError("a fat source is Dixon water and fat, a fat-fraction map, or a cluster method")
         if dixon and (self.water is None or self.fat is None):
             raise ValueError("Dixon fat needs both the water and the fat series")
-        if self.cluster is not None and self.cluster not in CLUSTER_METHODS:
-            raise ValueError(f"unknown cluster method {self.cluster!r}")
+        if self.cluster is not None:
+            if self.cluster not in FatMethod.clustering_methods():
+                raise ValueError(f"unknown cluster method {self.cluster!r}; use one of "
+                                 f"{', '.join(FatMethod.clustering_methods())}")
+            object.__setattr__(self, "cluster", FatMethod(self.cluster))
 
     @property
-    def method(self) -> str:
+    def method(self) -> FatMethod:
         if self.cluster is not None:
             return self.cluster
-        return "dixon_vendor_ff" if self.fraction is not None else "dixon_ff"
+        return FatMethod.DIXON_VENDOR_FF if self.fraction is not None else FatMethod.DIXON_FF
 
 
 @dataclass(frozen=True)
@@ -95,11 +95,10 @@ class FatResult:
 
     Attributes
     ----------
-    method : str
-        ``"dixon_ff"``, ``"dixon_vendor_ff"`` or a clustering method (``"gmm3"``, ...).
-    quantity : str
-        ``"fat_fraction"`` (Dixon) or ``"fat_infiltration"`` (clustering of T1/T2 intensities):
-        different quantities, never compared with each other's references.
+    method : FatMethod
+    quantity : FatQuantity
+        Fat fraction (Dixon) or fat infiltration (clustering of T1/T2 intensities): different
+        quantities, never compared with each other's references.
     mean_percent, median_percent : float or None
         Over the voxels of the mask (eroded if ``eroded``); clustering gives the share of fat
         voxels as the mean and no median.
@@ -112,8 +111,8 @@ class FatResult:
     note : str
     """
 
-    method: str
-    quantity: str
+    method: FatMethod
+    quantity: FatQuantity
     mean_percent: float | None
     median_percent: float | None
     eroded: bool
@@ -122,13 +121,17 @@ class FatResult:
     reliable: bool = True
     note: str = ""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", FatMethod(self.method))
+        object.__setattr__(self, "quantity", FatQuantity(self.quantity))
+
 
 @dataclass(frozen=True)
 class MuscleMetrics:
-    """Metrics of one muscle, one side (``"left"``, ``"right"`` or ``"both"``), one level group."""
+    """Metrics of one muscle, one side or both sides together, one level group."""
 
-    muscle: str
-    side: str
+    muscle: Muscle
+    side: Laterality
     level: str
     slices: tuple[SliceArea, ...]
     mean_csa_mm2: float
@@ -138,6 +141,10 @@ class MuscleMetrics:
     asymmetry_percent: float | None
     range_mm: tuple[float, float]
     label_values: tuple[int, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "muscle", Muscle(self.muscle))
+        object.__setattr__(self, "side", Laterality(self.side))
 
     @property
     def n_slices(self) -> int:
@@ -180,8 +187,8 @@ def _fraction_frames(label_map: LabelMap, source: FatSource) -> list[np.ndarray]
 
 def _group_metrics(
     label_map: LabelMap,
-    muscle: str,
-    side: str,
+    muscle: Muscle,
+    side: Laterality,
     values: tuple[int, ...],
     frames: Sequence[int],
     level: str,
@@ -237,7 +244,7 @@ def _group_metrics(
 
 
 def _fat_result(
-    muscle: str, fat_values: list[np.ndarray], intensities: list[np.ndarray], source: FatSource | None
+    muscle: Muscle, fat_values: list[np.ndarray], intensities: list[np.ndarray], source: FatSource | None
 ) -> FatResult | None:
     if source is None:
         return None
@@ -245,18 +252,19 @@ def _fat_result(
         summary = summarise_fraction(np.concatenate(fat_values)) if fat_values else None
         if summary is None:
             return None
-        return FatResult(source.method, "fat_fraction", summary.mean_percent, summary.median_percent,
+        return FatResult(source.method, source.method.quantity, summary.mean_percent, summary.median_percent,
                          source.erode, summary.voxels)
-    reliable = muscle != "psoas_major"
+    unreliable = fat_unreliable_reason(source.cluster, muscle)
+    reliable = unreliable is None
     try:
         clustered = cluster_fat(intensities, source.cluster)
     except ValueError as exc:
-        return FatResult(source.cluster, "fat_infiltration", None, None, False,
+        return FatResult(source.cluster, source.cluster.quantity, None, None, False,
                          int(sum(v.size for v in intensities)), reliable=reliable, note=str(exc))
     return FatResult(
-        source.cluster, "fat_infiltration", clustered.fat_percent, None, False, clustered.voxels,
+        source.cluster, source.cluster.quantity, clustered.fat_percent, None, False, clustered.voxels,
         intermediate_percent=clustered.intermediate_percent, reliable=reliable,
-        note="" if reliable else _RELIABILITY_NOTE,
+        note="" if reliable else f"{unreliable}: shown for completeness ({CITATION_WESSELINK_2024})",
     )
 
 
@@ -291,14 +299,13 @@ def measure(
             groups.setdefault(level, []).append(index)
 
     results: list[MuscleMetrics] = []
-    for muscle in MUSCLES:
+    for muscle in Muscle:
         sides = {
-            side: tuple(v for v, info in label_map.meaning.items() if info.muscle == muscle and info.side == side)
-            for side in ("left", "right")
+            side: tuple(v for v, info in label_map.meaning.items() if info.muscle == muscle and info.side in side.sides)
+            for side in Laterality
         }
         if not any(sides.values()):
             continue
-        sides["both"] = sides["left"] + sides["right"]
         for level, frames in groups.items():
             found = {}
             for side, values in sides.items():
@@ -307,9 +314,9 @@ def measure(
                                              fractions, fat)
                     if metrics is not None:
                         found[side] = metrics
-            if "left" in found and "right" in found and "both" in found:
-                left, right = found["left"].mean_csa_mm2, found["right"].mean_csa_mm2
+            if all(side in found for side in Laterality):
+                left, right = found[Laterality.LEFT].mean_csa_mm2, found[Laterality.RIGHT].mean_csa_mm2
                 asymmetry = (right - left) / ((right + left) / 2) * 100
-                found["both"] = replace(found["both"], asymmetry_percent=asymmetry)
-            results.extend(found[s] for s in ("left", "right", "both") if s in found)
+                found[Laterality.BOTH] = replace(found[Laterality.BOTH], asymmetry_percent=asymmetry)
+            results.extend(found[side] for side in Laterality if side in found)
     return results

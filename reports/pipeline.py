@@ -18,18 +18,17 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from inference.geometry import LabelMap, SeriesImage, read_series
+from inference.patient import PatientContext, from_dataset
 from inference.runtime import Segmenter
+from inference.vocabulary import DIXON_COMPONENTS, Contrast, FatMethod
 from reports.assessment import Assessment, assess
 from reports.metrics import FatSource, MuscleMetrics, measure
-from reports.patient import PatientContext, from_dataset
 from reports.reference import SiteReference
 from reports.uids import ResultIdentity
 
 __all__ = ["COHORT_COLUMNS", "PipelineError", "PipelineSettings", "Results", "WorkItem", "run", "cohort_rows"]
 
 log = logging.getLogger(__name__)
-
-DIXON_ROLES = ("water", "fat", "in_phase", "opposed_phase", "fat_fraction")
 
 
 class PipelineError(Exception):
@@ -54,7 +53,7 @@ class PipelineSettings:
     """How fat is measured and what it is compared with."""
 
     erode_fat: bool = True
-    cluster_method: str = "gmm3"
+    cluster_method: FatMethod = FatMethod.GMM3
     assume_levels: str | None = "L1-L5"
     site_reference: SiteReference | None = None
 
@@ -80,10 +79,10 @@ class Results:
 
 def _fat_source(kind: str, images: Mapping[str, SeriesImage], settings: PipelineSettings) -> FatSource:
     if kind == "dixon":
-        if "water" in images and "fat" in images:
-            return FatSource(water=images["water"], fat=images["fat"], erode=settings.erode_fat)
-        if "fat_fraction" in images:
-            return FatSource(fraction=images["fat_fraction"], erode=settings.erode_fat)
+        if Contrast.WATER in images and Contrast.FAT in images:
+            return FatSource(water=images[Contrast.WATER], fat=images[Contrast.FAT], erode=settings.erode_fat)
+        if Contrast.FAT_FRACTION in images:
+            return FatSource(fraction=images[Contrast.FAT_FRACTION], erode=settings.erode_fat)
         raise PipelineError("a Dixon group needs water and fat, or a fat-fraction map")
     return FatSource(cluster=settings.cluster_method)
 
@@ -115,7 +114,7 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
     started = time.perf_counter()
     try:
         if item.kind == "dixon":
-            label_map = segmenter.segment_components({r: images[r] for r in DIXON_ROLES if r in images})
+            label_map = segmenter.segment_components({r: images[r] for r in DIXON_COMPONENTS if r in images})
         else:
             label_map = segmenter.segment(images[item.kind])
     except ValueError as exc:
@@ -151,7 +150,11 @@ COHORT_COLUMNS = (
 
 
 def cohort_rows(results: Results, study: str) -> list[dict[str, Any]]:
-    """Rows of a cohort CSV: one per study x muscle x side (x level when levels are known)."""
+    """Rows of a cohort CSV: one per study x muscle x side (x level when levels are known).
+
+    ``age`` is in completed years, as the field reports ages (and as the reference's age bands
+    count them); ``sex`` and ``bmi`` are the values the comparisons used, empty when missing.
+    """
     rows = []
     patient = results.patient
     for assessment in results.assessments:
@@ -161,7 +164,8 @@ def cohort_rows(results: Results, study: str) -> list[dict[str, Any]]:
             "study": study,
             "series": results.label_map.series.series_instance_uid,
             "model": f"{results.label_map.model_name} {results.label_map.model_version}",
-            "age": patient.age_years, "sex": patient.sex, "bmi": None if patient.bmi is None else round(patient.bmi, 2),
+            "age": patient.age_completed_years, "sex": patient.sex,
+            "bmi": None if patient.bmi is None else round(patient.bmi, 2),
             "muscle": m.muscle, "side": m.side, "level": m.level, "slices": m.n_slices,
             "mean_csa_mm2": round(m.mean_csa_mm2, 2),
             "volume_cm3": None if m.volume_cm3 is None else round(m.volume_cm3, 3),

@@ -42,23 +42,21 @@ from __future__ import annotations
 import csv
 import functools
 import math
-import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .patient import PatientContext
+from inference.patient import PatientContext
+from inference.vocabulary import ReferenceMethod, Sex, muscle_group, vertebra_range
 
 __all__ = [
     "ADULT_AGE",
+    "ANY_SEX",
     "COEFFICIENT_TERMS",
     "Comparison",
     "MEASUREMENTS",
-    "METHODS",
-    "MUSCLES",
     "PERCENTILE_BASIS",
-    "PIPELINE_METHODS",
     "PUBLISHED_VERSION",
     "ReferenceTableError",
     "ReferenceRow",
@@ -73,21 +71,16 @@ __all__ = [
     "muscle_key",
     "normal_percentile",
     "published_table",
-    "reference_method",
     "save_site_reference",
     "select_stratum",
     "z_score",
 ]
 
 PUBLISHED_VERSION = "reference-v1"
-#: Measurement methods. ``dixon_ff``: fat fraction from chemical-shift (Dixon) water and fat
-#: images, F / (F + W) or PDFF. ``t1t2_threshold``: fat percentage of the cross-section from
-#: thresholding or clustering a T1- or T2-weighted image (e.g. a 3-class Gaussian mixture).
-METHODS = ("dixon_ff", "t1t2_threshold")
 MEASUREMENTS = ("fat_fraction_percent", "csa_mm2")
-#: Single muscles, in the canonical order used to spell combined keys ("multifidus+erector_spinae").
-MUSCLES = ("multifidus", "erector_spinae", "psoas_major", "quadratus_lumborum")
-SEXES = ("F", "M", "any")
+#: The sex of a group of women and men together.
+ANY_SEX = "any"
+_ROW_SEXES = (Sex.FEMALE, Sex.MALE, ANY_SEX)
 LUMBAR = "lumbar"
 ADULT_AGE = 18
 PERCENTILE_BASIS = ("normal CDF of the z-score: assumes normally distributed values in the reference "
@@ -101,67 +94,50 @@ _SOURCE_COLUMNS = ("source", "citation", "link")
 _SITE_COLUMNS = ("name", "method", "muscle", "measurement", "levels", "coef_intercept", "coef_age",
                  "coef_male", "coef_bmi", "residual_sd", "n", "n_subjects", "age_min", "age_max",
                  "bmi_min", "bmi_max", "sexes", "note")
-_LEVEL = re.compile(r"^L([1-5])(?:-L([1-5]))?$")
 
 
 class ReferenceTableError(ValueError):
     """A reference table or site reference file has a row the lookup cannot use."""
 
 
-#: Fat methods of the pipeline (reports.metrics / reports.fat) and the reference method each is
-#: compared under. A scanner's own fat-fraction map is a chemical-shift fat fraction like F/(F+W);
-#: the published Dixon rows already mix 2-point fat signal fractions and 6-echo PDFF.
-PIPELINE_METHODS = {
-    "dixon_ff": "dixon_ff",
-    "dixon_vendor_ff": "dixon_ff",
-    "gmm2": "t1t2_threshold",
-    "gmm3": "t1t2_threshold",
-    "kmeans2": "t1t2_threshold",
-    "kmeans3": "t1t2_threshold",
-    "t1t2_threshold": "t1t2_threshold",
-}
-
-
 # ---------------------------------------------------------------------------------------------
-# Vocabulary
-
-
-def reference_method(method: str) -> str | None:
-    """The reference method (one of :data:`METHODS`) for a pipeline fat method, or None if unknown."""
-    return PIPELINE_METHODS.get(method)
+# Keys
 
 
 def muscle_key(muscles: str | Iterable[str]) -> str:
-    """Canonical key of one muscle or a group: members in :data:`MUSCLES` order, joined by "+".
+    """Canonical key of one muscle or a group: members in the vocabulary's order, joined by "+".
 
     >>> muscle_key(["erector_spinae", "multifidus"])
     'multifidus+erector_spinae'
     """
-    names = muscles.split("+") if isinstance(muscles, str) else list(muscles)
-    names = [n.strip() for n in names]
-    unknown = [n for n in names if n not in MUSCLES]
-    if unknown or not names:
-        raise ReferenceTableError(f"muscle {'+'.join(names)!r}: each member must be one of {', '.join(MUSCLES)}")
-    if len(set(names)) != len(names):
-        raise ReferenceTableError(f"muscle {'+'.join(names)!r} names a muscle twice")
-    return "+".join(sorted(names, key=MUSCLES.index))
+    try:
+        return "+".join(muscle_group(muscles))
+    except ValueError as exc:
+        raise ReferenceTableError(str(exc)) from None
 
 
 def level_key(levels: str) -> str:
     """Canonical key of a vertebral level range: "L5", "L3-L5" (inclusive) or "lumbar".
 
     Accepts an en dash and lower case ("l3–l5"); a range of one level collapses ("L5-L5" -> "L5").
+    The range is one of bodies (:func:`inference.vocabulary.vertebra_range`), as the published
+    cohorts state the levels they measured over.
     """
-    text = levels.strip().replace("\u2013", "-").replace("\u2014", "-").replace(" ", "")
-    if text.lower() == LUMBAR:
+    if levels.strip().lower() == LUMBAR:
         return LUMBAR
-    match = _LEVEL.match(text.upper())
-    if not match:
-        raise ReferenceTableError(f"levels {levels!r}: expected L1..L5, a range such as L3-L5, or {LUMBAR!r}")
-    first, last = int(match.group(1)), int(match.group(2) or match.group(1))
-    if last < first:
-        raise ReferenceTableError(f"levels {levels!r}: the range must run from cranial to caudal")
-    return f"L{first}" if first == last else f"L{first}-L{last}"
+    try:
+        vertebrae = vertebra_range(levels)
+    except ValueError as exc:
+        raise ReferenceTableError(f"{exc}, or {LUMBAR!r}") from None
+    first, last = vertebrae[0], vertebrae[-1]
+    return first.value if first is last else f"{first.value}-{last.value}"
+
+
+def _reference_method(method: str) -> ReferenceMethod:
+    try:
+        return ReferenceMethod(method)
+    except ValueError:
+        raise ReferenceTableError(f"method {method!r} is not one of {', '.join(ReferenceMethod)}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +153,7 @@ class ReferenceRow:
     whole cohort, whose age range the bounds then give (False).
     """
 
-    method: str
+    method: ReferenceMethod
     muscle: str
     measurement: str
     levels: str
@@ -192,16 +168,15 @@ class ReferenceRow:
     note: str = ""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ReferenceTableError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        object.__setattr__(self, "method", _reference_method(self.method))
         if self.measurement not in MEASUREMENTS:
             raise ReferenceTableError(f"measurement {self.measurement!r} is not one of {', '.join(MEASUREMENTS)}")
         if muscle_key(self.muscle) != self.muscle:
             raise ReferenceTableError(f"muscle {self.muscle!r} is not in canonical order ({muscle_key(self.muscle)})")
         if level_key(self.levels) != self.levels:
             raise ReferenceTableError(f"levels {self.levels!r} is not canonical ({level_key(self.levels)})")
-        if self.sex not in SEXES:
-            raise ReferenceTableError(f"sex {self.sex!r} is not one of {', '.join(SEXES)}")
+        if self.sex not in _ROW_SEXES:
+            raise ReferenceTableError(f"sex {self.sex!r} is not one of {', '.join(_ROW_SEXES)}")
         if self.age_low is not None and self.age_high is not None and self.age_low > self.age_high:
             raise ReferenceTableError(f"age band {self.age_low}-{self.age_high} is empty")
         if self.age_specific and self.age_low is None and self.age_high is None:
@@ -340,7 +315,7 @@ class SiteModel:
     """
 
     name: str
-    method: str
+    method: ReferenceMethod
     muscle: str
     measurement: str
     levels: str | None
@@ -359,8 +334,7 @@ class SiteModel:
     note: str = ""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ReferenceTableError(f"method {self.method!r} is not one of {', '.join(METHODS)}")
+        object.__setattr__(self, "method", _reference_method(self.method))
         if self.measurement not in MEASUREMENTS:
             raise ReferenceTableError(f"measurement {self.measurement!r} is not one of {', '.join(MEASUREMENTS)}")
         muscle_key(self.muscle)
@@ -368,9 +342,9 @@ class SiteModel:
             level_key(self.levels)
         if not (math.isfinite(self.residual_sd) and self.residual_sd > 0):
             raise ReferenceTableError(f"residual_sd {self.residual_sd} must be positive")
-        if not self.sexes or any(s not in ("F", "M") for s in self.sexes):
+        if not self.sexes or any(s not in (Sex.FEMALE, Sex.MALE) for s in self.sexes):
             raise ReferenceTableError(f"sexes {self.sexes!r} must list F and/or M")
-        if self.coef_male is not None and set(self.sexes) != {"F", "M"}:
+        if self.coef_male is not None and set(self.sexes) != {Sex.FEMALE, Sex.MALE}:
             raise ReferenceTableError("a sex coefficient needs both sexes in the cohort")
 
     def needs(self) -> tuple[str, ...]:
@@ -392,9 +366,9 @@ class SiteModel:
                 raise ValueError("age is needed")
             value += self.coef_age * age_years
         if self.coef_male is not None:
-            if sex not in ("F", "M"):
+            if sex not in (Sex.FEMALE, Sex.MALE):
                 raise ValueError("sex F or M is needed")
-            value += self.coef_male * (sex == "M")
+            value += self.coef_male * (sex == Sex.MALE)
         if self.coef_bmi is not None:
             if bmi is None:
                 raise ValueError("BMI is needed")
@@ -534,7 +508,7 @@ class Comparison:
     """
 
     value: float
-    method: str
+    method: ReferenceMethod
     muscle: str
     measurement: str
     levels: str | None
@@ -548,14 +522,14 @@ class Comparison:
 
 
 def _describe(row: ReferenceRow) -> str:
-    who = {"F": "women", "M": "men", "any": "women and men"}[row.sex]
+    who = {Sex.FEMALE: "women", Sex.MALE: "men", ANY_SEX: "women and men"}[row.sex]
     ages = row.age_band() + ("" if row.age_specific else " (whole cohort)")
     return f"{row.method} {row.muscle} {row.measurement} {row.levels}, {who}, {ages}"
 
 
 def _rank(indexed: tuple[int, ReferenceRow]) -> tuple:
     index, row = indexed
-    specificity = (row.sex != "any") + row.age_specific
+    specificity = (row.sex != ANY_SEX) + row.age_specific
     width = math.inf if row.age_low is None or row.age_high is None else row.age_high - row.age_low
     return (-specificity, row.n is None, -(row.n or 0), width, row.source, index)
 
@@ -575,7 +549,7 @@ def select_stratum(rows: Sequence[ReferenceRow],
     other_sex: set[str] = set()
     outside: list[str] = []
     for index, row in enumerate(rows):
-        if row.sex != "any":
+        if row.sex != ANY_SEX:
             if patient.sex is None:
                 need_sex += 1
                 continue
@@ -618,15 +592,15 @@ def select_stratum(rows: Sequence[ReferenceRow],
     return None, "no reference group fits this patient: " + "; ".join(reasons), ()
 
 
-def _no_method_reason(method: str, version: str) -> str:
-    if method == "t1t2_threshold":
+def _no_method_reason(method: ReferenceMethod, version: str) -> str:
+    if method is ReferenceMethod.T1T2_THRESHOLD:
         return (f"no reference for this method: {version} has no t1t2_threshold groups; a fat percentage from "
                 "T1/T2 thresholding is not the quantity a Dixon fat fraction is and is never compared with Dixon "
                 "references (Masi et al. 2023; Wesselink et al. 2024)")
     return f"no reference for this method: {version} has no {method} groups"
 
 
-def _published(method: str, muscle: str, measurement: str, levels: str | None,
+def _published(method: ReferenceMethod, muscle: str, measurement: str, levels: str | None,
                patient: PatientContext, table: ReferenceTable) -> tuple[Stratum | None, str | None, tuple[str, ...]]:
     same_method = [r for r in table.rows if r.method == method]
     if not same_method:
@@ -650,7 +624,7 @@ def _published(method: str, muscle: str, measurement: str, levels: str | None,
     return stratum, None, notes
 
 
-def _site(method: str, muscle: str, measurement: str, levels: str | None, patient: PatientContext,
+def _site(method: ReferenceMethod, muscle: str, measurement: str, levels: str | None, patient: PatientContext,
           site: SiteReference) -> tuple[Stratum | None, str | None, tuple[str, ...]]:
     model = site.find(method, muscle, measurement, levels)
     if model is None:
@@ -692,9 +666,10 @@ def compare(value: float, *, method: str, muscle: str | Iterable[str], measureme
     value : float
         The measurement (fat fraction in percent, or CSA in mm²).
     method : str
-        How the value was measured: one of :data:`METHODS`, or a pipeline method named in
-        :data:`PIPELINE_METHODS` (``gmm3`` counts as ``t1t2_threshold``). Only references of the
-        same method are used; the result records the reference method.
+        How the value was measured: a :class:`~inference.vocabulary.ReferenceMethod`, or a
+        :class:`~inference.vocabulary.FatMethod`, compared under its reference method (``gmm3``
+        counts as ``t1t2_threshold``). Only references of the same method are used; the result
+        records the reference method.
     muscle : str or iterable of str
         A muscle or group (see :func:`muscle_key`).
     measurement : str
@@ -718,7 +693,11 @@ def compare(value: float, *, method: str, muscle: str | Iterable[str], measureme
         raise ReferenceTableError(f"measurement {measurement!r} is not one of {', '.join(MEASUREMENTS)}")
     muscle = muscle_key(muscle)
     levels = None if levels is None else level_key(levels)
-    method = reference_method(method) or method
+    reference = ReferenceMethod.of(method)
+    if reference is None:
+        raise ReferenceTableError(f"method {method!r} is neither a reference method "
+                                  f"({', '.join(ReferenceMethod)}) nor a fat method of the pipeline")
+    method = reference
     table = table or published_table()
     notes: list[str] = []
     stratum = reason = None

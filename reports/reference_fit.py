@@ -20,7 +20,8 @@ The cohort file is a CSV, one row per measured muscle side (and level), with col
 ``sex``                  F or M; rows with O or no sex are left out (the model has a binary sex term)
 ``bmi``                  kg/m²
 ``fat_fraction_percent`` and/or ``csa_mm2``; an empty cell means not measured
-``method``               :data:`reports.reference.METHODS`
+``method``               a reference method (``dixon_ff``, ``t1t2_threshold``) or a fat method
+                         (``gmm3`` ...), fitted under its reference method
 =======================  ==========================================================================
 
 Both sides of a person enter as separate observations: the residual SD is then that of one side's
@@ -40,9 +41,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from inference.vocabulary import ReferenceMethod, Sex
+
 from .reference import (
     MEASUREMENTS,
-    METHODS,
     ReferenceTableError,
     SiteModel,
     SiteReference,
@@ -126,9 +128,10 @@ def read_cohort(path: str | Path) -> tuple[list[Observation], list[str]]:
         if missing:
             raise CohortError(f"{path}: missing columns {', '.join(missing)}")
         for line, raw in enumerate(reader, start=2):
-            method = (raw["method"] or "").strip()
-            if method not in METHODS:
-                raise CohortError(f"{path}, line {line}: method {method!r} is not one of {', '.join(METHODS)}")
+            method = ReferenceMethod.of((raw["method"] or "").strip())
+            if method is None:
+                raise CohortError(f"{path}, line {line}: method {raw['method']!r} is neither a reference method "
+                                  f"({', '.join(ReferenceMethod)}) nor a fat method")
             try:
                 muscle = muscle_key(raw["muscle"] or "")
                 level_text = (raw.get("level") or "").strip()
@@ -140,7 +143,7 @@ def read_cohort(path: str | Path) -> tuple[list[Observation], list[str]]:
             age = _number(raw["age"], "age", line)
             bmi = _number(raw["bmi"], "bmi", line)
             lacking = [what for what, v in (("id", subject), ("age", age), ("bmi", bmi)) if v in ("", None)]
-            if sex not in ("F", "M"):
+            if sex not in (Sex.FEMALE, Sex.MALE):
                 lacking.append(f"sex F or M (got {sex!r})")
             if lacking:
                 skipped.append(f"line {line}: no {', '.join(lacking)}")
@@ -186,10 +189,10 @@ def _fit_group(name: str, key: tuple, group: Sequence[Observation]) -> tuple[Sit
     if len(group) < MIN_OBSERVATIONS:
         return None, f"{label}: {len(group)} observations, fewer than {MIN_OBSERVATIONS}"
     age = np.array([o.age for o in group], dtype=float)
-    male = np.array([o.sex == "M" for o in group], dtype=float)
+    male = np.array([o.sex == Sex.MALE for o in group], dtype=float)
     bmi = np.array([o.bmi for o in group], dtype=float)
     values = np.array([o.value for o in group], dtype=float)
-    sexes = tuple(s for s in ("F", "M") if any(o.sex == s for o in group))
+    sexes = tuple(s.value for s in (Sex.FEMALE, Sex.MALE) if any(o.sex == s for o in group))
     columns: dict[str, np.ndarray] = {"intercept": np.ones(len(group))}
     dropped = []
     # A term without spread cannot be estimated; fitting without it says so instead of failing.

@@ -33,18 +33,17 @@ from typing import Sequence
 
 import numpy as np
 
-from inference.card import MUSCLES
 from inference.geometry import LabelMap, SeriesImage
+from inference.patient import PatientContext
+from inference.vocabulary import FatQuantity, Laterality, Muscle, Side
 
 from .assessment import Assessment
 from .metrics import ALL_LEVELS
-from .patient import PatientContext
 from .reference import Comparison
 
 __all__ = [
     "PAGE_SHAPE",
     "RESEARCH_USE",
-    "MUSCLE_COLOURS",
     "DisplaySlice",
     "Page",
     "display_slice",
@@ -58,30 +57,6 @@ PAGE_SHAPE = (960, 1280)
 RESEARCH_USE = "For research use only \u2014 not for diagnostic use"
 _DPI = 100
 
-#: Outline and chart colour of each muscle and side: one hue per muscle, the right side deep, the
-#: left side light. The same colours as the SEG's recommended display colours (reports.seg), so
-#: that an outline here and a SEG overlay in a viewer look alike.
-MUSCLE_COLOURS: dict[tuple[str, str], tuple[int, int, int]] = {
-    ("multifidus", "right"): (230, 80, 80),
-    ("multifidus", "left"): (255, 150, 150),
-    ("erector_spinae", "right"): (60, 120, 220),
-    ("erector_spinae", "left"): (130, 180, 255),
-    ("psoas_major", "right"): (60, 170, 90),
-    ("psoas_major", "left"): (140, 220, 150),
-    ("quadratus_lumborum", "right"): (220, 170, 40),
-    ("quadratus_lumborum", "left"): (250, 215, 120),
-}
-_MUSCLE_NAMES = {
-    "multifidus": "Multifidus",
-    "erector_spinae": "Erector spinae",
-    "psoas_major": "Psoas major",
-    "quadratus_lumborum": "Quadratus lumborum",
-}
-#: Shorter names where space is tight (table rows, chart labels).
-_SHORT_NAMES = dict(_MUSCLE_NAMES, quadratus_lumborum="Quadratus lumb.")
-_SIDE_NAMES = {"left": "L", "right": "R", "both": "L+R"}
-_SEX_NAMES = {"M": "male", "F": "female", "O": "other"}
-
 # Dark theme: viewers surround images with black, and reading rooms are dim.
 _BACKGROUND = "#000000"
 _TEXT = "#ffffff"
@@ -93,27 +68,17 @@ _BAND_2SD = "#3c3c3c"
 _BAND_1SD = "#6a6a6a"
 _MEAN_LINE = "#e0e0e0"
 
-_METHOD_TEXT = {
-    "dixon_ff": "Dixon fat fraction F/(F+W)",
-    "dixon_vendor_ff": "the scanner's fat-fraction map",
-    "gmm3": "fat infiltration: share of voxels in the brightest class of a 3-class Gaussian mixture of the image",
-    "gmm2": "fat infiltration: share of voxels in the bright class of a 2-class Gaussian mixture of the image",
-    "kmeans3": "fat infiltration: share of voxels in the brightest of 3 k-means clusters of the image",
-    "kmeans2": "fat infiltration: share of voxels in the bright of 2 k-means clusters of the image",
-}
 
 
 def _hex(colour: tuple[int, int, int]) -> str:
     return "#%02x%02x%02x" % colour
 
 
-def _colour(muscle: str, side: str) -> str:
-    # "both" is drawn in the deep shade: it is summarised with the right side's marker shape apart.
-    return _hex(MUSCLE_COLOURS[(muscle, "right" if side == "both" else side)])
-
-
-def _muscle_order(muscle: str) -> int:
-    return MUSCLES.index(muscle) if muscle in MUSCLES else len(MUSCLES)
+def _colour(muscle: Muscle, side: Laterality | Side) -> str:
+    """The outline and chart colour (:meth:`Muscle.colour`, as the SEG's display colours, so that an
+    outline here and a SEG overlay in a viewer look alike). Both sides together are drawn in the
+    right side's deep shade, told apart by their marker shape."""
+    return _hex(muscle.colour(Side.RIGHT if side == Laterality.BOTH else side))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,7 +343,7 @@ class _Context:
 
 def _patient_line(patient: PatientContext) -> str:
     age = f"{patient.age_completed_years} y" if patient.age_years is not None else "age unknown"
-    sex = _SEX_NAMES.get(patient.sex or "", "sex unknown")
+    sex = patient.sex.display if patient.sex is not None else "sex unknown"
     bmi = f"BMI {patient.bmi:.1f} kg/m\u00b2" if patient.bmi is not None else "BMI unknown"
     return f"Patient: {age}, {sex}, {bmi}"
 
@@ -559,7 +524,7 @@ def _legend_block(figure, label_map: LabelMap, left: float, top: float) -> float
     _text_px(figure, left, top, "Outlines", fontsize=17, fontweight="bold")
     y = top + 38
     values = set(label_map.values_present())
-    present: dict[str, set[str]] = {}
+    present: dict[Muscle, set[Side]] = {}
     for value, info in label_map.meaning.items():
         if value in values:
             present.setdefault(info.muscle, set()).add(info.side)
@@ -568,9 +533,9 @@ def _legend_block(figure, label_map: LabelMap, left: float, top: float) -> float
         return y + 30
     _text_px(figure, left + 276, y - 30, "R", fontsize=14, color=_MUTED, ha="center")
     _text_px(figure, left + 356, y - 30, "L", fontsize=14, color=_MUTED, ha="center")
-    for muscle in sorted(present, key=_muscle_order):
-        _text_px(figure, left, y, _MUSCLE_NAMES[muscle], fontsize=16)
-        for side, centre in (("right", left + 276), ("left", left + 356)):
+    for muscle in sorted(present, key=lambda m: m.index):
+        _text_px(figure, left, y, muscle.display, fontsize=16)
+        for side, centre in ((Side.RIGHT, left + 276), (Side.LEFT, left + 356)):
             if side not in present[muscle]:
                 continue
             line = Line2D([(centre - 26) / PAGE_SHAPE[1], (centre + 26) / PAGE_SHAPE[1]],
@@ -586,13 +551,13 @@ def _legend_block(figure, label_map: LabelMap, left: float, top: float) -> float
 def _glance_block(figure, label_map: LabelMap, assessments: Sequence[Assessment], left: float,
                   top: float) -> None:
     lines = []
-    overall = [a for a in assessments if a.metrics.level == ALL_LEVELS and a.metrics.side in ("left", "right")]
-    for item in sorted(overall, key=lambda a: (_muscle_order(a.metrics.muscle), a.metrics.side != "right")):
+    overall = [a for a in assessments if a.metrics.level == ALL_LEVELS and a.metrics.side is not Laterality.BOTH]
+    for item in sorted(overall, key=lambda a: (a.metrics.muscle.index, a.metrics.side is not Laterality.RIGHT)):
         fat = item.metrics.fat
         if fat is None or fat.mean_percent is None:
             continue
         z = f"  z {_signed(item.fat.z, 1)}" if item.fat is not None and item.fat.z is not None else ""
-        lines.append((f"{_SHORT_NAMES[item.metrics.muscle]} {_SIDE_NAMES[item.metrics.side]}",
+        lines.append((f"{item.metrics.muscle.short} {item.metrics.side.letter}",
                       f"{fat.mean_percent:.1f} %{z}", item))
     _text_px(figure, left, top, "Fat at a glance", fontsize=17, fontweight="bold")
     y = top + 34
@@ -619,7 +584,7 @@ def _page1_notes(label_map: LabelMap, assessments: Sequence[Assessment]) -> list
     notes = ["Full measurements, reference bands and grades: next pages."]
     kind = next((a.metrics.fat for a in assessments if a.metrics.fat is not None), None)
     if kind is not None:
-        notes.insert(0, f"Fat: {_METHOD_TEXT.get(kind.method, kind.method)}.")
+        notes.insert(0, f"Fat: {kind.method.description}.")
     swapped = [f for f in label_map.findings if f.action == "swapped"]
     kept = [f for f in label_map.findings if f.action != "swapped"]
     if swapped:
@@ -729,7 +694,7 @@ def _columns(assessments: Sequence[Assessment]) -> list[tuple[str, str, float, s
 
 def _row_cells(item: Assessment, notes: _Notes) -> dict[str, _Cell]:
     metrics = item.metrics
-    cells = {"muscle": _Cell(_SHORT_NAMES[metrics.muscle]), "side": _Cell(_SIDE_NAMES[metrics.side])}
+    cells = {"muscle": _Cell(metrics.muscle.short), "side": _Cell(metrics.side.letter)}
     csa = f"{metrics.mean_csa_mm2:.0f}"
     csa_z, csa_alert = "\u2014", False
     if item.csa is not None:
@@ -775,7 +740,7 @@ def _row_cells(item: Assessment, notes: _Notes) -> dict[str, _Cell]:
         if item.grade.graded:
             grade = f"Grade {item.grade.value}"
             grade_alert = item.grade.value == 2
-        elif metrics.muscle != "multifidus":
+        elif metrics.muscle is not Muscle.MULTIFIDUS:
             grade = "\u2014"  # the grades are defined for the multifidus only, as the notes say
         else:
             grade = "not graded" + notes.reason(f"Not graded: {item.grade.note}")
@@ -792,9 +757,8 @@ def _groups(assessments: Sequence[Assessment]) -> list[tuple[str, list[Assessmen
     for item in assessments:
         groups.setdefault(item.metrics.level, []).append(item)
     order = sorted(groups, key=lambda level: (level != ALL_LEVELS, level))
-    side_rank = {"left": 0, "right": 1, "both": 2}
-    return [(level, sorted(groups[level], key=lambda a: (_muscle_order(a.metrics.muscle),
-                                                           side_rank.get(a.metrics.side, 3))))
+    return [(level, sorted(groups[level], key=lambda a: (a.metrics.muscle.index,
+                                                           tuple(Laterality).index(a.metrics.side))))
             for level in order]
 
 
@@ -921,7 +885,7 @@ def _general_notes(assessments: Sequence[Assessment]) -> list[str]:
         eroded = any(a.metrics.fat.eroded for a in assessments if a.metrics.fat is not None
                      and a.metrics.fat.method == method)
         where = " (mean over the mask eroded by one pixel)" if eroded else ""
-        lines.append(f"Fat %: {_METHOD_TEXT.get(method, method)}{where}. Lean CSA = CSA \u00d7 (1 \u2212 fat). "
+        lines.append(f"Fat %: {method.description}{where}. Lean CSA = CSA \u00d7 (1 \u2212 fat). "
                      "Asymmetry = (R \u2212 L) / mean(R, L) of the CSA. CSA is the mean over the slices that "
                      "contain the muscle.")
     if not methods:
@@ -948,9 +912,10 @@ def _general_notes(assessments: Sequence[Assessment]) -> list[str]:
 
 
 def _chart_rows(assessments: Sequence[Assessment]) -> list[Assessment]:
-    side_rank = {"right": 0, "left": 1, "both": 2}
     chosen = [a for a in assessments if a.metrics.level == ALL_LEVELS]
-    return sorted(chosen, key=lambda a: (_muscle_order(a.metrics.muscle), side_rank.get(a.metrics.side, 3)))
+    # Right before left, as on the page's outlines; both sides together last.
+    return sorted(chosen, key=lambda a: (a.metrics.muscle.index, a.metrics.side is Laterality.BOTH,
+                                         a.metrics.side is Laterality.LEFT))
 
 
 def _style_axes(ax) -> None:
@@ -992,7 +957,7 @@ def _band_chart(ax, rows: Sequence[Assessment], which: str, xlabel: str, *, labe
         if value is None:
             continue
         values.append(value)
-        marker = "D" if metrics.side == "both" else "o"
+        marker = "D" if metrics.side is Laterality.BOTH else "o"
         size = 12 if len(rows) <= 6 else 10
         ax.plot([value], [position], marker=marker, markersize=size, color=_colour(metrics.muscle, metrics.side),
                 markeredgecolor="white", markeredgewidth=1.5, zorder=5, linestyle="none")
@@ -1001,7 +966,7 @@ def _band_chart(ax, rows: Sequence[Assessment], which: str, xlabel: str, *, labe
     ax.set_ylim(len(rows) - 0.5, -0.5)
     ax.set_yticks(range(len(rows)))
     if labels:
-        ax.set_yticklabels([f"{_SHORT_NAMES[a.metrics.muscle]} {_SIDE_NAMES[a.metrics.side]}" for a in rows],
+        ax.set_yticklabels([f"{a.metrics.muscle.short} {a.metrics.side.letter}" for a in rows],
                            fontsize=13 if len(rows) <= 8 else 12)
     else:
         ax.set_yticklabels([])
@@ -1013,24 +978,24 @@ def _band_chart(ax, rows: Sequence[Assessment], which: str, xlabel: str, *, labe
             ax.axhline(position - 0.5, color="#707070", linewidth=1)
 
 
-def _profile_chart(ax, muscle: str, rows: Sequence[Assessment], show_ylabel: bool) -> None:
+def _profile_chart(ax, muscle: Muscle, rows: Sequence[Assessment], show_ylabel: bool) -> None:
     """CSA of each slice against its head-foot position, left and right."""
     _style_axes(ax)
     ax.tick_params(labelsize=12)
     levels: dict[str, list[float]] = {}
     for item in rows:
         metrics = item.metrics
-        if metrics.muscle != muscle or metrics.side not in ("left", "right"):
+        if metrics.muscle != muscle or metrics.side is Laterality.BOTH:
             continue
         ordered = sorted(metrics.slices, key=lambda s: s.centroid_lps[2])
         ax.plot([s.area_mm2 for s in ordered], [s.centroid_lps[2] for s in ordered],
                 color=_colour(muscle, metrics.side), linewidth=2.5,
-                marker="o" if metrics.side == "right" else "s", markersize=6, markeredgecolor="black",
+                marker="o" if metrics.side is Laterality.RIGHT else "s", markersize=6, markeredgecolor="black",
                 markeredgewidth=0.6, zorder=3)
         for area in metrics.slices:
             if area.level:
                 levels.setdefault(area.level, []).append(area.centroid_lps[2])
-    ax.set_title(_MUSCLE_NAMES[muscle], color=_TEXT, fontsize=15, pad=6)
+    ax.set_title(muscle.display, color=_TEXT, fontsize=15, pad=6)
     ax.set_xlabel("CSA per slice, mm\u00b2", fontsize=13)
     if show_ylabel:
         ax.set_ylabel("z (head +), mm", fontsize=13)
@@ -1065,7 +1030,7 @@ def _chart_page(figure, assessments: Sequence[Assessment]) -> None:
     fat_ax = figure.add_axes(_rect(215, top, 345, band_height))
     if fat_rows:
         quantity = {a.metrics.fat.quantity for a in fat_rows}
-        xlabel = "Fat fraction, %" if quantity == {"fat_fraction"} else "Fat infiltration, %"
+        xlabel = "Fat fraction, %" if quantity == {FatQuantity.FAT_FRACTION} else "Fat infiltration, %"
         _band_chart(fat_ax, fat_rows, "fat", xlabel, labels=True)
         fat_ax.set_title("Fat vs reference", color=_TEXT, fontsize=16, fontweight="bold", pad=10, loc="left")
         if all(a.fat is None or a.fat.z is None for a in fat_rows):
@@ -1085,7 +1050,7 @@ def _chart_page(figure, assessments: Sequence[Assessment]) -> None:
         _text_px(figure, csa_left, top + band_height + 58,
                  _wrap(f"No CSA reference in {version} for these muscles (see the table).", 13,
                        PAGE_SHAPE[1] - csa_left - 16, indent=""), fontsize=13, color=_MUTED)
-    muscles = sorted({a.metrics.muscle for a in rows}, key=_muscle_order)
+    muscles = sorted({a.metrics.muscle for a in rows}, key=lambda m: m.index)
     heading = top + band_height + 100
     _text_px(figure, 16, heading, "Area slice by slice, head (top) to foot", fontsize=16, fontweight="bold")
     sides = [Line2D([], [], marker="o", color="#d0d0d0", markeredgecolor="black", linewidth=2.5, markersize=8,

@@ -23,37 +23,24 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian
 
-from inference.card import MUSCLES, SIDES
 from inference.geometry import LabelMap
+from inference.patient import result_header
+from inference.vocabulary import Muscle, Side
 
-from .codes import ALGORITHM_FAMILY, ANATOMICAL_STRUCTURE, LUMBAR_SPINE, MUSCLE_CODES, muscle_code, side_code
+from .codes import ALGORITHM_FAMILY, ANATOMICAL_STRUCTURE, LUMBAR_SPINE
+from .equipment import MANUFACTURER, Equipment, ResultSeries, fit_lo
 from .uids import ResultIdentity
 
 __all__ = [
-    "MANUFACTURER",
     "SegmentRef",
     "build_segmentation",
-    "fit_lo",
-    "result_series_number",
     "segment_frames",
     "segment_numbers",
     "segments",
     "source_datasets_of",
 ]
-
-MANUFACTURER = "musclenode"
-#: Recommended display colours (sRGB), one per muscle, lighter on the patient's left.
-_COLOURS = {
-    "multifidus": ((230, 80, 80), (255, 150, 150)),
-    "erector_spinae": ((60, 120, 220), (130, 180, 255)),
-    "psoas_major": ((60, 170, 90), (140, 220, 150)),
-    "quadratus_lumborum": ((220, 170, 40), (250, 215, 120)),
-}
-# LO values are at most 64 characters; a long model name must not make the SEG invalid.
-_LO = 64
 
 
 @dataclass(frozen=True)
@@ -61,31 +48,11 @@ class SegmentRef:
     """One segment of a SEG, as the SR refers to it."""
 
     number: int
-    muscle: str
-    side: str
+    muscle: Muscle
+    side: Side
     label: str
     tracking_id: str
     tracking_uid: str
-
-
-def fit_lo(text: str) -> str:
-    """``text`` cut to the 64 characters of a DICOM LO value, ending in "..." when cut.
-
-    The ellipsis is ASCII: the results declare no SpecificCharacterSet, so the default
-    repertoire applies.
-    """
-    return text if len(text) <= _LO else text[: _LO - 3] + "..."
-
-
-def result_series_number(source_series_number: int | None, offset: int) -> int:
-    """Series number of a result: the source's number times 100 plus ``offset`` (91 SEG, 92 SR).
-
-    Results of different source series of a study then never share a number, and a reader sees
-    which series they came from.
-    """
-    base = source_series_number if source_series_number and source_series_number > 0 else 0
-    # IS holds at most 12 characters; a vendor's huge series number wraps rather than overflows.
-    return (base % 10_000_000) * 100 + offset
 
 
 def source_datasets_of(label_map: LabelMap) -> list[Dataset]:
@@ -127,25 +94,25 @@ def _ordered_sources(label_map: LabelMap, datasets: Sequence[Dataset]) -> list[D
 
 def _segment_order(label_map: LabelMap) -> list[int]:
     present = label_map.values_present()
-    return sorted(present, key=lambda v: (MUSCLES.index(label_map.meaning[v].muscle),
-                                          SIDES.index(label_map.meaning[v].side)))
+    return sorted(present, key=lambda v: (label_map.meaning[v].muscle.index,
+                                          tuple(Side).index(label_map.meaning[v].side)))
 
 
-def _description(number: int, muscle: str, side: str, label: str, identity: ResultIdentity,
+def _description(number: int, muscle: Muscle, side: Side, label: str, identity: ResultIdentity,
                  algorithm: hd.AlgorithmIdentificationSequence) -> hd.seg.SegmentDescription:
     description = hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=label,
         segmented_property_category=ANATOMICAL_STRUCTURE,
-        segmented_property_type=muscle_code(muscle),
+        segmented_property_type=muscle.code,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
         tracking_uid=identity.uid("seg", "segment", muscle, side),
         tracking_id=label,
         anatomic_regions=[LUMBAR_SPINE],
-        display_color=hd.color.CIELabColor(*_lab(_COLOURS[muscle][side == "left"])),
+        display_color=hd.color.CIELabColor(*_lab(muscle.colour(side))),
     )
-    modifier = hd.sr.CodedConcept.from_code(side_code(side))
+    modifier = hd.sr.CodedConcept.from_code(side.code)
     description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [modifier]
     return description
 
@@ -201,9 +168,11 @@ def build_segmentation(
         raise ValueError("the label map contains no muscle: there is nothing to segment")
     datasets = _ordered_sources(label_map, source_datasets if source_datasets is not None
                                 else source_datasets_of(label_map))
+    # The SEG repeats the patient's attributes of the first source: as the node read them.
+    datasets = [result_header(datasets[0]), *datasets[1:]]
+    equipment = Equipment(software_version, f"{card_name} {card_version}", device_serial_number)
     algorithm = hd.AlgorithmIdentificationSequence(
-        name=fit_lo(card_name), family=ALGORITHM_FAMILY, version=fit_lo(card_version),
-        source=fit_lo(f"{MANUFACTURER} {software_version}"))
+        name=fit_lo(card_name), family=ALGORITHM_FAMILY, version=fit_lo(card_version), source=equipment.source)
     lookup = np.zeros(256, dtype=np.uint16)
     descriptions = []
     for number, value in enumerate(values, start=1):
@@ -219,36 +188,26 @@ def build_segmentation(
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=identity.uid("seg", "series"),
-        series_number=result_series_number(series.series_number, 91),
-        sop_instance_uid=identity.uid("seg", "instance"),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MANUFACTURER,
-        software_versions=[fit_lo(software_version), fit_lo(f"{card_name} {card_version}")],
-        device_serial_number=fit_lo(device_serial_number),
+        **ResultSeries.SEG.identification(identity, series.series_number, model=equipment.model),
+        **equipment.general_equipment(),
         omit_empty_frames=False,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=fit_lo(f"Paraspinal muscles ({card_name} {card_version})"),
         content_label="MUSCLES",
         content_description=fit_lo("Paraspinal muscle segmentation, research use only"),
     )
 
 
-def _muscle_of(item: Dataset) -> str | None:
-    for muscle, code in MUSCLE_CODES.items():
-        if (item.CodeValue, item.CodingSchemeDesignator) == (code.value, code.scheme_designator):
-            return muscle
-    return None
+def _same_code(item: Dataset, member: Muscle | Side) -> bool:
+    return (item.CodeValue, item.CodingSchemeDesignator) == (member.code.value, member.code.scheme_designator)
 
 
-def _side_of(item: Dataset) -> str | None:
-    for modifier in item.get("SegmentedPropertyTypeModifierCodeSequence", []):
-        for side in SIDES:
-            code: Code = side_code(side)
-            if (modifier.CodeValue, modifier.CodingSchemeDesignator) == (code.value, code.scheme_designator):
-                return side
-    return None
+def _muscle_of(item: Dataset) -> Muscle | None:
+    return next((muscle for muscle in Muscle if _same_code(item, muscle)), None)
+
+
+def _side_of(item: Dataset) -> Side | None:
+    modifiers = item.get("SegmentedPropertyTypeModifierCodeSequence", [])
+    return next((side for modifier in modifiers for side in Side if _same_code(modifier, side)), None)
 
 
 def segments(seg: Dataset) -> dict[tuple[str, str], SegmentRef]:

@@ -2,7 +2,8 @@
 
 Structure of the report (PS3.16 TID 1500), built with highdicom's templates:
 
-- observer context: the device, musclenode running the named model;
+- observer context: the device, musclenode running the named model; subject context (TID 1007):
+  the age and sex the reference comparisons used;
 - procedure reported: MR (CID 100, see ``reports/CODES.md``);
 - one TID 1411 volumetric group per muscle and side, referencing its SEG segment with the SEG's
   own tracking identifier and UID: volume, mean CSA, fat (Dixon fat fraction, or fat infiltration
@@ -17,8 +18,8 @@ Structure of the report (PS3.16 TID 1500), built with highdicom's templates:
 - the grades as coded qualitative evaluations of their group (the citation's short form is in
   the concept's meaning);
 - document-level qualitative evaluations (TEXT): the research-use statement, the patient values
-  the comparisons used, and per group the full citations of its grades and why a comparison was
-  not made.
+  the comparisons used (age, sex, height, weight, BMI, and what was missing and why), and per
+  group the full citations of its grades and why a comparison was not made.
 
 UIDs come from :class:`reports.uids.ResultIdentity`; the device observer UID from
 :func:`reports.uids.derive_uid`, because it names the device, not the study.
@@ -29,6 +30,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from highdicom.sr import (
+    CodeContentItem,
     Comprehensive3DSR,
     ContainerContentItem,
     DeviceObserverIdentifyingAttributes,
@@ -54,38 +56,31 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from inference.card import SIDES
 from inference.geometry import LabelMap
+from inference.patient import PatientContext, result_header
+from inference.vocabulary import FatMethod, FatQuantity, Laterality, Muscle, Side
 
 from . import codes as mn
 from .assessment import Assessment
+from .equipment import MANUFACTURER, Equipment, ResultSeries, fit_lo
 from .grades import fat_unreliable_reason
 from .metrics import ALL_LEVELS, SliceArea
-from .patient import PatientContext
 from .reference import Comparison
-from .seg import (
-    MANUFACTURER,
-    SegmentRef,
-    fit_lo,
-    result_series_number,
-    segment_frames,
-    segments,
-    source_datasets_of,
-)
+from .seg import SegmentRef, segment_frames, segments, source_datasets_of
 from .uids import ResultIdentity, derive_uid
 
-__all__ = ["RESEARCH_STATEMENT", "SERIES_DESCRIPTION", "build_report"]
+__all__ = ["RESEARCH_STATEMENT", "build_report"]
 
-SERIES_DESCRIPTION = "Paraspinal muscle measurements (research use)"
 RESEARCH_STATEMENT = (
     "For research use only. Not for diagnostic use: automated measurements by musclenode, not "
     "verified by a person.")
 #: TID 1500 row "Qualitative Evaluations" (document level).
 _QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")
-_FAT_CONCEPT = {"fat_fraction": mn.FAT_FRACTION, "fat_infiltration": mn.FAT_INFILTRATION}
+_FAT_CONCEPT = {FatQuantity.FAT_FRACTION: mn.FAT_FRACTION, FatQuantity.FAT_INFILTRATION: mn.FAT_INFILTRATION}
 _EQUIVALENT_MEANING = Code("121050", "DCM", "Equivalent Meaning of Concept Name")
 _MEANINGS = {("DCM", "121232"): "Source series for segmentation", ("DCM", "121233"): "Source image for segmentation"}
 _TABLE_CITATION = Code("121422", "DCM", "Table of Values Citation")  # CID 228
+_SUBJECT_CLASS = Code("121024", "DCM", "Subject Class")  # TID 1006 row 1
 
 
 def _text(name: Code, value: str) -> TextContentItem:
@@ -139,12 +134,11 @@ def _measurements(assessment: Assessment) -> list[Measurement]:
     if fat is not None and fat.mean_percent is not None:
         concept = _FAT_CONCEPT[fat.quantity]
         found.append(Measurement(name=concept, value=fat.mean_percent, unit=mn.UNIT_PERCENT, derivation=mn.MEAN,
-                                 method=mn.fat_method(fat.method)))
-        found.extend(_relative(assessment.fat, concept, fat.mean_percent, mn.UNIT_PERCENT,
-                               fat.quantity.replace("_", " ")))
+                                 method=fat.method.code))
+        found.extend(_relative(assessment.fat, concept, fat.mean_percent, mn.UNIT_PERCENT, fat.quantity.words))
     if metrics.functional_csa_mm2 is not None and fat is not None:
         found.append(Measurement(name=mn.FUNCTIONAL_CSA, value=metrics.functional_csa_mm2, unit=mn.UNIT_MM2,
-                                 derivation=mn.MEAN, method=mn.fat_method(fat.method)))
+                                 derivation=mn.MEAN, method=fat.method.code))
     if metrics.asymmetry_percent is not None:
         found.append(Measurement(name=mn.ASYMMETRY, value=metrics.asymmetry_percent, unit=mn.UNIT_PERCENT))
     return found
@@ -196,8 +190,8 @@ def _standard_meanings(group):
     return group
 
 
-def _sites(muscle: str, side: str, levels: str | None = None) -> list[FindingSite]:
-    sites = [FindingSite(anatomic_location=mn.muscle_code(muscle), laterality=mn.side_code(side))]
+def _sites(muscle: Muscle, side: Laterality, levels: str | None = None) -> list[FindingSite]:
+    sites = [FindingSite(anatomic_location=muscle.code, laterality=side.code)]
     if levels:
         sites.extend(FindingSite(anatomic_location=vertebra) for vertebra in mn.level_sites(levels))
     return sites
@@ -205,8 +199,8 @@ def _sites(muscle: str, side: str, levels: str | None = None) -> list[FindingSit
 
 def _label(assessment: Assessment) -> str:
     metrics = assessment.metrics
-    name = metrics.muscle.replace("_", " ")
-    label = f"{name}, both sides" if metrics.side == "both" else f"{metrics.side} {name}"
+    name = metrics.muscle.words
+    label = f"{name}, both sides" if metrics.side is Laterality.BOTH else f"{metrics.side} {name}"
     return label if metrics.level == ALL_LEVELS else f"{label}, {metrics.level}"
 
 
@@ -219,7 +213,7 @@ def _volumetric(assessment: Assessment, segment: SegmentRef, seg: Dataset,
         referenced_segment=ReferencedSegment(
             sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=segment.number,
             source_series=SourceSeriesForSegmentation(series_uid)),
-        finding_type=mn.muscle_code(metrics.muscle),
+        finding_type=metrics.muscle.code,
         finding_sites=_sites(metrics.muscle, metrics.side),
         measurements=_measurements(assessment),
         qualitative_evaluations=coded or None,
@@ -236,7 +230,7 @@ def _image_free(assessment: Assessment, identity: ResultIdentity) -> Measurement
         tracking_identifier=TrackingIdentifier(
             uid=identity.uid("sr", "group", metrics.muscle, metrics.side, metrics.level),
             identifier=_label(assessment)),
-        finding_type=mn.muscle_code(metrics.muscle),
+        finding_type=metrics.muscle.code,
         finding_sites=_sites(metrics.muscle, metrics.side, level),
         measurements=_measurements(assessment),
         qualitative_evaluations=coded or None,
@@ -251,7 +245,7 @@ def _planar(area: SliceArea, assessment: Assessment, segment: SegmentRef, seg: D
     fat = metrics.fat
     if area.fat_percent is not None and fat is not None:
         measurements.append(Measurement(name=_FAT_CONCEPT[fat.quantity], value=area.fat_percent,
-                                        unit=mn.UNIT_PERCENT, derivation=mn.MEAN, method=mn.fat_method(fat.method)))
+                                        unit=mn.UNIT_PERCENT, derivation=mn.MEAN, method=fat.method.code))
     source = SourceImageForSegmentation(
         referenced_sop_class_uid=source_class, referenced_sop_instance_uid=area.sop_instance_uid,
         referenced_frame_numbers=[area.frame_number] if multiframe else None)
@@ -263,7 +257,7 @@ def _planar(area: SliceArea, assessment: Assessment, segment: SegmentRef, seg: D
         referenced_segment=ReferencedSegmentationFrame(
             sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, frame_number=seg_frame,
             segment_number=segment.number, source_image=source),
-        finding_type=mn.muscle_code(metrics.muscle),
+        finding_type=metrics.muscle.code,
         finding_sites=_sites(metrics.muscle, metrics.side),
         measurements=measurements,
     )
@@ -275,6 +269,26 @@ def _planar(area: SliceArea, assessment: Assessment, segment: SegmentRef, seg: D
                 if "ReferencedFrameNumber" in reference:
                     del reference.ReferencedSegmentNumber
     return _standard_meanings(group)
+
+
+def _subject_context(patient: PatientContext | None) -> list:
+    """TID 1006/1007 Subject Context, Patient: the age and sex the comparisons used.
+
+    Only the values the node used are written (TID 1007's rows are optional): Subject Age in
+    years as a NUM (CID 7456 unit ``a``), Subject Sex coded (CID 7455). The patient module of
+    the SR carries the header's identity; height, weight and BMI, which TID 1007 has no row
+    for, are in the document's statement of the patient values.
+    """
+    if patient is None or (patient.age_years is None and patient.sex is None):
+        return []
+    context = RelationshipTypeValues.HAS_OBS_CONTEXT
+    items: list = [CodeContentItem(name=_SUBJECT_CLASS, value=codes.DCM.Patient, relationship_type=context)]
+    if patient.sex is not None:
+        items.append(CodeContentItem(name=codes.DCM.SubjectSex, value=patient.sex.code, relationship_type=context))
+    if patient.age_years is not None:
+        items.append(NumContentItem(name=codes.DCM.SubjectAge, value=round(patient.age_years, 2),
+                                    unit=codes.UCUM.Year, relationship_type=context))
+    return items
 
 
 def _document_notes(assessments: Sequence[Assessment], patient: PatientContext | None, card_name: str,
@@ -293,6 +307,10 @@ def _document_notes(assessments: Sequence[Assessment], patient: PatientContext |
             known.append(f"age {patient.age_years:.1f} years ({patient.age_source})")
         if patient.sex is not None:
             known.append(f"sex {patient.sex}")
+        if patient.height_m is not None:
+            known.append(f"height {patient.height_m:.2f} m")
+        if patient.weight_kg is not None:
+            known.append(f"weight {patient.weight_kg:g} kg")
         if patient.bmi is not None:
             known.append(f"BMI {patient.bmi:.1f} kg/m2")
         text = "Patient values used for the reference comparison: " + (", ".join(known) or "none")
@@ -360,6 +378,8 @@ def build_report(
         raise ValueError("no assessments: there is nothing to report")
     series = label_map.series
     sources = list(source_datasets) if source_datasets is not None else source_datasets_of(label_map)
+    # The SR repeats the patient's attributes of its first evidence: as the node read them.
+    sources[0] = result_header(sources[0])
     by_key = segments(segmentation)
     frames = segment_frames(segmentation)
     multiframe = len({g.sop_instance_uid for g in series.geometry}) < len(series.geometry)
@@ -368,7 +388,7 @@ def build_report(
     planar: list = []
     for assessment in assessments:
         metrics = assessment.metrics
-        if metrics.level != ALL_LEVELS or metrics.side not in SIDES:
+        if metrics.level != ALL_LEVELS or metrics.side is Laterality.BOTH:
             groups.append(_image_free(assessment, identity))
             continue
         segment = by_key.get((metrics.muscle, metrics.side))
@@ -383,6 +403,7 @@ def build_report(
             planar.append(_planar(area, assessment, segment, segmentation, frames[key], series.sop_class_uid,
                                   multiframe, identity))
 
+    equipment = Equipment(software_version, f"{card_name} {card_version}", device_serial_number)
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
@@ -390,12 +411,14 @@ def build_report(
                            device_serial_number),
             name=MANUFACTURER,
             manufacturer_name=MANUFACTURER,
-            model_name=fit_lo(f"{card_name} {card_version}"),
+            model_name=fit_lo(equipment.model),
             serial_number=fit_lo(device_serial_number),
         ),
     )
+    observation_context = ObservationContext(observer_device_context=observer)
+    observation_context.extend(_subject_context(patient))
     report = MeasurementReport(
-        observation_context=ObservationContext(observer_device_context=observer),
+        observation_context=observation_context,
         procedure_reported=mn.PROCEDURE_REPORTED,
         imaging_measurements=groups + planar,
     )
@@ -403,16 +426,9 @@ def build_report(
     return Comprehensive3DSR(
         evidence=[*sources, segmentation],
         content=report[0],
-        series_instance_uid=identity.uid("sr", "series"),
-        series_number=result_series_number(series.series_number, 92),
-        sop_instance_uid=identity.uid("sr", "instance"),
-        instance_number=1,
-        manufacturer=MANUFACTURER,
-        manufacturer_model_name=MANUFACTURER,
-        software_versions=[fit_lo(software_version), fit_lo(f"{card_name} {card_version}")],
-        device_serial_number=fit_lo(device_serial_number),
+        **ResultSeries.SR.identification(identity, series.series_number),
+        **equipment.general_equipment(),
         is_complete=True,
         is_final=True,
-        series_description=SERIES_DESCRIPTION,
         coding_schemes=[mn.coding_scheme()],
     )

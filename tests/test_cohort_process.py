@@ -199,6 +199,8 @@ def test_one_broken_study_among_good_ones(tmp_path: Path) -> None:
 
     rows = _csv(out / "cohort.csv")
     assert list(rows[0]) == list(COHORT_COLUMNS)
+    # The tables' columns are the pipeline's: no column of cohort_rows is left out.
+    assert list(json.loads((out / good[0].study_uid / "study.json").read_text())["rows"][0]) == list(COHORT_COLUMNS)
     assert {r["study"] for r in rows} == {s.study_uid for s in good}
     assert len(rows) == 2 * len({(r["muscle"], r["side"]) for r in rows})
     assert pq.read_table(out / "cohort.parquet").num_rows == len(rows)

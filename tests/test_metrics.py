@@ -216,7 +216,7 @@ def test_psoas_by_clustering_is_flagged_unreliable() -> None:
 
 def test_real_metrics_are_assessed_against_the_reference(tum01) -> None:
     from reports.assessment import assess
-    from reports.patient import from_sidecar
+    from inference.patient import from_sidecar
 
     series, label_map, _ = tum01
     results = [m for m in measure(label_map, FatSource(water=series["water"], fat=series["fat"]))

@@ -1,23 +1,39 @@
-"""Patient context from DICOM headers and research sidecars: values found, or missing with a reason."""
+"""Patient data from DICOM headers and research sidecars: values used, or missing with a reason.
+
+Every odd value a header was seen to carry has a case here: ages without unit or padding, heights
+in centimetres, weights of 0, sexes outside M/F/O, dates that are no dates; and what the result
+objects then carry instead of the header's value.
+"""
 
 from __future__ import annotations
 
-import warnings
 from datetime import date
 
 import pytest
 from pydicom import Dataset
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 
-from reports.patient import PatientContext, age_between, from_dataset, from_sidecar, parse_patient_age
+from inference.patient import (
+    PatientContext,
+    age_between,
+    from_dataset,
+    from_sidecar,
+    read_patient_age,
+    result_header,
+)
+from inference.vocabulary import Sex
 
 
 def dataset(**attributes) -> Dataset:
+    """A data set with these values, stored as a file would hold them (even when malformed)."""
     ds = Dataset()
-    with warnings.catch_warnings():
-        # Malformed values are the point of some tests; pydicom warns when they are set.
-        warnings.simplefilter("ignore", UserWarning)
-        for keyword, value in attributes.items():
-            setattr(ds, keyword, value)
+    for keyword, value in attributes.items():
+        tag = Tag(keyword)
+        encoded = str(value).encode("ascii")
+        encoded += b" " * (len(encoded) % 2)
+        ds[tag] = RawDataElement(tag, dictionary_VR(tag), len(encoded), encoded, 0, False, True)
     return ds
 
 
@@ -25,13 +41,24 @@ def dataset(**attributes) -> Dataset:
     ("034Y", 34.0), ("006M", 0.5), ("010W", 70 / 365.25), ("020D", 20 / 365.25), ("000D", 0.0), (" 045y ", 45.0),
 ])
 def test_age_strings(text, years):
-    assert parse_patient_age(text) == pytest.approx(years, abs=1e-12)
+    reading = read_patient_age(text)
+    assert reading.years == pytest.approx(years, abs=1e-12)
+    assert reading.note == "" and reading.text == text.strip().upper()
 
 
-@pytest.mark.parametrize("text", ["34Y", "034", "034Z", "03.4Y", "-34Y", "0034Y", ""])
+@pytest.mark.parametrize("text, years, dicom, said", [
+    ("34", 34.0, "034Y", "no unit"), ("034", 34.0, "034Y", "no unit"), ("6", 6.0, "006Y", "no unit"),
+    ("34Y", 34.0, "034Y", "not in DICOM form"), ("6M", 0.5, "006M", "6 months"), ("34 Y", 34.0, "034Y", "34 years"),
+])
+def test_age_without_unit_or_padding_is_read_with_a_note(text, years, dicom, said):
+    reading = read_patient_age(text)
+    assert reading.years == pytest.approx(years) and reading.text == dicom and said in reading.note
+
+
+@pytest.mark.parametrize("text", ["34 years", "034Z", "03.4Y", "-34Y", "0034Y", "", "Y", "1000"])
 def test_malformed_age_strings_refused(text):
-    with pytest.raises(ValueError):
-        parse_patient_age(text)
+    with pytest.raises(ValueError, match="not a DICOM age string"):
+        read_patient_age(text)
 
 
 def test_birthday_gives_whole_years_and_day_before_does_not():
@@ -87,14 +114,15 @@ def test_malformed_patient_age_is_reported():
     assert "not a DICOM age string" in context.why_missing("age_years")
 
 
-@pytest.mark.parametrize("value, expected", [("M", "M"), ("F", "F"), ("O", "O"), (" f ", "F")])
+@pytest.mark.parametrize("value, expected", [("M", Sex.MALE), ("F", Sex.FEMALE), ("O", Sex.OTHER), (" f ", Sex.FEMALE)])
 def test_sex(value, expected):
-    assert from_dataset(dataset(PatientSex=value)).sex == expected
+    assert from_dataset(dataset(PatientSex=value)).sex is expected
 
 
-def test_sex_missing_or_unknown_says_why():
+@pytest.mark.parametrize("value", ["U", "X", "male", "MF"])
+def test_sex_missing_or_unknown_says_why(value):
     assert from_dataset(dataset()).why_missing("sex") == "PatientSex not recorded"
-    assert "is not M, F or O" in from_dataset(dataset(PatientSex="U")).why_missing("sex")
+    assert from_dataset(dataset(PatientSex=value)).why_missing("sex") == f"PatientSex {value!r} is not M, F or O"
 
 
 def test_bmi_from_height_and_weight():
@@ -104,18 +132,34 @@ def test_bmi_from_height_and_weight():
     assert context.why_missing("bmi") is None
 
 
-def test_height_in_centimetres_is_not_converted():
+def test_height_in_centimetres_is_converted_and_said():
     context = from_dataset(dataset(PatientSize="178", PatientWeight="70"))
-    assert context.height_m is None
-    reason = context.why_missing("height_m")
-    assert "outside 0.5-2.5 m" in reason and "centimetres" in reason and "not converted" in reason
+    assert context.height_m == pytest.approx(1.78)
+    assert any("PatientSize 178 is centimetres" in note and "1.78 m" in note for note in context.notes)
+    assert context.bmi == pytest.approx(70 / 1.78**2)
+
+
+@pytest.mark.parametrize("value, said", [
+    ("0", "is 0"), ("5.9", "outside 0.5-2.5 m"), ("1780", "outside 0.5-2.5 m"), ("tall", "not a number"),
+    ("-1.7", "outside"),
+])
+def test_unusable_height_says_why(value, said):
+    context = from_dataset(dataset(PatientSize=value, PatientWeight="70"))
+    assert context.height_m is None and said in context.why_missing("height_m")
     assert context.bmi is None and "height" in context.why_missing("bmi")
 
 
 def test_zero_weight_means_not_entered():
     context = from_dataset(dataset(PatientSize="1.75", PatientWeight="0"))
-    assert context.weight_kg is None and "0" in context.why_missing("weight_kg")
+    assert context.weight_kg is None and "is 0" in context.why_missing("weight_kg")
     assert context.bmi is None
+
+
+@pytest.mark.parametrize("value, said", [("0.5", "outside 1-400 kg"), ("740", "outside 1-400 kg"),
+                                         ("heavy", "not a number"), ("-70", "outside")])
+def test_absurd_weight_is_missing_with_the_reason(value, said):
+    context = from_dataset(dataset(PatientSize="1.75", PatientWeight=value))
+    assert context.weight_kg is None and said in context.why_missing("weight_kg")
 
 
 def test_implausible_bmi_is_refused():
@@ -142,8 +186,49 @@ def test_sidecar():
 
 
 def test_sidecar_missing_values_say_why():
-    context = from_sidecar({"age": "n/a", "sex": "x", "height_m": 175})
+    context = from_sidecar({"age": "n/a", "sex": "x", "height_m": 1750})
     assert context.why_missing("age_years") == "age not in the sidecar"
     assert "is not M, F, O" in context.why_missing("sex")
-    assert "centimetres" in context.why_missing("height_m")
+    assert "outside 0.5-2.5 m" in context.why_missing("height_m")
     assert context.why_missing("weight_kg") == "sidecar weight_kg not recorded"
+
+
+def test_sidecar_follows_the_header_rules():
+    context = from_sidecar({"age": 34, "sex": "M", "height_m": 175, "weight_kg": 0})
+    assert context.height_m == pytest.approx(1.75) and any("centimetres" in note for note in context.notes)
+    assert context.weight_kg is None and "is 0" in context.why_missing("weight_kg")
+
+
+# --- what result objects carry -------------------------------------------------------------------
+
+
+def test_result_header_writes_the_values_used_and_leaves_out_unusable_ones():
+    source = dataset(PatientName="Doe^Jane", PatientID="P1", PatientAge="34", PatientSex="U", PatientSize="178",
+                     PatientWeight="0", PatientBirthDate="1980-06-15", StudyInstanceUID="1.2.3")
+    header = result_header(source)
+    assert header is not source
+    assert header.PatientAge == "034Y" and float(header.PatientSize) == pytest.approx(1.78)
+    assert "PatientWeight" not in header
+    assert header.PatientSex == "" and header.PatientBirthDate == ""
+    assert (header.PatientName, header.PatientID, header.StudyInstanceUID) == ("Doe^Jane", "P1", "1.2.3")
+    # The source itself is untouched.
+    assert (source.PatientAge, source.PatientSex, source.PatientSize, source.PatientWeight) == ("34", "U", "178", "0")
+
+
+def test_result_header_drops_an_unreadable_age_even_when_dates_give_one():
+    source = dataset(PatientAge="34 years", PatientBirthDate="19800615", StudyDate="20200615", PatientSex="f",
+                     PatientName="", PatientID="")
+    header = result_header(source)
+    assert from_dataset(source).age_years == 40.0
+    assert "PatientAge" not in header and header.PatientSex == "F" and header.PatientBirthDate == "19800615"
+
+
+def test_result_header_is_the_source_when_nothing_is_odd():
+    source = dataset(PatientName="Doe^Jane", PatientID="P1", PatientBirthDate="19800615", PatientSex="F",
+                     PatientAge="040Y", PatientSize="1.70", PatientWeight="65")
+    assert result_header(source) is source
+
+
+def test_result_header_adds_missing_type_2_patient_attributes_empty():
+    header = result_header(dataset(StudyInstanceUID="1.2.3"))
+    assert all(header[k].value in ("", None) for k in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"))

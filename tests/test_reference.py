@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from node.cli import main
-from reports.patient import from_sidecar
+from inference.patient import from_sidecar
 from reports.reference import (
     PUBLISHED_VERSION,
     ReferenceRow,
@@ -87,7 +87,8 @@ def test_duplicate_keys_and_unknown_sources_are_refused(tmp_path):
 def test_vocabulary_is_canonical():
     assert muscle_key(["erector_spinae", "multifidus"]) == "multifidus+erector_spinae"
     assert level_key("l3\u2013l5") == "L3-L5" and level_key("L5-L5") == "L5" and level_key("Lumbar") == "lumbar"
-    for bad in ("L5-L3", "S1", "L1-S1"):
+    assert level_key("T12-S1") == "T12-S1"  # any range of the vocabulary's vertebrae
+    for bad in ("L5-L3", "L6", "L1-X1", "L3-L4-L5"):
         with pytest.raises(ReferenceTableError):
             level_key(bad)
     with pytest.raises(ReferenceTableError):

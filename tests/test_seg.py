@@ -19,6 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from inference.card import LabelInfo
 from inference.geometry import LabelMap, SeriesImage, read_series
+from inference.vocabulary import Muscle
 from reports import codes
 from reports.seg import build_segmentation, segment_frames, segment_numbers, segments, source_datasets_of
 from reports.uids import ResultIdentity
@@ -215,7 +216,7 @@ def test_dcmqi_reads_the_seg_with_the_labelled_voxels(tum01: Tum01, seg_file: Pa
         mask = np.asarray(nibabel.load(out / f"{number}.nii.gz").dataobj)
         assert int(np.count_nonzero(mask)) == int(np.count_nonzero(volume == value)), MEANING[value]
         info = MEANING[value]
-        assert labels[number] == (info.name, codes.muscle_code(info.muscle).value, codes.side_code(info.side).value)
+        assert labels[number] == (info.name, info.muscle.code.value, info.side.code.value)
 
 
 def test_uids_are_deterministic_and_change_with_the_model_version(tum01: Tum01) -> None:
@@ -243,8 +244,8 @@ def test_refuses_what_it_cannot_encode(tum01: Tum01) -> None:
 
 def test_psoas_and_quadratus_lumborum_codes() -> None:
     # The two muscles TUM01 does not label: their codes are settled in reports/CODES.md.
-    assert codes.muscle_code("psoas_major") == Code("0001298", "UBERON", "psoas major muscle")
-    assert codes.muscle_code("quadratus_lumborum").value == "6001004"
+    assert Muscle.PSOAS_MAJOR.code == Code("0001298", "UBERON", "psoas major muscle")
+    assert Muscle.QUADRATUS_LUMBORUM.code.value == "6001004"
     assert [c.value for c in codes.level_sites("L3-L5")] == ["36470004", "11994002", "49668003"]
 
 

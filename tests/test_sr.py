@@ -13,13 +13,15 @@ import pytest
 from pydicom.dataset import Dataset
 
 from inference.geometry import LabelMap, read_series
+from inference.patient import from_dataset
+from inference.vocabulary import PRIVATE_SCHEME, FatMethod, Laterality, Muscle
 from reports import codes
 from reports.assessment import Assessment, assess
+from reports.equipment import ResultSeries
 from reports.levels import levels_by_height
 from reports.metrics import ALL_LEVELS, FatSource, measure
-from reports.patient import from_dataset
 from reports.seg import build_segmentation, segment_frames, segment_numbers, segments, source_datasets_of
-from reports.sr import RESEARCH_STATEMENT, SERIES_DESCRIPTION, build_report
+from reports.sr import RESEARCH_STATEMENT, build_report
 from reports.uids import ResultIdentity
 from tests import studies, validators
 from tests.test_seg import CARD, MEANING, SOFTWARE, Tum01, manual_label_map, write_tum01
@@ -84,15 +86,22 @@ def test_report_files_into_the_study_and_says_what_it_is(results: Results) -> No
     assert sr.SOPClassUID == COMPREHENSIVE_3D_SR
     for keyword in ("PatientID", "PatientName", "StudyInstanceUID", "AccessionNumber"):
         assert sr.get(keyword) == source.get(keyword), keyword
-    assert sr.SeriesDescription == SERIES_DESCRIPTION and "research" in sr.SeriesDescription
+    assert sr.SeriesDescription == ResultSeries.SR.description() and "research" in sr.SeriesDescription
     assert (sr.Manufacturer, sr.CompletionFlag, sr.VerificationFlag) == ("musclenode", "COMPLETE", "UNVERIFIED")
     scheme = sr.CodingSchemeIdentificationSequence
-    assert [s.CodingSchemeDesignator for s in scheme if s.CodingSchemeDesignator == codes.SCHEME] == [codes.SCHEME]
+    assert [s.CodingSchemeDesignator for s in scheme if s.CodingSchemeDesignator == PRIVATE_SCHEME] == [PRIVATE_SCHEME]
     report = hd.sr.srread(results.sr_path)
     notes = next(i for i in report.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "C0034375")
     texts = [item.TextValue for item in notes.ContentSequence if item.ValueType == "TEXT"]
     assert any(RESEARCH_STATEMENT in t for t in texts)
-    assert any("age 34.0 years (PatientAge), sex M, BMI 23.4" in t for t in texts)
+    assert any("age 34.0 years (PatientAge), sex M, height 1.78 m, weight 74 kg, BMI 23.4" in t for t in texts)
+    # The age and sex the comparisons used are the subject's context (TID 1006/1007).
+    context = {item.ConceptNameCodeSequence[0].CodeValue: item for item in report.ContentSequence
+               if item.RelationshipType == "HAS OBS CONTEXT"}
+    assert context["121024"].ConceptCodeSequence[0].CodeValue == "121025"  # subject class: patient
+    assert context["121032"].ConceptCodeSequence[0].CodeValue == "M"
+    age = context["121033"].MeasuredValueSequence[0]
+    assert float(age.NumericValue) == 34.0 and age.MeasurementUnitsCodeSequence[0].CodeValue == "a"
     assert any(t.startswith("left multifidus: fat infiltration grade: grade 0") and "Kjaer P" in t for t in texts)
     procedure = [i for i in report.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121058"]
     assert procedure[0].ConceptCodeSequence[0].CodeValue == "25056-3"
@@ -118,11 +127,11 @@ def test_volumetric_groups_reference_their_segments_with_the_segs_tracking(resul
         assert area.value == pytest.approx(metrics.mean_csa_mm2) and area.derivation == codes.MEAN
         fat = _measurement(group, codes.FAT_FRACTION)
         assert fat.value == pytest.approx(metrics.fat.mean_percent)
-        assert fat.method == codes.fat_method("dixon_ff")
+        assert fat.method == FatMethod.DIXON_FF.code
         assert _measurement(group, codes.FUNCTIONAL_CSA).value == pytest.approx(metrics.functional_csa_mm2)
         sites = group.finding_sites
-        assert sites[0].value == codes.muscle_code(muscle)
-        assert sites[0].laterality == codes.side_code(side)
+        assert sites[0].value == Muscle(muscle).code
+        assert sites[0].laterality == Laterality(side).code
 
 
 def test_z_score_and_percentile_name_their_measurement_and_reference(results: Results) -> None:
@@ -165,7 +174,7 @@ def test_both_sides_groups_carry_the_asymmetry(results: Results) -> None:
     metrics = _assessment(results, "multifidus", "both").metrics
     group = groups["multifidus, both sides"]
     assert _measurement(group, codes.ASYMMETRY).value == pytest.approx(metrics.asymmetry_percent)
-    assert group.finding_sites[0].laterality == codes.BOTH_SIDES
+    assert group.finding_sites[0].laterality == Laterality.BOTH.code
 
 
 def test_planar_groups_give_each_slices_area_on_its_seg_frame(results: Results) -> None:
@@ -195,7 +204,7 @@ def test_dciodvfy_finds_no_error(results: Results) -> None:
     assert result.errors == [], result.describe()
     # The only warnings: dciodvfy does not know musclenode's private scheme, which the SR
     # declares in its CodingSchemeIdentificationSequence.
-    assert all(f"<{codes.SCHEME}>" in w for w in result.warnings), result.describe()
+    assert all(f"<{PRIVATE_SCHEME}>" in w for w in result.warnings), result.describe()
 
 
 def test_dcentvfy_finds_source_seg_and_sr_consistent(results: Results) -> None:
@@ -270,7 +279,7 @@ def test_fat_infiltration_is_not_reported_as_a_fat_fraction(results: Results) ->
     group = _by_tracking_id(_groups(sr, "1411"))["left multifidus"]
     names = [m.name for m in group.get_measurements()]
     assert codes.FAT_FRACTION not in names and codes.FAT_INFILTRATION in names
-    assert _measurement(group, codes.FAT_INFILTRATION).method == codes.fat_method("kmeans2")
+    assert _measurement(group, codes.FAT_INFILTRATION).method == FatMethod.KMEANS2.code
     # The published references are Dixon fat fractions: a T1/T2 value gets no z-score.
     assert codes.Z_SCORE not in names
 
@@ -296,7 +305,7 @@ def test_level_groups_name_their_vertebrae(results: Results) -> None:
     groups = _by_tracking_id(_groups(sr, "1501"))
     group = groups["left multifidus, L3"]
     sites = [site.value for site in group.finding_sites]
-    assert sites == [codes.muscle_code("multifidus"), codes.level_sites("L3")[0]]
+    assert sites == [Muscle.MULTIFIDUS.code, codes.level_sites("L3")[0]]
     metrics = next(a.metrics for a in assessments
                    if (a.metrics.muscle, a.metrics.side, a.metrics.level) == ("multifidus", "left", "L3"))
     assert _measurement(group, codes.AREA).value == pytest.approx(metrics.mean_csa_mm2)

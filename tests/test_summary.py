@@ -20,14 +20,16 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import SecondaryCaptureImageStorage
 
 from inference.geometry import FrameGeometry, LabelMap, SeriesImage, group_stacks
+from inference.patient import from_dataset
+from inference.vocabulary import Muscle, Side
 from reports.assessment import assess
+from reports.equipment import ResultSeries
 from reports.levels import levels_by_height
 from reports.metrics import FatSource, measure
-from reports.patient import from_dataset
 from reports.render import (
-    MUSCLE_COLOURS,
     PAGE_SHAPE,
     _fits,
     _Notes,
@@ -38,7 +40,7 @@ from reports.render import (
     orientation_letters,
     render_pages,
 )
-from reports.summary import SECONDARY_CAPTURE_IMAGE_STORAGE, SERIES_DESCRIPTION, build_summary, encode_pages, write_pdf
+from reports.summary import build_summary, encode_pages, write_pdf
 from reports.uids import ResultIdentity
 from tests.test_metrics import tum01  # noqa: F401  (the real TUM01 study with its manual labels)
 
@@ -100,7 +102,7 @@ def test_pages_are_valid_secondary_captures_filed_in_the_source_study(summary, t
         ds.save_as(path, enforce_file_format=True)
         _validate(path)
         back = dcmread(path)
-        assert back.SOPClassUID == SECONDARY_CAPTURE_IMAGE_STORAGE and back.Modality == "OT"
+        assert back.SOPClassUID == SecondaryCaptureImageStorage and back.Modality == "OT"
         assert (back.PhotometricInterpretation, back.SamplesPerPixel, back.PlanarConfiguration) == ("RGB", 3, 0)
         assert (back.BitsAllocated, back.ConversionType, back.BurnedInAnnotation) == (8, "WSD", "YES")
         assert back.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
@@ -113,7 +115,7 @@ def test_pages_are_valid_secondary_captures_filed_in_the_source_study(summary, t
                         "StudyDescription", "ReferringPhysicianName"):
             assert back[keyword].value == source[keyword].value, keyword
         assert back.SeriesInstanceUID not in {s.series_instance_uid for s in summary.series.values()}
-        assert back.SeriesDescription == SERIES_DESCRIPTION and "research use" in back.SeriesDescription
+        assert back.SeriesDescription == ResultSeries.SUMMARY.description() and "research use" in back.SeriesDescription
         assert back.SeriesNumber == 1 * 100 + 93  # the source is series 1
         assert back.InstanceNumber == number
         assert back.ImageComments.startswith(f"Page {number} of 3:")
@@ -194,12 +196,12 @@ def test_key_slices_show_each_muscle_outlined_on_its_own_side(summary) -> None:
         for muscle in ("multifidus", "erector_spinae"):
             columns = {}
             for side in ("left", "right"):
-                rows, cols = np.nonzero(_near(panels, MUSCLE_COLOURS[(muscle, side)]))
+                rows, cols = np.nonzero(_near(panels, Muscle(muscle).colour(side)))
                 assert cols.size > 150, (muscle, side, cols.size)
                 columns[side] = cols.mean()
             # Radiological convention: the patient's left on the viewer's right.
             assert columns["left"] > columns["right"], (muscle, columns)
-    for colour in (MUSCLE_COLOURS[("psoas_major", "left")], MUSCLE_COLOURS[("quadratus_lumborum", "right")]):
+    for colour in (Muscle.PSOAS_MAJOR.colour(Side.LEFT), Muscle.QUADRATUS_LUMBORUM.colour(Side.RIGHT)):
         assert _near(pixels[:, :790], colour).sum() < 20
 
 
@@ -210,7 +212,7 @@ def test_an_empty_segmentation_gives_pages_without_outlines(tum01) -> None:  # n
     patient = from_dataset({})
     pages = render_pages(empty, [], patient, model_name=MODEL, model_version=VERSION, software_version=SOFTWARE)
     assert [p.pixels.shape for p in pages] == [PAGE_SHAPE + (3,)] * 3
-    for colour in MUSCLE_COLOURS.values():
+    for colour in (muscle.colour(side) for muscle in Muscle for side in Side):
         assert _near(pages[0].pixels[:, :790], colour).sum() < 20, colour
     # The key-slice panel still shows the image: not a blank page.
     assert pages[0].pixels[200:500, 50:350].std() > 20

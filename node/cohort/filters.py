@@ -18,7 +18,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from reports.patient import from_dataset
+from inference.patient import from_dataset
 
 from ..network.query_retrieve import identifier
 
@@ -64,7 +64,7 @@ class CohortFilter:
         (like ``rules.lumbar_patterns``).
     age_min, age_max : int or None
         Age at the study in completed years, both ends included; the age comes from PatientAge,
-        else PatientBirthDate and StudyDate (:func:`reports.patient.from_dataset`). A study whose
+        else PatientBirthDate and StudyDate (:func:`inference.patient.from_dataset`). A study whose
         age is unknown does not match an age filter.
     sexes : tuple of str
         PatientSex, any of ``M``, ``F``, ``O``.

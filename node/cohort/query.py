@@ -6,7 +6,7 @@ from typing import Callable
 
 from pydicom.dataset import Dataset
 
-from reports.patient import from_dataset
+from inference.patient import from_dataset
 
 from ..network.query_retrieve import QueryRetrieveSCU
 from .filters import CohortFilter, parse_date, value_text

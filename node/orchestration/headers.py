@@ -15,6 +15,8 @@ from pydicom.filereader import read_dataset
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
+from inference.functional_groups import functional_group, is_enhanced
+
 from ..network.integrity import DEFLATED
 
 __all__ = ["parse_header", "summarise"]
@@ -74,60 +76,39 @@ def _floats(value: Any, count: int) -> list[float] | None:
     return numbers if len(numbers) == count else None
 
 
-def _first_item(dataset: Dataset | None, keyword: str) -> Dataset | None:
-    if dataset is None:
-        return None
-    sequence = dataset.get(keyword)
-    return sequence[0] if sequence else None
-
-
 def _frame_geometry(ds: Dataset) -> list[dict[str, list[float] | None]]:
     """Orientation, position and pixel spacing of every frame, in frame order."""
-    if "PerFrameFunctionalGroupsSequence" not in ds and "SharedFunctionalGroupsSequence" not in ds:
+    if not is_enhanced(ds):
         return [{
             "orientation": _floats(ds.get("ImageOrientationPatient"), 6),
             "position": _floats(ds.get("ImagePositionPatient"), 3),
             "spacing": _floats(ds.get("PixelSpacing"), 2),
         }]
-    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
-    frames = []
-    for index in range(int(ds.get("NumberOfFrames", len(per_frame)) or len(per_frame) or 1)):
-        item = per_frame[index] if index < len(per_frame) else None
+    count = int(ds.get("NumberOfFrames", len(per_frame)) or len(per_frame) or 1)
 
-        def lookup(group: str, keyword: str, count: int) -> list[float] | None:
-            # A functional group sits either in the frame's own item or in the shared one.
-            for source in (item, shared):
-                group_item = _first_item(source, group)
-                if group_item is not None and keyword in group_item:
-                    return _floats(group_item.get(keyword), count)
-            return None
+    def lookup(index: int, group: str, keyword: str, size: int) -> list[float] | None:
+        item = functional_group(ds, index, group)
+        return None if item is None else _floats(item.get(keyword), size)
 
-        frames.append({
-            "orientation": lookup("PlaneOrientationSequence", "ImageOrientationPatient", 6),
-            "position": lookup("PlanePositionSequence", "ImagePositionPatient", 3),
-            "spacing": lookup("PixelMeasuresSequence", "PixelSpacing", 2),
-        })
-    return frames
+    return [{
+        "orientation": lookup(index, "PlaneOrientationSequence", "ImageOrientationPatient", 6),
+        "position": lookup(index, "PlanePositionSequence", "ImagePositionPatient", 3),
+        "spacing": lookup(index, "PixelMeasuresSequence", "PixelSpacing", 2),
+    } for index in range(count)]
 
 
 def _enhanced_contrast(ds: Dataset) -> dict[str, Any]:
-    """Contrast parameters of an enhanced MR image, from its functional groups."""
-    values: dict[str, Any] = {}
-    values["AcquisitionContrast"] = _text(ds.get("AcquisitionContrast"))
-    shared = _first_item(ds, "SharedFunctionalGroupsSequence")
-    frame = _first_item(ds, "PerFrameFunctionalGroupsSequence")
-    for source in (frame, shared):
-        timing = _first_item(source, "MRTimingAndRelatedParametersSequence")
-        if timing is not None and values.get("RepetitionTime") is None:
-            values["RepetitionTime"] = _number(timing.get("RepetitionTime"))
-        echo = _first_item(source, "MREchoSequence")
-        if echo is not None and values.get("EchoTime") is None:
-            values["EchoTime"] = _number(echo.get("EffectiveEchoTime"))
-        frame_type = _first_item(source, "MRImageFrameTypeSequence")
-        if frame_type is not None and not values.get("FrameType"):
-            values["FrameType"] = _multi(frame_type.get("FrameType"))
-    return values
+    """Contrast parameters of an enhanced MR image, from the first frame's functional groups."""
+    timing = functional_group(ds, 0, "MRTimingAndRelatedParametersSequence")
+    echo = functional_group(ds, 0, "MREchoSequence")
+    frame_type = functional_group(ds, 0, "MRImageFrameTypeSequence")
+    return {
+        "AcquisitionContrast": _text(ds.get("AcquisitionContrast")),
+        "RepetitionTime": None if timing is None else _number(timing.get("RepetitionTime")),
+        "EchoTime": None if echo is None else _number(echo.get("EffectiveEchoTime")),
+        "FrameType": [] if frame_type is None else _multi(frame_type.get("FrameType")),
+    }
 
 
 def summarise(ds: Dataset) -> dict[str, Any]:
@@ -146,7 +127,7 @@ def summarise(ds: Dataset) -> dict[str, Any]:
     summary["Columns"] = int(ds.get("Columns") or 0)
     summary["NumberOfFrames"] = int(ds.get("NumberOfFrames") or 1)
     summary["frames"] = _frame_geometry(ds)
-    if "SharedFunctionalGroupsSequence" in ds or "PerFrameFunctionalGroupsSequence" in ds:
+    if is_enhanced(ds):
         for key, value in _enhanced_contrast(ds).items():
             if value not in (None, "", []) and summary.get(key) in (None, "", []):
                 summary[key] = value

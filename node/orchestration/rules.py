@@ -24,6 +24,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from inference.vocabulary import Contrast
+
 from ..config import Rules
 
 __all__ = ["Decision", "SeriesHeaders", "decide_study", "dixon_role", "orientation_name"]
@@ -38,19 +40,19 @@ MR_IMAGE_SOP_CLASSES = {
 # IN_PHASE, OPP_PHASE, with DIXON), Philips mDixon (W, F, IP, OP, FF), GE IDEAL/FLEX (WATER, FAT,
 # IN PHASE, OUT PHASE), and fat-fraction maps (FF, FAT_FRACTION, PDFF).
 _DIXON_IMAGE_TYPES = {
-    "water": {"W", "WATER"},
-    "fat": {"F", "FAT"},
-    "in_phase": {"IP", "IN_PHASE", "IN PHASE", "INPHASE"},
-    "opposed_phase": {"OP", "OPP_PHASE", "OUT_PHASE", "OUT PHASE", "OPPOSED_PHASE", "OUTPHASE"},
-    "fat_fraction": {"FF", "FAT_FRACTION", "FATFRACTION", "PDFF"},
+    Contrast.WATER: {"W", "WATER"},
+    Contrast.FAT: {"F", "FAT"},
+    Contrast.IN_PHASE: {"IP", "IN_PHASE", "IN PHASE", "INPHASE"},
+    Contrast.OPPOSED_PHASE: {"OP", "OPP_PHASE", "OUT_PHASE", "OUT PHASE", "OPPOSED_PHASE", "OUTPHASE"},
+    Contrast.FAT_FRACTION: {"FF", "FAT_FRACTION", "FATFRACTION", "PDFF"},
 }
 # Series descriptions that name a Dixon component, as scanners write them when ImageType does not.
 _DIXON_DESCRIPTIONS = {
-    "fat_fraction": re.compile(r"(fat[ _-]?frac|\bpdff\b|\bff\b|_ff$)", re.I),
-    "opposed_phase": re.compile(r"(opp|out[ _-]?phase|_op$|\bop\b)", re.I),
-    "in_phase": re.compile(r"(in[ _-]?phase|_in$|_ip$|\bip\b)", re.I),
-    "water": re.compile(r"(water|_w$|\bw\b)", re.I),
-    "fat": re.compile(r"(\bfat\b|_f$|\bf\b)", re.I),
+    Contrast.FAT_FRACTION: re.compile(r"(fat[ _-]?frac|\bpdff\b|\bff\b|_ff$)", re.I),
+    Contrast.OPPOSED_PHASE: re.compile(r"(opp|out[ _-]?phase|_op$|\bop\b)", re.I),
+    Contrast.IN_PHASE: re.compile(r"(in[ _-]?phase|_in$|_ip$|\bip\b)", re.I),
+    Contrast.WATER: re.compile(r"(water|_w$|\bw\b)", re.I),
+    Contrast.FAT: re.compile(r"(\bfat\b|_f$|\bf\b)", re.I),
 }
 _DIXON_HINT = re.compile(r"dixon|ideal|flex|mdixon|\bvibe\b.*_(w|f|in|opp)$", re.I)
 
@@ -214,7 +216,7 @@ def _check_fat_suppression(series: SeriesHeaders, rules: Rules) -> str | None:
     return None
 
 
-def dixon_role(image_type: Sequence[str], description: str) -> tuple[str | None, str]:
+def dixon_role(image_type: Sequence[str], description: str) -> tuple[Contrast | None, str]:
     """The Dixon component named by ImageType values or, failing that, by the description.
 
     Returns
@@ -234,21 +236,21 @@ def dixon_role(image_type: Sequence[str], description: str) -> tuple[str | None,
     return None, ""
 
 
-def _weighting(series: SeriesHeaders) -> tuple[str | None, str]:
+def _weighting(series: SeriesHeaders) -> tuple[Contrast | None, str]:
     """T1 or T2 from the enhanced contrast attribute, TR and TE, or the description."""
     contrast = str(series.first("AcquisitionContrast")).upper()
     if contrast in ("T1", "T2"):
-        return contrast.lower(), f"AcquisitionContrast {contrast}"
+        return Contrast(contrast.lower()), f"AcquisitionContrast {contrast}"
     tr, te = series.first("RepetitionTime", None), series.first("EchoTime", None)
     if tr is not None and te is not None:
         if te <= 30 and tr <= 1200:
-            return "t1", f"TR {tr:g} ms, TE {te:g} ms"
+            return Contrast.T1, f"TR {tr:g} ms, TE {te:g} ms"
         if te >= 60 and tr >= 1500:
-            return "t2", f"TR {tr:g} ms, TE {te:g} ms"
+            return Contrast.T2, f"TR {tr:g} ms, TE {te:g} ms"
     description = " ".join(_descriptions(series)[:2])
     match = re.search(r"\bt([12])(?![0-9])", description, re.I)
     if match:
-        return f"t{match.group(1)}", f"description {description!r}"
+        return Contrast(f"t{match.group(1)}"), f"description {description!r}"
     shown = f"TR {tr:g} ms, TE {te:g} ms" if tr is not None and te is not None else "no TR/TE"
     return None, shown
 
@@ -323,8 +325,9 @@ def decide_study(series_list: Sequence[SeriesHeaders], rules: Rules) -> list[Dec
             )
 
     for components in dixon.values():
-        usable = ("water" in components and "fat" in components) or "fat_fraction" in components
-        anchor = components.get("water") or components.get("fat_fraction") or next(iter(components.values()))
+        usable = (Contrast.WATER in components and Contrast.FAT in components) or Contrast.FAT_FRACTION in components
+        anchor = (components.get(Contrast.WATER) or components.get(Contrast.FAT_FRACTION)
+                  or next(iter(components.values())))
         grouping = f"dixon:{anchor[0].series_uid}"
         names = ", ".join(sorted(components))
         for role, (series, reason) in components.items():
