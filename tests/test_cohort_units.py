@@ -118,3 +118,36 @@ def test_tables_keep_types_and_always_have_a_header(tmp_path: Path) -> None:
     write_table(tmp_path, "empty", [], ("a", "b"))
     assert (tmp_path / "empty.csv").read_text().strip() == "a,b"
     assert pq.read_table(tmp_path / "empty.parquet").column_names == ["a", "b"]
+
+
+def _musclenode(config: Path, *args: str):
+    import subprocess
+    import sys
+
+    from tests.peers import REPO
+
+    return subprocess.run([sys.executable, "-m", "node", "--config", str(config), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cohort_commands_say_what_is_missing(tmp_path: Path) -> None:
+    from tests.peers import free_port
+
+    bare = tmp_path / "bare.toml"
+    bare.write_text(f'[node]\nport = {free_port()}\ndata = "{tmp_path / "data"}"\n')
+    result = _musclenode(bare, "cohort", "query", "--out", str(tmp_path / "m.csv"))
+    assert result.returncode == 2 and "configure one [[pacs]] archive" in result.stderr
+
+    config = tmp_path / "musclenode.toml"
+    config.write_text(bare.read_text() + f'[[pacs]]\nname = "pacs"\nae_title = "PACS"\nhost = "127.0.0.1"\n'
+                                        f'port = {free_port()}\n')
+    (tmp_path / "m.csv").write_text("accession\nA1\n")
+    result = _musclenode(config, "cohort", "fetch", str(tmp_path / "m.csv"), "--via", "move")
+    assert result.returncode == 1 and "Start it first (musclenode serve" in result.stderr
+    result = _musclenode(config, "cohort", "fetch", str(tmp_path / "m.csv"), "--via", "get")
+    assert result.returncode == 2 and "--out FOLDER is needed" in result.stderr
+    result = _musclenode(config, "cohort", "fetch", str(tmp_path / "m.csv"), "--via", "get", "--out",
+                         str(tmp_path / "f"), "--attempts", "2", "--backoff", "0")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "failed accession A1: no association with PACS@127.0.0.1" in result.stdout
+    assert "(after 2 attempts)" in result.stdout
