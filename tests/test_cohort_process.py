@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,7 +196,7 @@ def test_one_broken_study_among_good_ones(tmp_path: Path) -> None:
     run = _process(str(tmp_path / "in"), "--out", str(out), "--workers", "0")
     assert run.returncode == 1, run.stdout + run.stderr
     assert "exit status 1: some selected series failed" in run.stdout
-    assert "4 files" not in run.stdout and "(1 not DICOM)" in run.stdout
+    assert "19 files (1 not DICOM) in 3 studies" in run.stdout
 
     rows = _csv(out / "cohort.csv")
     assert list(rows[0]) == list(COHORT_COLUMNS)
@@ -213,12 +214,16 @@ def test_one_broken_study_among_good_ones(tmp_path: Path) -> None:
     assert by_study[broken.study_uid]["status"] == "failed" and by_study[broken.study_uid]["reason"]
     assert {by_study[s.study_uid]["status"] for s in good} == {"done"}
 
-    # Run again: the good studies are not processed again, the broken one is tried again.
-    kept = {s.study_uid: (out / s.study_uid / "study.json").stat().st_mtime_ns for s in good}
-    again = _process(str(tmp_path / "in"), "--out", str(out), "--workers", "0")
+    # Run again, with the results inside the input folder this time: the good studies are not
+    # processed again (the results are not taken for input), the broken one is tried again.
+    inside = tmp_path / "in" / "results"
+    shutil.move(out, inside)
+    kept = {s.study_uid: (inside / s.study_uid / "study.json").stat().st_mtime_ns for s in good}
+    again = _process(str(tmp_path / "in"), "--out", str(inside), "--workers", "0")
     assert again.returncode == 1 and "(2 by an earlier run)" in again.stdout, again.stdout
-    assert {uid: (out / uid / "study.json").stat().st_mtime_ns for uid in kept} == kept
-    assert _csv(out / "cohort.csv") == rows
+    assert "19 files (1 not DICOM) in 3 studies" in again.stdout
+    assert {uid: (inside / uid / "study.json").stat().st_mtime_ns for uid in kept} == kept
+    assert _csv(inside / "cohort.csv") == rows
 
 
 def test_an_unexpected_error_fails_its_group_only(tmp_path: Path) -> None:

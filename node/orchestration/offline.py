@@ -94,13 +94,17 @@ class CohortSummary:
         return EXIT_OK
 
 
-def _files(paths: Iterable[Path]) -> list[str]:
+def _files(paths: Iterable[Path], out: Path | None = None) -> list[str]:
+    """Every file under ``paths``, except hidden ones (a fetch's ``.incoming``, a record's
+    ``.part``) and the results in ``out`` (which may lie inside an input folder)."""
+    results = out.resolve() if out is not None else None
     found: list[str] = []
     for path in paths:
         if path.is_dir():
-            # Hidden files and folders (a fetch's .incoming, a record's .part) are not part of the cohort.
-            found.extend(str(p) for p in sorted(path.rglob("*"))
-                         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            for p in sorted(path.rglob("*")):
+                if (p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                        and (results is None or not p.resolve().is_relative_to(results))):
+                    found.append(str(p))
         elif path.is_file():
             found.append(str(path))
     return found
@@ -118,9 +122,10 @@ def scan_files(paths: Sequence[str]) -> list[tuple[str, str, str] | None]:
     return found
 
 
-def scan(paths: Sequence[Path], executor, summary: CohortSummary) -> dict[str, dict[str, list[str]]]:
-    """Study UID -> series UID -> files, from every file under ``paths`` (scanned by the executor)."""
-    files = _files(paths)
+def scan(paths: Sequence[Path], executor, summary: CohortSummary,
+         out: Path | None = None) -> dict[str, dict[str, list[str]]]:
+    """Study UID -> series UID -> files, from every file under ``paths`` but ``out`` (scanned by the executor)."""
+    files = _files(paths, out)
     summary.files = len(files)
     chunks = [files[i:i + _SCAN_CHUNK] for i in range(0, len(files), _SCAN_CHUNK)]
     studies: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
@@ -200,7 +205,7 @@ def process(paths: Sequence[Path], out: Path, config: Config, model: ModelSpec, 
 
 def _run(paths: Sequence[Path], out: Path, config: Config, model: ModelSpec, model_id: str, executor,
          resources: dict[str, float] | None, summary: CohortSummary, stream: TextIO) -> None:
-    studies = scan(paths, executor, summary)
+    studies = scan(paths, executor, summary, out)
     summary.studies = len(studies)
     settings = _pipeline_settings(config)
     records: dict[str, dict[str, Any]] = {}
