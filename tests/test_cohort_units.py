@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 from node.cohort.filters import CohortFilter
 from node.cohort.manifest import COLUMNS, ManifestError, ManifestRow, read_manifest, write_manifest
 from node.cohort.targets import FolderTarget
-from node.config import ConfigError, load_config
+from node.config import ConfigError, load_config, to_toml
 from node.orchestration.tables import write_table
 
 
@@ -29,9 +29,11 @@ def test_pacs_settings(tmp_path: Path) -> None:
     assert (archive.name, archive.ae_title, archive.port, archive.retrieve) == ("main", "PACS", 104, "dicomweb")
     assert archive.dicomweb == "http://10.0.0.5:8042/dicom-web"
     assert load_config(environ={}).pacs == ()
-    with pytest.raises(ConfigError, match=r"pacs\[1\]\.dicomweb: required"):
+    (tmp_path / "shown.toml").write_text(to_toml(config))
+    assert load_config(tmp_path / "shown.toml", environ={}) == config
+    with pytest.raises(ConfigError, match=r"pacs: pacs\[1\] \(a\) retrieves by dicomweb but has no dicomweb URL"):
         _config(tmp_path, '[[pacs]]\nname = "a"\nae_title = "PACS"\nhost = "h"\nport = 104\nretrieve = "dicomweb"\n')
-    with pytest.raises(ConfigError, match=r"pacs\[1\]\.retrieve: must be move, get or dicomweb"):
+    with pytest.raises(ConfigError, match=r"pacs\[1\]\.retrieve: must be move, get or dicomweb, got 'ftp'"):
         _config(tmp_path, '[[pacs]]\nname = "a"\nae_title = "PACS"\nhost = "h"\nport = 104\nretrieve = "ftp"\n')
     with pytest.raises(ConfigError, match="used twice"):
         _config(tmp_path, '[[pacs]]\nname = "a"\nae_title = "P"\nhost = "h"\nport = 1\n'
