@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -119,25 +120,207 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resources(text: str | None) -> dict[str, float] | None:
+    """``GPU=1,MEMORY=8e9`` -> ``{"GPU": 1.0, "MEMORY": 8e9}``."""
+    if not text:
+        return None
+    resources = {}
+    for part in text.split(","):
+        name, _, amount = part.partition("=")
+        try:
+            resources[name.strip()] = float(amount)
+        except ValueError:
+            raise ConfigError(f"--resources: {part!r} is not NAME=AMOUNT") from None
+    return resources
+
+
 def _process(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from inference.card import CardError
     from inference.registry import load_model
-    from inference.runtime import Segmenter
 
-    from .orchestration.offline import process
+    from .orchestration.cluster import ClusterError, DaskExecutor, InlineExecutor
+    from .orchestration.offline import EXIT_CLUSTER, EXIT_CODES, EXIT_USAGE, default_workers, process
+    from .orchestration.study_task import ModelSpec
     from .service import setup_logging
 
     config = _load(args)
     setup_logging("WARNING")
-    card = load_model(args.model or config.model_name, config.model_dirs)
-    segmenter = Segmenter(card, providers=config.device, threads=config.threads or None)
-    summary = process([Path(p) for p in args.paths], Path(args.out), config, segmenter)
-    for line in summary.skipped or []:
-        print(f"skipped {line}")
-    print(f"{summary.files} files ({summary.not_dicom} not DICOM), {summary.groups} selected groups:"
-          f" {summary.done} done, {summary.failed} failed; results and cohort.csv in {args.out}")
-    return 1 if summary.failed else 0
+    name = args.model or config.model_name
+    try:
+        card = load_model(name, config.model_dirs)
+    except (CardError, OSError, KeyError, ValueError) as exc:
+        print(f"musclenode: model {name}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    workers = default_workers() if args.workers is None else args.workers
+    if workers < 0:
+        raise ConfigError("--workers: must be 0 (this process) or more")
+    # A local cluster shares this machine's cores among its workers; remote workers run one process
+    # per core (dask worker --nworkers N --nthreads 1), so one ONNX Runtime thread each unless told.
+    local_share = 1 if args.scheduler else max(1, default_workers() // max(1, workers))
+    threads = args.threads or config.threads or local_share
+    model = ModelSpec(card.name, tuple(str(d) for d in config.model_dirs), config.device, threads)
+    resources = _resources(args.resources)
+    executor = (InlineExecutor() if workers == 0 and not args.scheduler
+                else DaskExecutor(model, scheduler=args.scheduler, workers=workers))
+    out = Path(args.out)
+    try:
+        with executor:
+            summary = process([Path(p) for p in args.paths], out, config, model, f"{card.name} {card.version}",
+                              executor, resources=resources)
+    except ClusterError as exc:
+        print(f"musclenode: {exc}", file=sys.stderr)
+        return EXIT_CLUSTER
+    for record in summary.records:
+        for problem in record.get("problems", []):
+            if problem["outcome"] == "failed":
+                print(f"failed {problem['study']} {problem['description'] or problem['series']}: {problem['reason']}")
+    print(f"{summary.files} files ({summary.not_dicom} not DICOM) in {summary.studies} studies:"
+          f" {summary.done} done ({summary.resumed} by an earlier run), {summary.failed} failed,"
+          f" {summary.nothing_selected} with nothing selected; {summary.groups - summary.groups_failed} of"
+          f" {summary.groups} selected groups processed, {summary.skipped_series} series skipped")
+    print(f"results, cohort, studies and skipped_and_failed tables (CSV, Parquet) and process.log in {out}")
+    if summary.exit_code:
+        print(f"exit status {summary.exit_code}: {EXIT_CODES[summary.exit_code]}")
+    return summary.exit_code
+
+
+def _pacs(config: Config, name: str | None):
+    """The configured archive called ``name``, or the only one; ConfigError otherwise."""
+    if name is not None:
+        found = next((p for p in config.pacs if p.name == name), None)
+        if found is None:
+            names = ", ".join(p.name for p in config.pacs) or "none configured"
+            raise ConfigError(f"pacs: no archive named {name!r} (configured: {names})")
+        return found
+    if len(config.pacs) != 1:
+        raise ConfigError("pacs: configure one [[pacs]] archive, or name one with --pacs"
+                          f" ({len(config.pacs)} configured)")
+    return config.pacs[0]
+
+
+def _cohort_query(args: argparse.Namespace) -> int:
+    from .cohort.filters import CohortFilter, parse_date
+    from .cohort.manifest import write_manifest
+    from .cohort.query import query_cohort
+    from .network.query_retrieve import QueryRetrieveError, QueryRetrieveSCU
+    from .operations.progress import ProgressBar
+
+    config = _load(args)
+    archive = _pacs(config, args.pacs)
+    try:
+        cohort = CohortFilter(
+            date_from=parse_date(args.date_from) if args.date_from else None,
+            date_to=parse_date(args.date_to) if args.date_to else None,
+            modalities=tuple(m.upper() for m in args.modality or ()),
+            body_parts=tuple(args.body_part or ()),
+            study_description=args.study_description, series_description=args.series_description,
+            age_min=args.age_min, age_max=args.age_max, sexes=tuple(s.upper() for s in args.sex or ()),
+        )
+    except ValueError as exc:
+        print(f"musclenode: {exc}", file=sys.stderr)
+        return 2
+    scu = QueryRetrieveSCU(archive.ae_title, archive.host, archive.port, config.ae_title, timeout=args.timeout)
+    bars: list[ProgressBar] = []
+
+    def progress(done: int, total: int) -> None:
+        if not bars:  # the number of studies is known once the archive has answered
+            bars.append(ProgressBar(f"series of the studies in {archive.name}", total))
+        bars[0].advance()
+
+    try:
+        rows = query_cohort(scu, cohort, progress)
+    except QueryRetrieveError as exc:
+        print(f"musclenode: query of {archive.name} failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for bar in bars:
+            bar.close()
+    count = write_manifest(args.out, rows)
+    series = sum(len(r.series_uids) for r in rows)
+    print(f"{count} matching studies ({series} matching series) from {archive.name}; manifest in {args.out}")
+    return 0
+
+
+def _cohort_fetch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .cohort.fetch import DicomWebRoute, GetRoute, MoveRoute, fetch_cohort, summarise
+    from .cohort.manifest import ManifestError, read_manifest
+    from .cohort.targets import FolderTarget, NodeStoreTarget
+    from .network.dicomweb import DicomWebSource
+    from .network.query_retrieve import QueryRetrieveSCU
+    from .operations.progress import ProgressBar
+
+    config = _load(args)
+    archive = _pacs(config, args.pacs)
+    via = args.via or archive.retrieve
+    try:
+        rows = read_manifest(args.manifest)
+    except ManifestError as exc:
+        print(f"musclenode: {exc}", file=sys.stderr)
+        return 2
+    if args.whole_studies:
+        rows = [dataclasses.replace(r, series_uids=()) for r in rows]
+    scu = QueryRetrieveSCU(archive.ae_title, archive.host, archive.port, config.ae_title, timeout=args.timeout)
+    if via == "move":
+        if args.out:
+            print("musclenode: --out is for C-GET and DICOMweb; C-MOVE delivers into the node's store"
+                  f" ({config.data})", file=sys.stderr)
+            return 2
+        problem = _echo_self(config)
+        if problem is not None:
+            print(f"musclenode: C-MOVE delivers to this node ({config.ae_title} on port {config.port}), which does"
+                  f" not answer: {problem}. Start it first (musclenode serve, same configuration).",
+                  file=sys.stderr)
+            return 1
+        target = NodeStoreTarget(config.index_path)
+        route = MoveRoute(scu, config.ae_title, target)
+        where = f"the node's store ({config.data / 'studies'})"
+    else:
+        if not args.out:
+            print(f"musclenode: --out FOLDER is needed to fetch by {'C-GET' if via == 'get' else 'DICOMweb'}",
+                  file=sys.stderr)
+            return 2
+        target = FolderTarget(Path(args.out))
+        if via == "get":
+            route = GetRoute(scu, target)
+        else:
+            if archive.dicomweb is None:
+                raise ConfigError(f"pacs {archive.name}: no dicomweb URL configured for --via dicomweb")
+            route = DicomWebRoute(DicomWebSource(archive.dicomweb, timeout=args.timeout), target)
+        where = str(Path(args.out))
+    try:
+        with ProgressBar(f"fetching from {archive.name} by {via}", len(rows), ("fetched", "present", "failed")) as bar:
+            outcomes = fetch_cohort(rows, route, scu, concurrency=args.concurrency, attempts=args.attempts,
+                                    backoff=args.backoff, progress=bar)
+    finally:
+        if isinstance(target, NodeStoreTarget):
+            target.close()
+    totals = summarise(outcomes)
+    for outcome in outcomes:
+        if outcome.error is not None:
+            print(f"failed {outcome.key}: {outcome.error} (after {outcome.attempts} attempts)")
+    print(f"{totals['complete']} of {totals['studies']} studies complete, {totals['failed']} failed;"
+          f" {totals['fetched']} instances fetched, {totals['already']} were already there; in {where}")
+    return 1 if totals["failed"] else 0
+
+
+def _echo_self(config: Config) -> str | None:
+    """None when this node answers C-ECHO on its port, else why not."""
+    from pynetdicom import AE
+
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::") else config.host
+    ae = AE(ae_title=config.ae_title)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
+    assoc = ae.associate(host, config.port, ae_title=config.ae_title)
+    if not assoc.is_established:
+        return "association rejected" if assoc.is_rejected else "no association"
+    status = assoc.send_c_echo()
+    assoc.release()
+    return None if status and status.Status == 0 else "C-ECHO failed"
 
 
 def _retry(args: argparse.Namespace) -> int:
@@ -386,7 +569,44 @@ def build_parser() -> argparse.ArgumentParser:
     process.add_argument("paths", nargs="+", help="files or folders of DICOM files")
     process.add_argument("--out", required=True, help="folder for SEG, SR, summary and cohort.csv")
     process.add_argument("--model", help="model name (default: the configured one)")
+    process.add_argument("--scheduler", help="address of an existing Dask scheduler, tcp://HOST:PORT"
+                         " (default: a local cluster)")
+    process.add_argument("--workers", type=int, help="local worker processes (default: one per core;"
+                         " 0 runs everything in this process)")
+    process.add_argument("--threads", type=int, help="ONNX Runtime threads per worker (default: jobs.threads,"
+                         " else cores / workers, or 1 with --scheduler)")
+    process.add_argument("--resources", help="Dask resources each study needs, e.g. GPU=1 (workers started"
+                         " with --resources GPU=1)")
     process.set_defaults(run=_process)
+
+    cohort = commands.add_parser("cohort", help="research cohorts from an archive: query, then fetch")
+    cohort_commands = cohort.add_subparsers(dest="cohort_command", required=True)
+    query = cohort_commands.add_parser("query", help="C-FIND the configured archive; write the matching studies as a manifest")
+    query.add_argument("--out", required=True, help="manifest CSV to write")
+    query.add_argument("--pacs", help="which [[pacs]] archive (default: the only one)")
+    query.add_argument("--from", dest="date_from", help="first study date, YYYY-MM-DD")
+    query.add_argument("--to", dest="date_to", help="last study date, YYYY-MM-DD")
+    query.add_argument("--modality", action="append", help="series modality, e.g. MR (repeatable: any of them)")
+    query.add_argument("--body-part", action="append", help="series BodyPartExamined, e.g. LSPINE (repeatable)")
+    query.add_argument("--study-description", help="regular expression searched in StudyDescription, ignoring case")
+    query.add_argument("--series-description", help="regular expression searched in SeriesDescription, ignoring case")
+    query.add_argument("--age-min", type=int, help="youngest age at the study, completed years")
+    query.add_argument("--age-max", type=int, help="oldest age at the study, completed years")
+    query.add_argument("--sex", action="append", choices=["M", "F", "O", "m", "f", "o"], help="PatientSex (repeatable)")
+    query.add_argument("--timeout", type=float, default=60, help="seconds per network operation (default 60)")
+    query.set_defaults(run=_cohort_query)
+    fetch = cohort_commands.add_parser("fetch", help="retrieve every study of a manifest; run again to resume")
+    fetch.add_argument("manifest", help="CSV from cohort query, or written by hand with a study_uid or accession column")
+    fetch.add_argument("--pacs", help="which [[pacs]] archive (default: the only one)")
+    fetch.add_argument("--via", choices=["move", "get", "dicomweb"],
+                       help="C-MOVE into this node's store, C-GET or DICOMweb into --out (default: the archive's retrieve)")
+    fetch.add_argument("--out", help="folder for C-GET and DICOMweb: OUT/STUDY/SERIES/SOP.dcm")
+    fetch.add_argument("--whole-studies", action="store_true", help="every series, not only the manifest's matching ones")
+    fetch.add_argument("--concurrency", type=int, default=4, help="studies fetched at the same time (default 4)")
+    fetch.add_argument("--attempts", type=int, default=3, help="tries per study before it counts as failed (default 3)")
+    fetch.add_argument("--backoff", type=float, default=2.0, help="seconds before the second try, doubling (default 2)")
+    fetch.add_argument("--timeout", type=float, default=60, help="seconds per network operation (default 60)")
+    fetch.set_defaults(run=_cohort_fetch)
 
     retry = commands.add_parser("retry", help="run a failed or finished job again")
     retry.add_argument("job", type=int)

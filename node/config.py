@@ -67,6 +67,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "Destination",
+    "Pacs",
     "Peer",
     "Rules",
     "Section",
@@ -527,6 +528,29 @@ class Destination(Section):
     tls: bool = setting(False, "send over TLS (checked against `tls.ca`, with the node's certificate)")
 
 
+def _url(value: str | None) -> str | None:
+    if value is None:
+        return None
+    value = value.strip()
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+        raise ValueError("must be an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+class Pacs(Section):
+    """An archive that research cohorts are queried and fetched from (a ``[[pacs]]`` table)."""
+
+    name: Name = setting(..., "the archive's name (`musclenode cohort ... --pacs NAME`)")
+    ae_title: AETitle = setting(..., "the AE title of its query/retrieve SCP (C-FIND, C-MOVE, C-GET)")
+    host: Host = setting(..., "its address")
+    port: Port = setting(..., "its DICOM port")
+    retrieve: Annotated[str, one_of("move", "get", "dicomweb")] = setting(
+        "move", "how `cohort fetch` retrieves: `move` (C-MOVE into this node; the archive must know it), `get`"
+        " (C-GET) or `dicomweb` (WADO-RS) into a folder")
+    dicomweb: Annotated[str | None, BeforeValidator(_optional), AfterValidator(_url)] = setting(
+        None, "base URL of its DICOMweb service (QIDO-RS, WADO-RS), e.g. `http://pacs:8042/dicom-web`")
+
+
 # ---------------------------------------------------------------------------------------------
 # The configuration and its sources
 # ---------------------------------------------------------------------------------------------
@@ -596,6 +620,8 @@ class Config(BaseSettings):
         description="who may call: a file's `[[peers]]` replace the default; `node.open = true` lets anyone call")
     destinations: tuple[Destination, ...] = Field(
         default=(), description="where results go; without any, back to the peer that sent the study")
+    pacs: tuple[Pacs, ...] = Field(
+        default=(), description="archives that research cohorts are queried and fetched from (`musclenode cohort`)")
 
     _sources: dict[str, str] = PrivateAttr(default_factory=dict)
 
@@ -623,6 +649,18 @@ class Config(BaseSettings):
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise SettingError("destinations", f"the name {duplicated[0]!r} is used twice")
+        return self
+
+    @model_validator(mode="after")
+    def _archives_have_their_own_names_and_urls(self) -> "Config":
+        names = [p.name for p in self.pacs]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise SettingError("pacs", f"the name {duplicated[0]!r} is used twice")
+        for number, archive in enumerate(self.pacs, start=1):
+            if archive.retrieve == "dicomweb" and archive.dicomweb is None:
+                raise SettingError("pacs", f"pacs[{number}] ({archive.name}) retrieves by dicomweb but has no"
+                                   " dicomweb URL")
         return self
 
     @model_validator(mode="after")
@@ -798,7 +836,7 @@ def load_config(
     environ = os.environ if environ is None else environ
     path = path if path is not None else environ.get("MUSCLENODE_CONFIG") or None
     sources: dict[str, str] = {key: "default" for key, _ in _settings()}
-    sources.update(peers="default", destinations="default")
+    sources.update(peers="default", destinations="default", pacs="default")
     file = None
     if path is not None:
         if not Path(path).expanduser().is_file():
@@ -866,7 +904,7 @@ def to_toml(config: Config) -> str:
                 lines.append(f"[[{section}.{key}]]  # {source}")
                 lines += [f"{k} = {_toml_value(v)}" for k, v in item if v is not None]
                 lines.append("")
-    for name in ("peers", "destinations"):
+    for name in ("peers", "destinations", "pacs"):
         items, source = getattr(config, name), config.sources.get(name, "default")
         if not items:
             lines += [f"# no {name}  # {source}", ""]
@@ -907,7 +945,7 @@ def settings_table() -> str:
                 rows.append(f"| `[[{key}]] {item_key}` | {_shown(item_field)} | | {item_field.description} |")
             continue
         rows.append(f"| `{key}` | {_shown(field)} | {f'`{env}`' if env else ''} | {field.description} |")
-    for name, model in (("peers", Peer), ("destinations", Destination)):
+    for name, model in (("peers", Peer), ("destinations", Destination), ("pacs", Pacs)):
         field = Config.model_fields[name]
         default = field.default
         shown = "; ".join(", ".join(f"{k} = {_toml_value(v)}" for k, v in item.model_dump(exclude_defaults=True).items()) for item in default)

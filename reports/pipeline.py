@@ -26,7 +26,7 @@ from reports.metrics import FatSource, MuscleMetrics, measure
 from reports.reference import SiteReference
 from reports.uids import ResultIdentity
 
-__all__ = ["PipelineError", "PipelineSettings", "Results", "WorkItem", "run", "cohort_rows"]
+__all__ = ["COHORT_COLUMNS", "PipelineError", "PipelineSettings", "Results", "WorkItem", "run", "cohort_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,14 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
                             source_dataset)
     seconds["results"] = time.perf_counter() - started
     return Results(label_map, metrics, assessments, patient, segmentation, report, summary, seconds)
+
+
+#: The columns of :func:`cohort_rows`, in order: a cohort table without rows still has them.
+COHORT_COLUMNS = (
+    "study", "series", "model", "age", "sex", "bmi", "muscle", "side", "level", "slices", "mean_csa_mm2",
+    "volume_cm3", "fat_method", "fat_percent", "fat_median_percent", "functional_csa_mm2", "asymmetry_percent",
+    "fat_z", "fat_percentile", "reference", "no_reference_reason", "grade", "range_min_mm", "range_max_mm",
+)
 
 
 def cohort_rows(results: Results, study: str) -> list[dict[str, Any]]:

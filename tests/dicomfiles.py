@@ -45,10 +45,10 @@ def sample(name: str) -> Path:
     return Path(get_testdata_file(SAMPLES[name]))
 
 
-def dataset_bytes(path: Path) -> bytes:
-    """The encoded dataset of a Part 10 file, without preamble and file meta."""
-    raw = Path(path).read_bytes()
-    assert raw[128:132] == b"DICM", f"{path} is not a DICOM Part 10 file"
+def dataset_bytes(path: Path | bytes) -> bytes:
+    """The encoded dataset of a Part 10 file (a path, or the file's bytes), without preamble and file meta."""
+    raw = path if isinstance(path, bytes) else Path(path).read_bytes()
+    assert raw[128:132] == b"DICM", f"{'data' if isinstance(path, bytes) else path} is not a DICOM Part 10 file"
     (meta_length,) = struct.unpack_from("<I", raw, 140)
     return raw[144 + meta_length :]
 

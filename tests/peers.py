@@ -140,7 +140,7 @@ class NodeProcess:
         # The dashboard only where a test asks for it (its users), on a free port.
         if "dashboard" in self.settings:
             sections["dashboard"] = {"port": self.dashboard_port, **self.settings["dashboard"]}
-        for key in ("peers", "destinations", "rules", "model", "metrics", "limits"):
+        for key in ("peers", "destinations", "rules", "model", "metrics", "limits", "pacs"):
             if key in self.settings:
                 sections[key] = self.settings[key]
         write_toml(self.config_path, sections)

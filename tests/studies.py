@@ -112,6 +112,7 @@ __all__ = [
     "write_sagittal_series",
     "write_non_lumbar_study",
     "write_copies",
+    "write_cohort_study",
     "main",
 ]
 
@@ -804,6 +805,8 @@ class Study:
         StudyDate and StudyTime.
     seed : str or None
         The seed its UIDs were derived from (None: random UIDs).
+    modality : str
+        Modality of its series (``"MR"``; cohort tests write others to be filtered out).
     """
 
     study_uid: str
@@ -817,6 +820,7 @@ class Study:
     study_date: str = STUDY_DATE
     study_time: str = STUDY_TIME
     seed: str | None = None
+    modality: str = "MR"
 
     @property
     def files(self) -> list[Path]:
@@ -917,7 +921,7 @@ def _common_dataset(study: Study, sop_class: UID) -> Dataset:
     ds.StudyDate = study.study_date
     ds.StudyTime = study.study_time
     ds.AccessionNumber = study.accession_number
-    ds.Modality = "MR"
+    ds.Modality = study.modality
     ds.Manufacturer = _MANUFACTURER
     ds.InstitutionName = _INSTITUTION
     ds.ReferringPhysicianName = ""
@@ -1545,6 +1549,72 @@ def write_copies(
         _write_classic_series(study, spec, None, syntax, _Uids(study.seed),
                               uid_key=f"copy/{index}")
     return studies
+
+
+def write_cohort_study(
+    out_dir: str | os.PathLike,
+    patient: Patient = DEFAULT_PATIENT,
+    seed: str | None = None,
+    *,
+    description: str = "MR LUMBAR SPINE",
+    body_part: str = "LSPINE",
+    modality: str = "MR",
+    study_date: str = STUDY_DATE,
+    series: Sequence[tuple[str, str]] = (("water", "t1_vibe_dixon_tra_W"), ("fat", "t1_vibe_dixon_tra_F")),
+    n_slices: int = 3,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+) -> Study:
+    """Write a small study with chosen headers, for cohort (query, retrieve, batch) tests.
+
+    Each series holds the ``n_slices`` central axial slices of the real volumes (voxel
+    centres, so the pixels are the NIfTI voxels up to the uint16 encoding), as classic MR
+    Image Storage.
+
+    Parameters
+    ----------
+    out_dir, patient, seed, transfer_syntax
+        As for :func:`write_dixon_study`.
+    description, body_part, modality, study_date : str
+        StudyDescription, BodyPartExamined, Modality and StudyDate (``YYYYMMDD``) of every
+        instance.
+    series : sequence of (role, SeriesDescription)
+        ``role`` is a Dixon contrast (headers and pixels of that contrast) or ``"t2"`` (a T2
+        TSE header over the in-phase pixels); each role at most once.
+    n_slices : int
+        Slices per series, 1 to 29.
+
+    Returns
+    -------
+    Study
+        ``series`` keyed by role.
+    """
+    syntax = _check_transfer_syntax(transfer_syntax)
+    if len(study_date) != 8 or not study_date.isdigit():
+        raise ValueError(f"study_date must be YYYYMMDD, not {study_date!r}")
+    study = _new_study(Path(out_dir), patient, seed, description, body_part)
+    study.study_date = study_date
+    study.modality = modality
+    uids = _Uids(seed)
+    volumes = load_volumes()
+    native = StackGeometry.from_voxel_affine(volumes.affine, volumes.water.shape)
+    if not 1 <= n_slices <= native.n_slices:
+        raise ValueError(f"n_slices must be in 1..{native.n_slices}")
+    start = (native.n_slices - n_slices) // 2
+    stack = StackGeometry(
+        origin=tuple(float(x) for x in native.position(start)), row_cosine=native.row_cosine,
+        column_cosine=native.column_cosine, pixel_spacing=native.pixel_spacing,
+        slice_step=native.slice_step, rows=native.rows, columns=native.columns,
+        n_slices=n_slices, slice_thickness=native.slice_thickness)
+    for index, (role, series_description) in enumerate(series):
+        if role in DIXON_CONTRASTS:
+            spec = _dixon_spec(role, 600)
+        elif role == "t2":
+            spec = _t2_spec("t2", series_description, 300)
+        else:
+            raise ValueError(f"unknown role {role!r}: a Dixon contrast or 't2'")
+        spec.description = series_description
+        _write_classic_series(study, spec, [stack], syntax, uids, uid_key=f"cohort/{index}/{role}")
+    return study
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,34 +1,69 @@
-"""Offline cohorts: ``musclenode process PATH... --out DIR``.
+"""Offline cohorts: ``musclenode process PATH... --out DIR``, one task per study, on Dask or in this process.
 
-Folders of DICOM files go through the same steps as in the node: headers are summarised as the
-SCP indexes them, series are judged by the same selection rules, and every selected group runs
-through the same pipeline. The results (SEG, SR, summary pages) are written per study, and one
-cohort CSV collects a row per study x muscle x side.
+Folders of DICOM files go through the same steps as in the node:
+
+1. the files are scanned (on the workers, in chunks) for their study and series;
+2. a study whose results exist for the same model, software version and input files (its
+   ``study.json``, see :mod:`node.orchestration.study_task`) is not processed again;
+3. every other study is one task (:func:`node.orchestration.study_task.run_study`): the same
+   selection rules and pipeline as the node, results under ``OUT/STUDY_UID/``;
+4. the cohort tables are written from the records of all studies, processed now or before:
+
+   - ``cohort.csv`` / ``cohort.parquet``: a row per study x muscle x side (x level);
+   - ``studies.csv`` / ``.parquet``: a row per study: status, groups, time, worker, reason;
+   - ``skipped_and_failed.csv`` / ``.parquet``: every series not processed, with the reason;
+   - ``process.log``: the failures with their tracebacks.
+
+A failure of one study never stops the run. The exit status (:data:`EXIT_CODES`) says whether
+all selected work succeeded.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
+import os
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence, TextIO
+from typing import Any, Iterable, Sequence, TextIO
 
 from pydicom import dcmread
-from pydicom.errors import InvalidDicomError
 
-from reports.pipeline import PipelineError, PipelineSettings, WorkItem, cohort_rows, run
+from reports.pipeline import COHORT_COLUMNS, PipelineSettings
 
 from .. import __version__
 from ..config import Config
-from .headers import summarise
-from .rules import Decision, SeriesHeaders, decide_study
+from ..operations.progress import ProgressBar
+from .cluster import describe_error
+from .study_task import ModelSpec, StudyTask, completed_record, run_study
+from .tables import write_table
 
-__all__ = ["CohortSummary", "find_work", "process"]
+__all__ = ["CohortSummary", "EXIT_CODES", "process", "scan"]
 
 log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOTHING = 3
+EXIT_CLUSTER = 4
+EXIT_INTERRUPTED = 130
+#: Exit status of ``musclenode process`` and what it means (README "Research cohorts").
+EXIT_CODES = {
+    EXIT_OK: "every selected series was processed (now or by an earlier run)",
+    EXIT_FAILED: "some selected series failed; the others' results and rows are written",
+    EXIT_USAGE: "bad configuration, arguments or model",
+    EXIT_NOTHING: "no series was selected (no DICOM files, or every series skipped by the rules)",
+    EXIT_CLUSTER: "the Dask cluster could not be started or reached",
+    EXIT_INTERRUPTED: "interrupted; the tables cover the studies finished so far",
+}
+
+STUDY_COLUMNS = ("study", "status", "resumed", "groups", "groups_failed", "series_skipped", "seconds",
+                 "cpu_seconds", "worker", "reason")
+PROBLEM_COLUMNS = ("study", "series", "description", "outcome", "reason")
+#: Files per scanning task.
+_SCAN_CHUNK = 500
 
 
 @dataclass
@@ -37,98 +72,216 @@ class CohortSummary:
 
     files: int = 0
     not_dicom: int = 0
-    groups: int = 0
+    studies: int = 0
+    resumed: int = 0
     done: int = 0
     failed: int = 0
-    skipped: list[str] | None = None
+    nothing_selected: int = 0
+    groups: int = 0
+    groups_failed: int = 0
+    skipped_series: int = 0
+    interrupted: bool = False
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        if self.interrupted:
+            return EXIT_INTERRUPTED
+        if self.failed:
+            return EXIT_FAILED
+        if self.groups == 0:
+            return EXIT_NOTHING
+        return EXIT_OK
 
 
-def _files(paths: Iterable[Path]) -> Iterable[Path]:
+def _files(paths: Iterable[Path], out: Path | None = None) -> list[str]:
+    """Every file under ``paths``, except hidden ones (a fetch's ``.incoming``, a record's
+    ``.part``) and the results in ``out`` (which may lie inside an input folder)."""
+    results = out.resolve() if out is not None else None
+    found: list[str] = []
     for path in paths:
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file())
+            for p in sorted(path.rglob("*")):
+                if (p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                        and (results is None or not p.resolve().is_relative_to(results))):
+                    found.append(str(p))
         elif path.is_file():
-            yield path
+            found.append(str(path))
+    return found
 
 
-def find_work(paths: Sequence[Path], config: Config, summary: CohortSummary) -> list[tuple[str, WorkItem, str]]:
-    """Selected groups in the given files: (study UID, work item, what was selected)."""
-    series_files: dict[str, list[Path]] = defaultdict(list)
-    series_headers: dict[str, list[dict]] = defaultdict(list)
-    series_study: dict[str, str] = {}
-    for path in _files(paths):
-        summary.files += 1
+def scan_files(paths: Sequence[str]) -> list[tuple[str, str, str] | None]:
+    """(path, study UID, series UID) of each file, or None for a file that is not DICOM."""
+    found: list[tuple[str, str, str] | None] = []
+    for path in paths:
         try:
-            ds = dcmread(path, stop_before_pixels=True)
-            series_uid, study_uid = str(ds.SeriesInstanceUID), str(ds.StudyInstanceUID)
-        except (InvalidDicomError, AttributeError, OSError, ValueError):
-            summary.not_dicom += 1
-            continue
-        series_files[series_uid].append(path)
-        series_headers[series_uid].append(summarise(ds))
-        series_study[series_uid] = study_uid
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID", "SeriesInstanceUID"])
+            found.append((path, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID)))
+        except Exception:
+            found.append(None)
+    return found
 
-    studies: dict[str, list[SeriesHeaders]] = defaultdict(list)
-    for series_uid, headers in series_headers.items():
-        study_uid = series_study[series_uid]
-        studies[study_uid].append(SeriesHeaders(series_uid, study_uid, 1, tuple(headers)))
 
-    work = []
-    summary.skipped = []
-    for study_uid, series in studies.items():
-        groups: dict[str, list[Decision]] = defaultdict(list)
-        for decision in decide_study(series, config.rules):
-            if decision.selected and decision.grouping:
-                groups[decision.grouping].append(decision)
+def scan(paths: Sequence[Path], executor, summary: CohortSummary,
+         out: Path | None = None) -> dict[str, dict[str, list[str]]]:
+    """Study UID -> series UID -> files, from every file under ``paths`` but ``out`` (scanned by the executor)."""
+    files = _files(paths, out)
+    summary.files = len(files)
+    chunks = [files[i:i + _SCAN_CHUNK] for i in range(0, len(files), _SCAN_CHUNK)]
+    studies: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for _, found, error in executor.map_unordered(scan_files, chunks):
+        if error is not None:
+            raise RuntimeError(f"scanning the files failed: {describe_error(error)}") from error
+        for entry in found:
+            if entry is None:
+                summary.not_dicom += 1
             else:
-                description = next(h.first("SeriesDescription") for h in series if h.series_uid == decision.series_uid)
-                summary.skipped.append(f"{description or decision.series_uid}: {decision.reason}")
-        for members in groups.values():
-            files = {d.role: series_files[d.series_uid] for d in members}
-            work.append((study_uid, WorkItem(kind=members[0].kind, series_files=files),
-                         f"{members[0].kind} ({', '.join(sorted(files))})"))
-    return work
+                path, study, series = entry
+                studies[study][series].append(path)
+    return {study: {s: sorted(f) for s, f in series.items()} for study, series in sorted(studies.items())}
 
 
-def _progress(done: int, total: int, label: str, stream: TextIO) -> None:
-    width = 30
-    filled = int(width * done / total) if total else width
-    stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label[:50]:<50}")
-    stream.flush()
-    if done == total:
-        stream.write("\n")
+def _pipeline_settings(config: Config) -> PipelineSettings:
+    site = None
+    if config.site_reference is not None:
+        from reports.reference import load_site_reference
+
+        site = load_site_reference(config.site_reference)
+    return PipelineSettings(erode_fat=config.erode_fat, cluster_method=config.cluster_method,
+                            assume_levels=config.assume_levels or None, site_reference=site)
 
 
-def process(paths: Sequence[Path], out: Path, config: Config, segmenter, stream: TextIO = sys.stderr) -> CohortSummary:
-    """Process every selected group found in ``paths``; write results and ``cohort.csv`` in ``out``."""
-    summary = CohortSummary()
-    work = find_work(paths, config, summary)
-    summary.groups = len(work)
+def _log_to(out: Path) -> logging.Handler:
+    handler = logging.FileHandler(out / "process.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    return handler
+
+
+def _failed_record(task: StudyTask, reason: str) -> dict[str, Any]:
+    """The record of a study whose task did not come back (its workers died)."""
+    return {"study": task.study_uid, "status": "failed", "model": task.model_id,
+            "software_version": task.software_version, "inputs": dict(task.inputs), "groups": [], "results": [],
+            "rows": [], "problems": [{"study": task.study_uid, "series": "", "description": "", "outcome": "failed",
+                                      "reason": reason}], "tracebacks": []}
+
+
+def process(paths: Sequence[Path], out: Path, config: Config, model: ModelSpec, model_id: str, executor, *,
+            resources: dict[str, float] | None = None, stream: TextIO = sys.stderr) -> CohortSummary:
+    """Process every study found under ``paths`` on ``executor``; write the tables in ``out``.
+
+    Parameters
+    ----------
+    paths : sequence of Path
+        Files and folders of DICOM files (read by the workers: a path they share).
+    out : Path
+        Results and tables (written by the workers too: shared as well).
+    config : Config
+        Selection rules and measurement settings.
+    model : ModelSpec
+        The segmenter each worker loads.
+    model_id : str
+        The model's name and version (``"NAME VERSION"``), part of what makes results current.
+    executor : InlineExecutor or DaskExecutor
+        Entered by the caller.
+    resources : dict, optional
+        Dask resources each study task needs, e.g. ``{"GPU": 1}``.
+
+    Returns
+    -------
+    CohortSummary
+        Its ``exit_code`` is the command's exit status.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    settings = PipelineSettings(erode_fat=config.erode_fat, cluster_method=config.cluster_method,
-                                assume_levels=config.assume_levels or None)
-    rows: list[dict] = []
-    _progress(0, len(work), "finding series", stream)
-    for number, (study_uid, item, label) in enumerate(work, start=1):
-        try:
-            results = run(item, segmenter, settings, software_version=__version__)
-        except PipelineError as exc:
-            summary.failed += 1
-            log.warning("study %s, %s: %s", study_uid, label, exc)
-            _progress(number, len(work), f"failed: {label}", stream)
-            continue
-        folder = out / study_uid
-        folder.mkdir(parents=True, exist_ok=True)
-        for kind, dataset in results.datasets:
-            number_in_series = int(getattr(dataset, "InstanceNumber", 1) or 1)
-            dataset.save_as(folder / f"{kind}-{dataset.SeriesInstanceUID}-{number_in_series}.dcm",
-                            enforce_file_format=True)
-        rows.extend(cohort_rows(results, study_uid))
-        summary.done += 1
-        _progress(number, len(work), label, stream)
-    if rows:
-        with open(out / "cohort.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    handler = _log_to(out)
+    summary = CohortSummary()
+    try:
+        _run(paths, out, config, model, model_id, executor, resources, summary, stream)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
     return summary
+
+
+def _run(paths: Sequence[Path], out: Path, config: Config, model: ModelSpec, model_id: str, executor,
+         resources: dict[str, float] | None, summary: CohortSummary, stream: TextIO) -> None:
+    studies = scan(paths, executor, summary, out)
+    summary.studies = len(studies)
+    settings = _pipeline_settings(config)
+    records: dict[str, dict[str, Any]] = {}
+    tasks: list[StudyTask] = []
+    for study_uid, series in studies.items():
+        inputs = {s: len(f) for s, f in sorted(series.items())}
+        record = completed_record(out, study_uid, model_id, __version__, inputs)
+        if record is not None:
+            record["resumed"] = True
+            records[study_uid] = record
+            continue
+        tasks.append(StudyTask(study_uid=study_uid, files=tuple(f for s in sorted(series) for f in series[s]),
+                               inputs=inputs, out=str(out), model=model, model_id=model_id,
+                               software_version=__version__, rules=config.rules, settings=settings))
+    summary.resumed = len(records)
+    bar = ProgressBar("processing", len(tasks), ("done", "failed"), stream=stream)
+    try:
+        for index, record, error in executor.map_unordered(run_study, tasks, resources=resources):
+            if error is not None:
+                reason = describe_error(error)
+                log.error("study %s: %s", tasks[index].study_uid, reason)
+                record = _failed_record(tasks[index], reason)
+            for text in record.get("tracebacks", []):
+                log.error("study %s failed:\n%s", record["study"], text)
+            records[record["study"]] = record
+            bar.advance(**{"failed" if record["status"] in ("failed", "partial") else "done": 1})
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        bar.close()
+    _tally(records, summary)
+    _write_tables(out, records)
+
+
+def _tally(records: dict[str, dict[str, Any]], summary: CohortSummary) -> None:
+    for record in records.values():
+        groups = record.get("groups", [])
+        summary.groups += len(groups)
+        summary.groups_failed += sum(g["outcome"] != "done" for g in groups)
+        summary.skipped_series += sum(p["outcome"] == "skipped" for p in record.get("problems", []))
+        status = record["status"]
+        if status == "nothing selected":
+            summary.nothing_selected += 1
+        elif status == "done":
+            summary.done += 1
+        else:
+            summary.failed += 1
+            if not groups:  # the study failed before any group ran: it had selected work all the same
+                summary.groups += 1
+                summary.groups_failed += 1
+    summary.records = [records[k] for k in sorted(records)]
+
+
+def _write_tables(out: Path, records: dict[str, dict[str, Any]]) -> None:
+    ordered = [records[k] for k in sorted(records)]
+    rows = [row for record in ordered for row in record.get("rows", [])]
+    problems = [p for record in ordered for p in record.get("problems", [])]
+    studies = []
+    for record in ordered:
+        groups = record.get("groups", [])
+        reasons = list(dict.fromkeys(p["reason"] for p in record.get("problems", []) if p["outcome"] == "failed"))
+        studies.append({
+            "study": record["study"], "status": record["status"], "resumed": bool(record.get("resumed")),
+            "groups": len(groups), "groups_failed": sum(g["outcome"] != "done" for g in groups),
+            "series_skipped": sum(p["outcome"] == "skipped" for p in record.get("problems", [])),
+            "seconds": record.get("seconds"), "cpu_seconds": record.get("cpu_seconds"),
+            "worker": record.get("worker"), "reason": "; ".join(reasons) or None,
+        })
+    write_table(out, "cohort", rows, COHORT_COLUMNS)
+    write_table(out, "studies", studies, STUDY_COLUMNS)
+    write_table(out, "skipped_and_failed", problems, PROBLEM_COLUMNS)
+
+
+def default_workers() -> int:
+    """Local worker processes by default: one per core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
