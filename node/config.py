@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from inference.geometry import MAX_OBLIQUE_DEGREES
 from inference.vocabulary import FatMethod, vertebra_range
 
 __all__ = [
@@ -409,7 +410,7 @@ _SCALARS: dict[str, tuple[Callable[[Any], Any], Any]] = {
         _patterns,
         [r"\bstir\b", r"\bfs\b", r"fat[ _-]?sat", r"\bspair\b", r"\bspir\b", r"\bfatsup"],
     ),
-    "rules.max_oblique_degrees": (_angle, 40.0),
+    "rules.max_oblique_degrees": (_angle, MAX_OBLIQUE_DEGREES),
     "tls.enabled": (_boolean, False),
     "tls.port": (_port, 2762),
     "tls.plain": (_boolean, True),
