@@ -123,9 +123,17 @@ def orientation_groups(label_map: LabelMap, source_datasets: Sequence[Dataset] |
     orientation within 1e-3, matrix and spacing), in the source order of their first frame. With
     ``source_datasets`` of single-frame instances, a stack is split further where the written
     ImageOrientationPatient values differ at all, since highdicom compares them exactly.
+
+    Raises
+    ------
+    ValueError
+        When ``source_datasets`` lack an instance of the label map's series.
     """
     series = label_map.series
     by_uid = {str(ds.SOPInstanceUID): ds for ds in source_datasets or ()}
+    missing = {g.sop_instance_uid for g in series.geometry} - set(by_uid) if source_datasets is not None else set()
+    if missing:
+        raise ValueError(f"source_datasets lack {len(missing)} instance(s) of the label map's series")
     groups: list[list[int]] = []
     for stack in series.stacks:
         split: dict[tuple, list[int]] = {}
