@@ -658,6 +658,8 @@ def _latest_per_plane(read: list[_Read], series_uid: str,
                 "InstanceNumber" if len({read[i].instance_number for i in group}) == len(group) else "source order")
             kept_name = (f"instance {numbers[kept_geometry.sop_instance_uid]}"
                          if kept_geometry.sop_instance_uid in numbers else kept_geometry.sop_instance_uid)
+            if sum(1 for r in read if r.geometry.sop_instance_uid == kept_geometry.sop_instance_uid) > 1:
+                kept_name += f", frame {kept_geometry.frame_number}"
             when = f", acquired {read[kept].acquired:%H:%M:%S}" if timed else ""
             for i in group:
                 if i == kept:

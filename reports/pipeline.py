@@ -179,6 +179,9 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
         raise PipelineError(f"cannot segment: {exc}") from exc
     label_map = replace(label_map, set_aside=set_aside)
     seconds["inference"] = time.perf_counter() - started
+    if not label_map.values_present():
+        raise PipelineError(f"the model found no paraspinal muscle in the {len(label_map.series)} images of the "
+                            "series: there is nothing to measure")
 
     started = time.perf_counter()
     source = next(iter(label_map.series.source_paths.values()), None)
@@ -191,7 +194,10 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
     started = time.perf_counter()
     card = segmenter.card
     identity = ResultIdentity([s.series_instance_uid for s in images.values()], f"{card.name} {card.version}", software_version)
-    segmentations = build_segmentations(label_map, card.name, card.version, identity, software_version)
+    try:
+        segmentations = build_segmentations(label_map, card.name, card.version, identity, software_version)
+    except ValueError as exc:  # highdicom's and our checks of what a SEG can reference
+        raise PipelineError(f"cannot make a DICOM SEG on these images: {exc}") from exc
     report = build_report(label_map, segmentations, assessments, identity, card.name, card.version,
                           software_version, patient=patient)
     summary = build_summary(label_map, assessments, patient, identity, card.name, card.version, software_version,
