@@ -137,5 +137,5 @@ def too_few_frames(kept: int, items: Iterable[SetAside], what: str = "the series
         return None
     items = list(items)
     reasons = "; ".join(sorted({f"{item.kind}: {item.kind.words}" for item in items}))
-    return (f"{what} keeps {kept} usable image{'s' if kept != 1 else ''} after {len(items)} were set aside, "
+    return (f"{what} keeps {kept} usable image{'s' if kept != 1 else ''} after setting aside {len(items)}, "
             f"and at least {MIN_FRAMES} are needed" + (f" ({reasons})" if reasons else ""))
