@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import logging
 import signal
 import sys
@@ -13,7 +12,7 @@ from datetime import datetime
 from typing import Any, Sequence
 
 from . import __version__
-from .config import Config, ConfigError, load_config, to_toml
+from .config import Config, ConfigError, load_config, settings_table, to_toml
 
 __all__ = ["main"]
 
@@ -75,39 +74,14 @@ def _when(timestamp: float | None) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from .storage.index import Index
+    from .operations.state import NodeState
 
     config = _load(args)
     if not config.index_path.exists():
         print(f"no index at {config.index_path}: the node has not received anything yet")
         return 0
-    from .storage.deliveries import ExportQueue
-    from .storage.jobs import JobQueue
-
-    index = Index(config.index_path)
-    jobs = JobQueue(config.index_path)
-    exports = ExportQueue(config.index_path, config.data)
-    try:
-        decisions = index.latest_decisions()
-        series = index.all_series()
-        report = {
-            "data": str(config.data.resolve()),
-            "counts": index.counts(),
-            "associations": index.associations(limit=args.associations),
-            "series": [
-                {**s.__dict__, "decision": decisions.get(s.series_uid)} for s in series
-            ],
-            "jobs": [
-                {**job.__dict__, "deliveries": [d.__dict__ for d in exports.for_job(job.id)]}
-                for job in jobs.jobs(limit=args.jobs)
-            ],
-            "job_counts": jobs.counts(),
-            "export_counts": exports.counts(),
-        }
-    finally:
-        index.close()
-        jobs.close()
-        exports.close()
+    with NodeState(config) as state:
+        report = state.status_report(associations=args.associations, jobs=args.jobs)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
@@ -182,49 +156,60 @@ def _process(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
-    from .storage.jobs import JobQueue
+    from .operations.state import NodeState
 
-    config = _load(args)
-    jobs = JobQueue(config.index_path)
-    try:
-        job = jobs.retry(args.job)
-    except (KeyError, ValueError) as exc:
-        print(f"musclenode: {exc.args[0]}", file=sys.stderr)
-        return 1
-    finally:
-        jobs.close()
+    with NodeState(_load(args)) as state:
+        try:
+            job = state.retry_job(args.job)
+        except (KeyError, ValueError) as exc:
+            print(f"musclenode: {exc.args[0]}", file=sys.stderr)
+            return 1
     print(f"job {job.id} queued again; a running node picks it up within seconds")
     return 0
 
 
 def _resend(args: argparse.Namespace) -> int:
-    from .config import Destination
-    from .storage.deliveries import ExportQueue
+    from .operations.state import NodeState
 
-    config = _load(args)
-    destination = next((d for d in config.destinations if d.name == args.destination), None)
-    if destination is None:
-        match = re.fullmatch(r"([^@]{1,16})@([^:]+):(\d+)", args.destination)
-        if match is None:
-            names = ", ".join(d.name for d in config.destinations) or "none configured"
-            print(f"musclenode: unknown destination {args.destination!r} (configured: {names};"
-                  " or give AE@host:port)", file=sys.stderr)
+    with NodeState(_load(args)) as state:
+        try:
+            count, destination = state.resend(args.job, args.destination)
+        except (KeyError, ValueError) as exc:
+            print(f"musclenode: {exc.args[0]}", file=sys.stderr)
             return 1
-        destination = Destination(args.destination, match.group(1), match.group(2), int(match.group(3)))
-    exports = ExportQueue(config.index_path, config.data)
-    try:
-        count = exports.resend(args.job, destination)
-    except KeyError as exc:
-        print(f"musclenode: {exc.args[0]}", file=sys.stderr)
-        return 1
-    finally:
-        exports.close()
     print(f"{count} results of job {args.job} queued for {destination.name}")
     return 0
 
 
 def _config_show(args: argparse.Namespace) -> int:
+    # Password hashes are printed as they are, so that the output stays a valid configuration
+    # (the dashboard's configuration page hides them).
     print(to_toml(_load(args)))
+    return 0
+
+
+def _config_settings(args: argparse.Namespace) -> int:
+    print(settings_table())
+    return 0
+
+
+def _dashboard_hash_password(args: argparse.Namespace) -> int:
+    import getpass
+
+    from .dashboard.access import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("musclenode: the passwords differ", file=sys.stderr)
+            return 1
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    try:
+        print(hash_password(password))
+    except ValueError as exc:
+        print(f"musclenode: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -431,6 +416,16 @@ def build_parser() -> argparse.ArgumentParser:
     config_commands = config.add_subparsers(dest="config_command", required=True)
     show = config_commands.add_parser("show", help="print the effective configuration and where each value came from")
     show.set_defaults(run=_config_show)
+    settings = config_commands.add_parser(
+        "settings", help="every setting with its default, environment variable and meaning (Markdown)")
+    settings.set_defaults(run=_config_settings)
+
+    dashboard = commands.add_parser("dashboard", help="the web dashboard")
+    dashboard_commands = dashboard.add_subparsers(dest="dashboard_command", required=True)
+    hash_password = dashboard_commands.add_parser(
+        "hash-password", help="print the argon2 hash of a password for [[dashboard.users]] password_hash"
+        " (asks twice on a terminal; else reads one line from standard input)")
+    hash_password.set_defaults(run=_dashboard_hash_password)
 
     models = commands.add_parser("models", help="segmentation models: bundled and in extra folders")
     models_commands = models.add_subparsers(dest="models_command", required=True)

@@ -1,19 +1,65 @@
 """Configuration: embedded defaults, overridden by a TOML file, overridden by environment variables.
 
 Every setting is checked when the node starts; a bad one is refused with a message that names it
-and says where the value came from, so that an installer never has to guess which line is wrong.
+and says where the value came from (``node.port: must be an integer, got 'abc' (from environment
+variable MUSCLENODE_PORT)``), so that an installer never has to guess which line is wrong.
+
+The settings are pydantic models, one per section of the file (``[node]``, ``[jobs]``, ...), inside
+:class:`Config`, a pydantic-settings ``BaseSettings``. Its ``settings_customise_sources`` hook puts
+the sources in order: environment variables (:class:`EnvironmentSource`), then the TOML file
+(pydantic-settings' ``TomlConfigSettingsSource``); what neither gives is the field's default.
+Validation errors are turned into the messages above by :func:`load_config`.
+
+Adding a setting
+----------------
+Add one field to its section's model::
+
+    class JobsSettings(Section):
+        timeout_seconds: Seconds = setting(600.0, "a job running longer than this fails",
+                                           env="MUSCLENODE_JOB_TIMEOUT")
+
+The type says what is valid (reuse :data:`Port`, :data:`Seconds`, :func:`bounded`, :func:`one_of`
+or :func:`matching`, or any pydantic type); the default is the embedded configuration; ``env``
+(optional) names an environment variable that overrides it; the description is the meaning in the
+README's table. Read it as ``config.jobs.timeout_seconds``. ``config show``, the environment, the
+error messages and the table (``musclenode config settings``, which ``tests/test_config.py`` checks
+against the README) follow from the field. A new section is a new :class:`Section` subclass and
+one field of :class:`Config` holding it, declared before ``peers``.
+
+The settings that existed before the sections can also be read under a flat name
+(``config.port`` is ``config.node.port``), given by ``shortcut=`` on their field; new settings are
+read through their section.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
+import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Annotated, Any, Callable, Iterator, Mapping
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from inference.geometry import MAX_OBLIQUE_DEGREES
 from inference.vocabulary import FatMethod, vertebra_range
@@ -24,9 +70,12 @@ __all__ = [
     "Destination",
     "Peer",
     "Rules",
+    "Section",
     "TLS",
     "ENVIRONMENT",
     "load_config",
+    "setting",
+    "settings_table",
     "to_toml",
 ]
 
@@ -35,9 +84,80 @@ class ConfigError(ValueError):
     """A setting is missing, unknown or has a value the node cannot use."""
 
 
-def _ae_title(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError("must be a string")
+class SettingError(ValueError):
+    """Settings that are valid one by one but not together; ``key`` names the one to change."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+# ---------------------------------------------------------------------------------------------
+# Types: what a valid value is, with the message that says so
+# ---------------------------------------------------------------------------------------------
+
+
+def _check(test: Callable[[Any], bool], message: str) -> AfterValidator:
+    """A validator that refuses a parsed value failing ``test`` with ``message``."""
+
+    def check(value: Any) -> Any:
+        if not test(value):
+            raise ValueError(message)
+        return value
+
+    return AfterValidator(check)
+
+
+def _refuse_booleans(message: str) -> BeforeValidator:
+    """pydantic reads ``true`` as 1 for numbers; a setting file saying ``port = true`` is a mistake."""
+
+    def refuse(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(message)
+        return value
+
+    return BeforeValidator(refuse)
+
+
+def bounded(low: float, high: float, message: str | None = None) -> AfterValidator:
+    """A number from ``low`` to ``high`` inclusive (NaN is refused)."""
+    return _check(lambda v: not math.isnan(v) and low <= v <= high, message or f"must be between {low:g} and {high:g}")
+
+
+def one_of(*choices: str, fold: Callable[[str], str] = str.lower) -> BeforeValidator:
+    """One of ``choices``, compared after ``fold`` (lower case by default); gives the choice."""
+    folded = {fold(c): c for c in choices}
+    wording = f"must be {', '.join(choices[:-1])} or {choices[-1]}" if len(choices) > 1 else f"must be {choices[0]}"
+
+    def choose(value: Any) -> str:
+        if not isinstance(value, str) or fold(value.strip()) not in folded:
+            raise ValueError(wording)
+        return folded[fold(value.strip())]
+
+    return BeforeValidator(choose)
+
+
+def matching(pattern: str, message: str) -> AfterValidator:
+    """A string matching the regular expression ``pattern`` in full, after stripping spaces."""
+    compiled = re.compile(pattern)
+
+    def match(value: str) -> str:
+        value = value.strip()
+        if not compiled.fullmatch(value):
+            raise ValueError(message)
+        return value
+
+    return AfterValidator(match)
+
+
+def _split(value: Any) -> Any:
+    """A list may be written as one comma-separated string (convenient in environment variables)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _ae_title(value: str) -> str:
     value = value.strip()
     if not 1 <= len(value) <= 16:
         raise ValueError("must be 1 to 16 characters")
@@ -46,85 +166,7 @@ def _ae_title(value: Any) -> str:
     return value
 
 
-def _peer_ae_title(value: Any) -> str:
-    return "*" if value == "*" else _ae_title(value)
-
-
-def _port(value: Any) -> int:
-    number = _integer(value)
-    if not 1 <= number <= 65535:
-        raise ValueError("must be a TCP port between 1 and 65535")
-    return number
-
-
-def _integer(value: Any) -> int:
-    if isinstance(value, bool):
-        raise ValueError("must be an integer")
-    if isinstance(value, str):
-        value = value.strip()
-        if not re.fullmatch(r"[+-]?\d+", value):
-            raise ValueError("must be an integer")
-    if isinstance(value, float) and not value.is_integer():
-        raise ValueError("must be an integer")
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError("must be an integer") from None
-
-
-def _fail_format() -> str:
-    raise ValueError("must be json or text")
-
-
-def _bounded(value: Any, low: int, high: int) -> int:
-    number = _integer(value)
-    if not low <= number <= high:
-        raise ValueError(f"must be between {low} and {high}")
-    return number
-
-
-def _non_negative_integer(value: Any) -> int:
-    number = _integer(value)
-    if number < 0:
-        raise ValueError("must not be negative")
-    return number
-
-
-def _seconds(value: Any) -> float:
-    if isinstance(value, bool):
-        raise ValueError("must be a number of seconds")
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError("must be a number of seconds") from None
-    if not 0 <= number <= 86400:
-        raise ValueError("must be between 0 and 86400 seconds")
-    return number
-
-
-def _angle(value: Any) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError("must be an angle in degrees") from None
-    if not 0 < number < 90:
-        raise ValueError("must be an angle strictly between 0 and 90 degrees")
-    return number
-
-
-def _boolean(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on"}:
-        return True
-    if isinstance(value, str) and value.strip().lower() in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError("must be true or false")
-
-
-def _host(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError("must be an IP address or host name")
+def _host(value: str) -> str:
     value = value.strip()
     if value == "*":
         return value
@@ -136,37 +178,16 @@ def _host(value: Any) -> str:
     return value
 
 
-def _bind_address(value: Any) -> str:
-    host = _host(value)
+def _bind_address(value: str) -> str:
+    value = value.strip()
     try:
-        ipaddress.ip_address(host)
+        ipaddress.ip_address(value)
     except ValueError:
         raise ValueError("must be an IP address to listen on, such as 0.0.0.0 or 127.0.0.1") from None
-    return host
+    return value
 
 
-def _path(value: Any) -> Path:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError("must be a folder path")
-    return Path(value).expanduser()
-
-
-def _log_level(value: Any) -> str:
-    if not isinstance(value, str) or value.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
-    return value.upper()
-
-
-def _strings(value: Any) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = [part for part in value.split(",") if part.strip()]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-        raise ValueError("must be a list of strings")
-    return tuple(v.strip() for v in value)
-
-
-def _patterns(value: Any) -> tuple[str, ...]:
-    patterns = _strings(value)
+def _patterns(patterns: tuple[str, ...]) -> tuple[str, ...]:
     for pattern in patterns:
         try:
             re.compile(pattern)
@@ -175,28 +196,8 @@ def _patterns(value: Any) -> tuple[str, ...]:
     return patterns
 
 
-def _name(value: Any) -> str:
-    if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", value):
-        raise ValueError("must be a name of letters, digits, '_', '.' or '-'")
-    return value
-
-
-def _device(value: Any) -> str:
-    if not isinstance(value, str) or value.lower() not in {"auto", "cpu", "cuda"}:
-        raise ValueError("must be auto, cpu or cuda")
-    return value.lower()
-
-
-def _cluster_method(value: Any) -> FatMethod:
-    methods = FatMethod.clustering_methods()
-    if value not in methods:
-        raise ValueError(f"must be {', '.join(methods[:-1])} or {methods[-1]}")
-    return FatMethod(value)
-
-
-def _levels(value: Any) -> str:
-    if not isinstance(value, str):
-        raise ValueError("must be a level range such as L1-L5, or empty for none")
+def _levels(value: str) -> str:
+    """A range of the vocabulary's vertebrae (``L1-L5``), or empty for none."""
     if value.strip():
         try:
             vertebra_range(value)
@@ -205,42 +206,289 @@ def _levels(value: Any) -> str:
     return value.strip()
 
 
-def _optional_path(value: Any) -> Path | None:
-    if value in ("", None):
-        return None
-    return _path(value)
+def _optional(value: Any) -> Any:
+    """An empty string means "none" (``config show`` writes an unset path as ``""``)."""
+    return None if value == "" else value
 
 
-def _paths(value: Any) -> tuple[Path, ...]:
-    return tuple(Path(p).expanduser() for p in _strings(value))
+def _folder(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must be a folder path")
+    return value
 
 
-def _upper_strings(value: Any) -> tuple[str, ...]:
-    return tuple(v.upper() for v in _strings(value))
+Integer = Annotated[int, _refuse_booleans("must be an integer")]
+Number = Annotated[float, _refuse_booleans("must be a number")]
+Port = Annotated[Integer, bounded(1, 65535, "must be a TCP port between 1 and 65535")]
+Seconds = Annotated[Number, bounded(0, 86400, "must be between 0 and 86400 seconds")]
+NonNegative = Annotated[Integer, _check(lambda v: v >= 0, "must not be negative")]
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+Host = Annotated[str, AfterValidator(_host)]
+BindAddress = Annotated[str, AfterValidator(_bind_address)]
+Name = Annotated[str, matching(r"[ -~]{1,64}", "must be 1 to 64 printable ASCII characters")]
+Folder = Annotated[Path, BeforeValidator(_folder), AfterValidator(Path.expanduser)]
+OptionalFile = Annotated[Path | None, BeforeValidator(_optional), AfterValidator(lambda p: p and p.expanduser())]
+Folders = Annotated[tuple[Path, ...], BeforeValidator(_split), AfterValidator(lambda ps: tuple(p.expanduser() for p in ps))]
+UpperStrings = Annotated[tuple[str, ...], BeforeValidator(_split), AfterValidator(lambda vs: tuple(v.strip().upper() for v in vs))]
+Patterns = Annotated[tuple[str, ...], BeforeValidator(_split), AfterValidator(_patterns)]
 
 
-@dataclass(frozen=True)
-class Peer:
-    """A DICOM application entity that may open associations to the node.
+def setting(default: Any, description: str, *, env: str | None = None, shortcut: str | None = None) -> Any:
+    """A setting's default, meaning, environment variable and (for old code) flat attribute name.
 
-    Attributes
+    Parameters
     ----------
-    ae_title : str
-        The calling AE title, or ``"*"`` for any.
-    host : str
-        The address it calls from, or ``"*"`` for any.
-    port : int or None
-        Where the peer listens; needed only to send results back to it.
-    quiet_seconds : float or None
-        Quiet time for series from this peer, overriding ``assembly.quiet_seconds``.
+    default
+        The embedded default; ``...`` for a key that a ``[[peers]]`` or ``[[destinations]]``
+        table must give.
+    description : str
+        What it means, as the README's table says it.
+    env : str, optional
+        An environment variable (``MUSCLENODE_...``) that overrides the file and the default.
+    shortcut : str, optional
+        Also readable as ``config.<shortcut>`` (kept for the settings that existed before the
+        sections; new settings are read through their section).
     """
+    extra = {key: value for key, value in (("env", env), ("shortcut", shortcut)) if value}
+    return Field(default, description=description, json_schema_extra=extra or None)
 
-    ae_title: str
-    host: str = "*"
-    port: int | None = None
-    quiet_seconds: float | None = None
-    #: The peer must call over TLS and present a certificate signed by ``tls.ca``.
-    require_certificate: bool = False
+
+def _extra(field: FieldInfo, key: str) -> str | None:
+    extra = field.json_schema_extra
+    return extra.get(key) if isinstance(extra, dict) else None  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+class Section(BaseModel):
+    """A table of the configuration file: unknown keys are refused, values never change."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class NodeSettings(Section):
+    """``[node]``: who the node is on the network, and where it keeps what it receives."""
+
+    ae_title: AETitle = setting("MUSCLENODE", "the node's AE title; calls to another called AE title are rejected",
+                                env="MUSCLENODE_AE_TITLE", shortcut="ae_title")
+    host: BindAddress = setting("0.0.0.0", "address to listen on", env="MUSCLENODE_HOST", shortcut="host")
+    port: Port = setting(11112, "DICOM port", env="MUSCLENODE_PORT", shortcut="port")
+    data: Folder = setting(Path("musclenode-data"),
+                           "data folder: `studies/STUDY/SERIES/SOP.dcm`, `incoming/`, `index.sqlite`",
+                           env="MUSCLENODE_DATA", shortcut="data")
+    open: bool = setting(False, "accept any calling AE from any address", env="MUSCLENODE_OPEN", shortcut="open")
+    min_free_mb: NonNegative = setting(
+        1024, "below this much free disk, C-STORE is answered 0xA700 (out of resources) and nothing is written",
+        env="MUSCLENODE_MIN_FREE_MB", shortcut="min_free_mb")
+    max_pdu: NonNegative = setting(0, "maximum PDU the node receives; `0`: no limit",
+                                   env="MUSCLENODE_MAX_PDU", shortcut="max_pdu")
+    log_level: Annotated[str, one_of("DEBUG", "INFO", "WARNING", "ERROR", fold=str.upper)] = setting(
+        "INFO", "DEBUG, INFO, WARNING, ERROR", env="MUSCLENODE_LOG_LEVEL", shortcut="log_level")
+    log_patient_data: bool = setting(False, "logs carry no patient identifiers unless this is set",
+                                     env="MUSCLENODE_LOG_PATIENT_DATA", shortcut="log_patient_data")
+    log_format: Annotated[str, one_of("json", "text")] = setting(
+        "json", "`json` (one object a line) or `text`; the audit log `audit.log` in the data folder records every"
+        " association and export", env="MUSCLENODE_LOG_FORMAT", shortcut="log_format")
+
+
+class AssemblySettings(Section):
+    """``[assembly]``: when a series counts as complete."""
+
+    quiet_seconds: Seconds = setting(
+        30.0, "a series is ready this long after its last instance, once its association has ended",
+        env="MUSCLENODE_QUIET_SECONDS", shortcut="quiet_seconds")
+
+
+class ModelSettings(Section):
+    """``[model]``: the segmentation model."""
+
+    name: Annotated[str, matching(
+        r"[A-Za-z0-9_.-]{1,64}(@[A-Za-z0-9_.+!-]{1,64})?",
+        "must be a model name of letters, digits, '_', '.' or '-', optionally '@' and a version")] = setting(
+        "musclenode-lumbar-dixon", "the segmentation model (`musclenode models list`), optionally `@VERSION`",
+        env="MUSCLENODE_MODEL", shortcut="model_name")
+    dirs: Folders = setting((), "extra folders with model cards and ONNX files (site models, imported MuscleMap"
+                            " models)", shortcut="model_dirs")
+
+
+class JobsSettings(Section):
+    """``[jobs]``: the workers that run the pipeline."""
+
+    # One worker with every core suits a CPU node: ONNX Runtime parallelises within a slice.
+    workers: Annotated[Integer, bounded(0, 64)] = setting(
+        1, "worker threads; `0` makes a receive-only node", env="MUSCLENODE_WORKERS", shortcut="workers")
+    device: Annotated[str, one_of("auto", "cpu", "cuda")] = setting(
+        "auto", "`auto` (CUDA when onnxruntime-gpu finds a GPU), `cpu`, `cuda`",
+        env="MUSCLENODE_DEVICE", shortcut="device")
+    threads: Annotated[Integer, bounded(0, 256)] = setting(
+        0, "ONNX Runtime threads per worker; `0`: all cores", env="MUSCLENODE_THREADS", shortcut="threads")
+    max_attempts: Annotated[Integer, bounded(1, 100)] = setting(
+        4, "a job failing transiently this often fails for good", shortcut="max_attempts")
+    retry_seconds: Seconds = setting(10.0, "first retry delay, doubling", shortcut="retry_seconds")
+
+
+_CLUSTERING = tuple(method.value for method in FatMethod.clustering_methods())
+
+
+class MetricsSettings(Section):
+    """``[metrics]``: how muscles are measured."""
+
+    erode_fat: bool = setting(True, "fat fraction after a one-pixel erosion of each mask (against partial volume"
+                              " at the fascia)", shortcut="erode_fat")
+    cluster_method: Annotated[FatMethod, one_of(*_CLUSTERING)] = setting(
+        FatMethod.GMM3, "T1/T2 fat infiltration: " + ", ".join(f"`{m}`" for m in _CLUSTERING),
+        shortcut="cluster_method")
+    assume_levels: Annotated[str, AfterValidator(_levels)] = setting(
+        "L1-L5", "without identified vertebral levels, the series is compared with this level range of the"
+        " reference (stated in every result)", shortcut="assume_levels")
+
+
+class ReferenceSettings(Section):
+    """``[reference]``: what measurements are compared with."""
+
+    site: OptionalFile = setting(None, "a site reference made by `musclenode reference fit`; preferred over the"
+                                 " published table", shortcut="site_reference")
+
+
+class HTTPSettings(Section):
+    """``[http]``: the health and metrics endpoint."""
+
+    host: BindAddress = setting("127.0.0.1", "address of `GET /health` and `GET /metrics` (Prometheus)",
+                                shortcut="http_host")
+    port: Annotated[Integer, bounded(0, 65535, "must be 0 (off) or a TCP port between 1 and 65535")] = setting(
+        8089, "port of the health and metrics endpoint; `0` turns it off", env="MUSCLENODE_HTTP_PORT",
+        shortcut="http_port")
+
+
+class TLS(Section):
+    """``[tls]``: DICOM TLS (PS3.15 Annex B.1), a second listening port and the export SCU's credentials."""
+
+    enabled: bool = setting(False, "DICOM TLS on `tls.port`", env="MUSCLENODE_TLS")
+    port: Port = setting(2762, "the TLS port (the plain port stays open unless `tls.plain = false`)",
+                         env="MUSCLENODE_TLS_PORT")
+    plain: bool = setting(True, "keep listening on `node.port` without TLS")
+    certificate: OptionalFile = setting(None, "the node's certificate chain (PEM): server certificate for the TLS"
+                                        " port, client certificate for destinations with `tls = true`")
+    key: OptionalFile = setting(None, "the node's private key (PEM)")
+    ca: OptionalFile = setting(None, "CA certificates (PEM) that peers' and destinations' certificates are"
+                               " checked against")
+    require_client_certificate: bool = setting(
+        False, "every TLS caller must present a certificate signed by `tls.ca`")
+
+
+class Rules(Section):
+    """``[rules]``: which series the node processes; see :mod:`node.orchestration.rules` for how."""
+
+    modalities: UpperStrings = setting(("MR",), "modalities considered")
+    lumbar_body_parts: UpperStrings = setting(
+        ("LSPINE", "LUMBARSPINE", "LUMBAR", "LSSPINE", "LUMBOSACRAL", "LWS", "L-SPINE", "LSP"),
+        "BodyPartExamined values that mean lumbar")
+    # Body parts that some scanners write for a lumbar examination but that also cover other
+    # regions: they count as lumbar only when a description says so.
+    ambiguous_body_parts: UpperStrings = setting(
+        ("", "SPINE", "TSPINE", "TLSPINE", "SSPINE", "ABDOMEN", "PELVIS", "BACK", "WHOLEBODY"),
+        "body parts decided by the descriptions")
+    lumbar_patterns: Patterns = setting(
+        (r"lumb", r"\bl[ -]?spine\b", r"\blws\b", r"lenden", r"\bls[ -]?wk?s\b", r"\bl[1-5]\b"),
+        "regular expressions on study, series and protocol descriptions")
+    exclude_patterns: Patterns = setting(
+        (r"cervic", r"\bhws\b", r"\bc[ -]?spine\b", r"thorac", r"\bbws\b", r"brain", r"head",
+         r"\bknee", r"shoulder", r"localizer", r"scout", r"survey", r"\bloc\b", r"mip\b"),
+        "descriptions that exclude a series")
+    fat_suppressed_patterns: Patterns = setting(
+        (r"\bstir\b", r"\bfs\b", r"fat[ _-]?sat", r"\bspair\b", r"\bspir\b", r"\bfatsup"),
+        "fat-suppressed series are skipped (there is no fat signal to measure)")
+    max_oblique_degrees: Annotated[Number, _check(lambda v: 0 < v < 90, "must be an angle strictly between 0 and"
+                                                  " 90 degrees")] = setting(
+        MAX_OBLIQUE_DEGREES, "a slice is axial when its normal is within this angle of the head-foot axis; a series is"
+        " axial when most of its slices are, and the others are set aside")
+
+
+#: Dashboard roles: ``viewer`` reads; ``operator`` may also retry and resend deliveries.
+ROLES = ("viewer", "operator")
+
+
+def _argon2_hash(value: str) -> str:
+    if value:
+        import argon2  # the dashboard's password hashing; imported where a hash is checked
+
+        try:
+            argon2.extract_parameters(value)
+        except argon2.exceptions.InvalidHashError:
+            raise ValueError("must be an argon2 hash made by `musclenode dashboard hash-password`") from None
+    return value
+
+
+def _networks(value: tuple[str, ...]) -> tuple[str, ...]:
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network") from None
+    return value
+
+
+class DashboardUser(Section):
+    """A person who may log in to the dashboard (a ``[[dashboard.users]]`` table)."""
+
+    name: Annotated[str, matching(r"[A-Za-z0-9_.@-]{1,64}", "must be 1 to 64 letters, digits or _.@-")] = setting(
+        ..., "the login name")
+    role: Annotated[str, one_of(*ROLES)] = setting(..., "`viewer` (read) or `operator` (may also retry and resend)")
+    password_hash: Annotated[str, AfterValidator(_argon2_hash)] = setting(
+        "", "from `musclenode dashboard hash-password`; empty: this user logs in only through the proxy header")
+
+
+class DashboardSettings(Section):
+    """The web dashboard: where it listens, who may log in, how long a session lasts."""
+
+    host: BindAddress = setting("127.0.0.1", "address the dashboard listens on", env="MUSCLENODE_DASHBOARD_HOST")
+    port: Annotated[Integer, bounded(0, 65535, "must be 0 (off) or a TCP port between 1 and 65535")] = setting(
+        8090, "the dashboard's port; `0` turns it off (it is off anyway until someone can log in)",
+        env="MUSCLENODE_DASHBOARD_PORT")
+    session_minutes: Annotated[Number, bounded(1, 24 * 60, "must be between 1 and 1440 minutes")] = setting(
+        30.0, "a session ends this long after the last page or action (live updates do not count)")
+    session_hours: Annotated[Number, bounded(0.1, 7 * 24, "must be between 0.1 and 168 hours")] = setting(
+        12.0, "and this long after the login in any case")
+    proxy_header: Annotated[str, matching(r"[A-Za-z0-9-]{0,64}", "must be an HTTP header name")] = setting(
+        "", "single sign-on: the request header in which a reverse proxy names the user")
+    trusted_proxies: Annotated[tuple[str, ...], BeforeValidator(_split), AfterValidator(_networks)] = setting(
+        (), "addresses or networks of that proxy; the header is ignored from anywhere else")
+    users: tuple[DashboardUser, ...] = setting((), "who may log in (`[[dashboard.users]]` tables)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DashboardSettings":
+        names = [u.name for u in self.users]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise SettingError("dashboard.users", f"the name {twice[0]!r} is used twice")
+        if self.proxy_header and not self.trusted_proxies:
+            raise SettingError("dashboard.proxy_header", "needs dashboard.trusted_proxies: the reverse proxy's addresses")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the dashboard runs: a port, and a way to log in."""
+        return self.port != 0 and (bool(self.proxy_header) or any(u.password_hash for u in self.users))
+
+    def user(self, name: str) -> DashboardUser | None:
+        """The configured user of this name, or None."""
+        return next((u for u in self.users if u.name == name), None)
+
+
+class Peer(Section):
+    """A DICOM application entity that may open associations to the node (a ``[[peers]]`` table)."""
+
+    ae_title: Annotated[str, AfterValidator(lambda v: "*" if v.strip() == "*" else _ae_title(v))] = setting(
+        ..., "the calling AE title, or `\"*\"` for any")
+    host: Host = setting("*", "the address it calls from, or `\"*\"` for any")
+    port: Port | None = setting(None, "where the peer listens; needed only to send results back to it")
+    quiet_seconds: Seconds | None = setting(None, "quiet time for series from this peer, instead of"
+                                            " `assembly.quiet_seconds`")
+    require_certificate: bool = setting(False, "this peer must call over TLS with a client certificate signed by"
+                                        " `tls.ca`")
 
     def matches(self, ae_title: str, address: str) -> bool:
         """Return whether a calling AE title and address belong to this peer."""
@@ -248,95 +496,150 @@ class Peer:
         return ae_ok and (self.host == "*" or self.host == address)
 
 
+class Destination(Section):
+    """A storage SCP that receives the node's results (a ``[[destinations]]`` table)."""
+
+    name: Name = setting(..., "the destination's name (`musclenode resend JOB NAME`)")
+    ae_title: AETitle = setting(..., "its AE title")
+    host: Host = setting(..., "its address")
+    port: Port = setting(..., "its DICOM port")
+    tls: bool = setting(False, "send over TLS (checked against `tls.ca`, with the node's certificate)")
+
+
+# ---------------------------------------------------------------------------------------------
+# The configuration and its sources
+# ---------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
-class Destination:
-    """A storage SCP that receives the node's results."""
+class _Request:
+    """What one :func:`load_config` call reads.
 
-    name: str
-    ae_title: str
-    host: str
-    port: int
-    #: Send over TLS, verifying the destination against ``tls.ca`` and presenting the node's
-    #: certificate.
-    tls: bool = False
-
-
-@dataclass(frozen=True)
-class TLS:
-    """DICOM TLS (PS3.15 Annex B.1): a second listening port, and the export SCU's credentials.
-
-    Attributes
-    ----------
-    enabled : bool
-        Listen for TLS associations on ``port``.
-    port : int
-        The TLS port (2762 is registered for DICOM over TLS).
-    plain : bool
-        Keep listening without TLS on ``node.port`` as well.
-    certificate, key : Path or None
-        The node's certificate chain and private key (PEM): server certificate for the TLS port,
-        client certificate for destinations with ``tls = true``.
-    ca : Path or None
-        CA certificates (PEM) that peers' and destinations' certificates are checked against.
-    require_client_certificate : bool
-        Every TLS caller must present a certificate signed by ``ca``.
+    ``settings_customise_sources`` is a class method without per-call arguments, so
+    :func:`load_config` hands it the file and the environment through a context variable.
     """
 
-    enabled: bool = False
-    port: int = 2762
-    plain: bool = True
-    certificate: Path | None = None
-    key: Path | None = None
-    ca: Path | None = None
-    require_client_certificate: bool = False
+    file: TomlConfigSettingsSource | None
+    environ: Mapping[str, str]
 
 
-@dataclass(frozen=True)
-class Rules:
-    """Which series the node processes; see :mod:`node.rules` for how they are applied."""
-
-    modalities: tuple[str, ...]
-    lumbar_body_parts: tuple[str, ...]
-    ambiguous_body_parts: tuple[str, ...]
-    lumbar_patterns: tuple[str, ...]
-    exclude_patterns: tuple[str, ...]
-    fat_suppressed_patterns: tuple[str, ...]
-    max_oblique_degrees: float
+_REQUEST: ContextVar[_Request | None] = ContextVar("musclenode_config_request", default=None)
 
 
-@dataclass(frozen=True)
-class Config:
-    """The node's effective configuration. Build it with :func:`load_config`."""
+class EnvironmentSource(PydanticBaseSettingsSource):
+    """The ``MUSCLENODE_*`` variables named by the fields (``env=`` in :func:`setting`)."""
 
-    ae_title: str
-    host: str
-    port: int
-    data: Path
-    open: bool
-    min_free_mb: int
-    max_pdu: int
-    log_level: str
-    log_patient_data: bool
-    log_format: str
-    quiet_seconds: float
-    model_name: str
-    model_dirs: tuple[Path, ...]
-    workers: int
-    device: str
-    threads: int
-    max_attempts: int
-    retry_seconds: float
-    erode_fat: bool
-    cluster_method: FatMethod
-    assume_levels: str
-    site_reference: Path | None
-    http_host: str
-    http_port: int
-    peers: tuple[Peer, ...]
-    destinations: tuple[Destination, ...]
-    rules: Rules
-    tls: TLS = field(default_factory=TLS)
-    sources: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.environ = environ
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        """Unused: :meth:`__call__` reads the nested fields itself."""
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for key, variable in ENVIRONMENT_OF.items():
+            if variable in self.environ:
+                section, name = key.split(".")
+                values.setdefault(section, {})[name] = self.environ[variable]
+        return values
+
+
+class Config(BaseSettings):
+    """The node's effective configuration. Build it with :func:`load_config`.
+
+    ``Config()`` alone gives the embedded defaults (keyword arguments override them, as nested
+    dictionaries: ``Config(node={"port": 4242})``); only :func:`load_config` reads the environment
+    and a file. ``sources`` maps each setting (``node.port``, ``peers``) to where its value came
+    from: ``default``, the file's path, or ``environment variable NAME``.
+    """
+
+    model_config = SettingsConfigDict(extra="forbid", frozen=True, validate_default=True, case_sensitive=True)
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    assembly: AssemblySettings = Field(default_factory=AssemblySettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    jobs: JobsSettings = Field(default_factory=JobsSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    reference: ReferenceSettings = Field(default_factory=ReferenceSettings)
+    http: HTTPSettings = Field(default_factory=HTTPSettings)
+    tls: TLS = Field(default_factory=TLS)
+    rules: Rules = Field(default_factory=Rules)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
+    # Lists of tables come last, so that config show can write them after the sections.
+    peers: tuple[Peer, ...] = Field(
+        # A closed node that still answers a local echoscu or storescu out of the box.
+        default=(Peer(ae_title="*", host="127.0.0.1"),),
+        description="who may call: a file's `[[peers]]` replace the default; `node.open = true` lets anyone call")
+    destinations: tuple[Destination, ...] = Field(
+        default=(), description="where results go; without any, back to the peer that sent the study")
+
+    _sources: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then environment variables, then the TOML file; the defaults after them."""
+        request = _REQUEST.get()
+        if request is None:
+            return (init_settings,)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, EnvironmentSource(settings_cls, request.environ)]
+        if request.file is not None:
+            sources.append(request.file)
+        return tuple(sources)
+
+    @model_validator(mode="after")
+    def _destinations_have_their_own_names(self) -> "Config":
+        names = [d.name for d in self.destinations]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise SettingError("destinations", f"the name {duplicated[0]!r} is used twice")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_settings_work_together(self) -> "Config":
+        """Refuse TLS settings that cannot work together (the files are read by :mod:`node.network.tls`)."""
+        tls = self.tls
+        needs_certificate = [p.ae_title for p in self.peers if p.require_certificate]
+        if not tls.enabled:
+            if needs_certificate:
+                raise SettingError("peers", f"{needs_certificate[0]!r} has require_certificate = true but"
+                                   " tls.enabled is false")
+            if not tls.plain:
+                raise SettingError("tls.plain", "false leaves no DICOM port while tls.enabled is false")
+        if tls.enabled or any(d.tls for d in self.destinations):
+            for key in ("certificate", "key"):
+                if tls.enabled and getattr(tls, key) is None:
+                    raise SettingError(f"tls.{key}", "required when tls.enabled is true")
+            if (tls.certificate is None) != (tls.key is None):
+                missing, given = ("key", "certificate") if tls.key is None else ("certificate", "key")
+                raise SettingError(f"tls.{missing}", f"required with tls.{given}")
+        if tls.enabled and tls.ca is None and (tls.require_client_certificate or needs_certificate):
+            raise SettingError("tls.ca", "required to check client certificates (tls.require_client_certificate"
+                               " or a peer with require_certificate)")
+        if tls.enabled and tls.plain and tls.port == self.node.port:
+            raise SettingError("tls.port", f"{tls.port} is node.port too; choose another or set tls.plain = false")
+        return self
+
+    @property
+    def sources(self) -> Mapping[str, str]:
+        """Where each setting's value came from, by dotted name (``node.port``; ``peers``)."""
+        return self._sources
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when every setting is; where the values came from does not count."""
+        if not isinstance(other, Config):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]
 
     def peer_for(self, ae_title: str, address: str) -> Peer | None:
         """Return the first configured peer that matches, or ``None``."""
@@ -346,163 +649,105 @@ class Config:
         """Quiet time for series sent by this peer: its own, else the node's."""
         peer = self.peer_for(ae_title, address)
         if peer is None or peer.quiet_seconds is None:
-            return self.quiet_seconds
+            return self.assembly.quiet_seconds
         return peer.quiet_seconds
 
     @property
     def index_path(self) -> Path:
-        """The SQLite database holding the index, decisions and, later, the job queue."""
-        return self.data / "index.sqlite"
+        """The SQLite database holding the index, decisions and the job and delivery queues."""
+        return self.node.data / "index.sqlite"
 
 
-# Each scalar setting: section, key, parser, default. The defaults are the embedded configuration,
-# so ``musclenode serve`` with no file starts a working node that listens to this machine only.
-_SCALARS: dict[str, tuple[Callable[[Any], Any], Any]] = {
-    "node.ae_title": (_ae_title, "MUSCLENODE"),
-    "node.host": (_bind_address, "0.0.0.0"),
-    "node.port": (_port, 11112),
-    "node.data": (_path, "musclenode-data"),
-    "node.open": (_boolean, False),
-    "node.min_free_mb": (_non_negative_integer, 1024),
-    "node.max_pdu": (_non_negative_integer, 0),
-    "node.log_level": (_log_level, "INFO"),
-    "node.log_patient_data": (_boolean, False),
-    "node.log_format": (lambda v: v if v in ("json", "text") else _fail_format(), "json"),
-    "assembly.quiet_seconds": (_seconds, 30.0),
-    "model.name": (_name, "musclenode-lumbar-dixon"),
-    "model.dirs": (_paths, []),
-    # One worker with every core suits a CPU node: ONNX Runtime parallelises within a slice.
-    # 0 makes a receive-only node: series are judged and jobs queued, but nothing runs them.
-    "jobs.workers": (lambda v: _bounded(v, 0, 64), 1),
-    "jobs.device": (_device, "auto"),
-    "jobs.threads": (lambda v: _bounded(v, 0, 256), 0),
-    "jobs.max_attempts": (lambda v: _bounded(v, 1, 100), 4),
-    "jobs.retry_seconds": (_seconds, 10.0),
-    "metrics.erode_fat": (_boolean, True),
-    "metrics.cluster_method": (_cluster_method, FatMethod.GMM3),
-    "metrics.assume_levels": (_levels, "L1-L5"),
-    "reference.site": (_optional_path, ""),
-    "http.host": (_bind_address, "127.0.0.1"),
-    "http.port": (lambda v: 0 if _integer(v) == 0 else _port(v), 8089),
-    "rules.modalities": (_upper_strings, ["MR"]),
-    "rules.lumbar_body_parts": (
-        _upper_strings,
-        ["LSPINE", "LUMBARSPINE", "LUMBAR", "LSSPINE", "LUMBOSACRAL", "LWS", "L-SPINE", "LSP"],
-    ),
-    # Body parts that some scanners write for a lumbar examination but that also cover other
-    # regions: they count as lumbar only when a description says so.
-    "rules.ambiguous_body_parts": (
-        _upper_strings,
-        ["", "SPINE", "TSPINE", "TLSPINE", "SSPINE", "ABDOMEN", "PELVIS", "BACK", "WHOLEBODY"],
-    ),
-    "rules.lumbar_patterns": (
-        _patterns,
-        [r"lumb", r"\bl[ -]?spine\b", r"\blws\b", r"lenden", r"\bls[ -]?wk?s\b", r"\bl[1-5]\b"],
-    ),
-    "rules.exclude_patterns": (
-        _patterns,
-        [
-            r"cervic", r"\bhws\b", r"\bc[ -]?spine\b", r"thorac", r"\bbws\b", r"brain", r"head",
-            r"\bknee", r"shoulder", r"localizer", r"scout", r"survey", r"\bloc\b", r"mip\b",
-        ],
-    ),
-    "rules.fat_suppressed_patterns": (
-        _patterns,
-        [r"\bstir\b", r"\bfs\b", r"fat[ _-]?sat", r"\bspair\b", r"\bspir\b", r"\bfatsup"],
-    ),
-    "rules.max_oblique_degrees": (_angle, MAX_OBLIQUE_DEGREES),
-    "tls.enabled": (_boolean, False),
-    "tls.port": (_port, 2762),
-    "tls.plain": (_boolean, True),
-    "tls.certificate": (_optional_path, ""),
-    "tls.key": (_optional_path, ""),
-    "tls.ca": (_optional_path, ""),
-    "tls.require_client_certificate": (_boolean, False),
-}
+def _sections() -> Iterator[tuple[str, type[Section]]]:
+    for name, field in Config.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
+            yield name, field.annotation
 
-_PEER_KEYS: dict[str, tuple[Callable[[Any], Any], bool]] = {
-    "ae_title": (_peer_ae_title, True),
-    "host": (_host, False),
-    "port": (_port, False),
-    "quiet_seconds": (_seconds, False),
-    "require_certificate": (_boolean, False),
-}
-_DESTINATION_KEYS: dict[str, tuple[Callable[[Any], Any], bool]] = {
-    "name": (_name, True),
-    "ae_title": (_ae_title, True),
-    "host": (_host, True),
-    "port": (_port, True),
-    "tls": (_boolean, False),
-}
 
-#: By default only programs on this machine may call the node: a closed node that still answers
-#: a local ``echoscu`` or ``storescu`` out of the box.
-_DEFAULT_PEERS: list[dict[str, Any]] = [{"ae_title": "*", "host": "127.0.0.1"}]
+def _settings() -> Iterator[tuple[str, FieldInfo]]:
+    """Every setting of the sections, as ``(dotted name, field)``."""
+    for section, model in _sections():
+        for name, field in model.model_fields.items():
+            yield f"{section}.{name}", field
 
+
+#: The environment variable of each setting that has one, by dotted name.
+ENVIRONMENT_OF: dict[str, str] = {key: env for key, field in _settings() if (env := _extra(field, "env"))}
 #: Environment variables and the setting each overrides.
-ENVIRONMENT: dict[str, str] = {
-    "MUSCLENODE_AE_TITLE": "node.ae_title",
-    "MUSCLENODE_HOST": "node.host",
-    "MUSCLENODE_PORT": "node.port",
-    "MUSCLENODE_DATA": "node.data",
-    "MUSCLENODE_OPEN": "node.open",
-    "MUSCLENODE_MIN_FREE_MB": "node.min_free_mb",
-    "MUSCLENODE_MAX_PDU": "node.max_pdu",
-    "MUSCLENODE_LOG_LEVEL": "node.log_level",
-    "MUSCLENODE_LOG_PATIENT_DATA": "node.log_patient_data",
-    "MUSCLENODE_LOG_FORMAT": "node.log_format",
-    "MUSCLENODE_QUIET_SECONDS": "assembly.quiet_seconds",
-    "MUSCLENODE_MODEL": "model.name",
-    "MUSCLENODE_WORKERS": "jobs.workers",
-    "MUSCLENODE_DEVICE": "jobs.device",
-    "MUSCLENODE_THREADS": "jobs.threads",
-    "MUSCLENODE_HTTP_PORT": "http.port",
-    "MUSCLENODE_TLS": "tls.enabled",
-    "MUSCLENODE_TLS_PORT": "tls.port",
+ENVIRONMENT: dict[str, str] = {env: key for key, env in ENVIRONMENT_OF.items()}
+
+
+def _shortcut(section: str, name: str) -> property:
+    return property(lambda config: getattr(getattr(config, section), name),
+                    doc=f"``{section}.{name}`` (a flat name kept for existing code)")
+
+
+def _add_shortcuts() -> None:
+    for key, field in _settings():
+        if (name := _extra(field, "shortcut")) is not None:
+            setattr(Config, name, _shortcut(*key.split(".")))
+
+
+_add_shortcuts()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, and errors that name the setting and its source
+# ---------------------------------------------------------------------------------------------
+
+#: pydantic's error types, in the words of this node's messages.
+_WORDING = {
+    "int_parsing": "must be an integer", "int_type": "must be an integer", "int_from_float": "must be an integer",
+    "float_parsing": "must be a number", "float_type": "must be a number",
+    "bool_parsing": "must be true or false", "bool_type": "must be true or false",
+    "string_type": "must be a string", "path_type": "must be a path",
+    "tuple_type": "must be a list", "list_type": "must be a list",
+    "model_type": "must be a table", "model_attributes_type": "must be a table", "dict_type": "must be a table",
+    "missing": "missing", "extra_forbidden": "unknown setting",
 }
 
 
+def _where(loc: tuple[Any, ...]) -> str:
+    """``("peers", 0, "port")`` as ``peers[1].port``."""
+    text = ""
+    for part in loc:
+        text += f"[{part + 1}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
 
 
-def _parse_tables(
-    tables: Any, keys: Mapping[str, tuple[Callable[[Any], Any], bool]], name: str, source: str
-) -> list[dict[str, Any]]:
-    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-        raise ConfigError(f"{name}: must be a list of tables ([[{name}]]) (from {source})")
-    parsed = []
-    for number, table in enumerate(tables, start=1):
-        where = f"{name}[{number}]"
-        unknown = sorted(set(table) - set(keys))
-        if unknown:
-            raise ConfigError(f"{where}.{unknown[0]}: unknown setting (from {source})")
-        item: dict[str, Any] = {}
-        for key, (parse, required) in keys.items():
-            if key not in table:
-                if required:
-                    raise ConfigError(f"{where}.{key}: missing (from {source})")
-                continue
-            try:
-                item[key] = parse(table[key])
-            except ValueError as exc:
-                raise ConfigError(f"{where}.{key}: {exc}, got {table[key]!r} (from {source})") from None
-        parsed.append(item)
-    return parsed
+def _source_of(loc: tuple[Any, ...], sources: Mapping[str, str]) -> str:
+    """The source of the longest prefix of ``loc`` that has one (``peers`` for ``peers[1].port``)."""
+    names = [str(p) for p in loc if not isinstance(p, int)]
+    for end in range(len(names), 0, -1):
+        if ".".join(names[:end]) in sources:
+            return sources[".".join(names[:end])]
+    return "default"
 
 
-def _flatten(document: Mapping[str, Any], source: str) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
+def _message(error: Mapping[str, Any], sources: Mapping[str, str]) -> str:
+    context = error.get("ctx") or {}
+    cause = context.get("error")
+    if isinstance(cause, SettingError):
+        return f"{cause.key}: {cause} (from {sources.get(cause.key, 'default')})"
+    kind, loc = error["type"], tuple(error["loc"])
+    if isinstance(cause, Exception):
+        wording = str(cause)
+    elif kind == "literal_error":
+        wording = f"must be {context.get('expected')}"
+    else:
+        wording = _WORDING.get(kind, error["msg"])
+    secret = any("password" in str(part) for part in loc)
+    got = "" if kind in ("missing", "extra_forbidden") or secret else f", got {error['input']!r}"
+    return f"{_where(loc)}: {wording}{got} (from {_source_of(loc, sources)})"
+
+
+def _provenance(document: Mapping[str, Any], source: str, sources: dict[str, str]) -> None:
+    """Record ``source`` for every table and setting that a file gives."""
     for section, body in document.items():
-        if section in ("peers", "destinations"):
-            flat[section] = body
-            continue
-        if not isinstance(body, dict):
-            raise ConfigError(f"{section}: unknown setting (from {source})")
-        for key, value in body.items():
-            dotted = f"{section}.{key}"
-            if dotted not in _SCALARS:
-                raise ConfigError(f"{dotted}: unknown setting (from {source})")
-            flat[dotted] = value
-    return flat
+        sources[section] = source
+        if isinstance(body, Mapping):
+            for key in body:
+                sources[f"{section}.{key}"] = source
 
 
 def load_config(
@@ -526,113 +771,41 @@ def load_config(
     ------
     ConfigError
         If the file cannot be read or any setting is unknown or invalid. The message names the
-        setting and where its value came from.
+        setting and where its value came from, one line per problem.
     """
     environ = os.environ if environ is None else environ
-    raw: dict[str, Any] = {key: default for key, (_, default) in _SCALARS.items()}
-    raw["peers"] = _DEFAULT_PEERS
-    raw["destinations"] = []
-    sources = {key: "default" for key in raw}
-
     path = path if path is not None else environ.get("MUSCLENODE_CONFIG") or None
+    sources: dict[str, str] = {key: "default" for key, _ in _settings()}
+    sources.update(peers="default", destinations="default")
+    file = None
     if path is not None:
-        source = str(path)
+        if not Path(path).expanduser().is_file():
+            raise ConfigError(f"configuration file {path}: no such file")
         try:
-            with open(path, "rb") as handle:
-                document = tomllib.load(handle)
+            file = TomlConfigSettingsSource(Config, toml_file=Path(path))
         except OSError as exc:
-            raise ConfigError(f"configuration file {source}: {exc.strerror or exc}") from None
+            raise ConfigError(f"configuration file {path}: {exc.strerror or exc}") from None
         except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"configuration file {source}: not valid TOML: {exc}") from None
-        for key, value in _flatten(document, source).items():
-            raw[key], sources[key] = value, source
-
+            raise ConfigError(f"configuration file {path}: not valid TOML: {exc}") from None
+        _provenance(file(), str(path), sources)
     for variable, key in ENVIRONMENT.items():
         if variable in environ:
-            raw[key], sources[key] = environ[variable], f"environment variable {variable}"
+            sources[key] = f"environment variable {variable}"
 
-    values: dict[str, Any] = {}
-    for key, (parse, _) in _SCALARS.items():
-        try:
-            values[key] = parse(raw[key])
-        except ValueError as exc:
-            raise ConfigError(f"{key}: {exc}, got {raw[key]!r} (from {sources[key]})") from None
-
-    peers = [Peer(**p) for p in _parse_tables(raw["peers"], _PEER_KEYS, "peers", sources["peers"])]
-    destinations = [
-        Destination(**d)
-        for d in _parse_tables(raw["destinations"], _DESTINATION_KEYS, "destinations", sources["destinations"])
-    ]
-    names = [d.name for d in destinations]
-    duplicated = sorted({n for n in names if names.count(n) > 1})
-    if duplicated:
-        raise ConfigError(f"destinations: the name {duplicated[0]!r} is used twice (from {sources['destinations']})")
-
-    rules = Rules(**{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("rules.")})
-    tls = TLS(**{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith("tls.")})
-    _check_tls(tls, peers, destinations, values["node.port"], sources)
-    return Config(
-        ae_title=values["node.ae_title"],
-        host=values["node.host"],
-        port=values["node.port"],
-        data=values["node.data"],
-        open=values["node.open"],
-        min_free_mb=values["node.min_free_mb"],
-        max_pdu=values["node.max_pdu"],
-        log_level=values["node.log_level"],
-        log_patient_data=values["node.log_patient_data"],
-        log_format=values["node.log_format"],
-        quiet_seconds=values["assembly.quiet_seconds"],
-        model_name=values["model.name"],
-        model_dirs=values["model.dirs"],
-        workers=values["jobs.workers"],
-        device=values["jobs.device"],
-        threads=values["jobs.threads"],
-        max_attempts=values["jobs.max_attempts"],
-        retry_seconds=values["jobs.retry_seconds"],
-        erode_fat=values["metrics.erode_fat"],
-        cluster_method=values["metrics.cluster_method"],
-        assume_levels=values["metrics.assume_levels"],
-        site_reference=values["reference.site"],
-        http_host=values["http.host"],
-        http_port=values["http.port"],
-        peers=tuple(peers),
-        destinations=tuple(destinations),
-        rules=rules,
-        tls=tls,
-        sources=sources,
-    )
+    token = _REQUEST.set(_Request(file, environ))
+    try:
+        config = Config()
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_message(e, sources) for e in exc.errors())) from None
+    finally:
+        _REQUEST.reset(token)
+    config._sources = sources
+    return config
 
 
-def _check_tls(tls: TLS, peers: list[Peer], destinations: list[Destination], port: int,
-               sources: Mapping[str, str]) -> None:
-    """Refuse TLS settings that cannot work together (the files are checked by :mod:`node.tls`)."""
-    def where(key: str) -> str:
-        return sources.get(key, "default")
-
-    needs_certificate = [p.ae_title for p in peers if p.require_certificate]
-    tls_destinations = [d.name for d in destinations if d.tls]
-    if not tls.enabled:
-        if needs_certificate:
-            raise ConfigError(f"peers: {needs_certificate[0]!r} has require_certificate = true but tls.enabled"
-                              f" is false (from {where('peers')})")
-        if not tls.plain:
-            raise ConfigError(f"tls.plain: false leaves no DICOM port while tls.enabled is false"
-                              f" (from {where('tls.plain')})")
-    if tls.enabled or tls_destinations:
-        for key in ("certificate", "key"):
-            if tls.enabled and getattr(tls, key) is None:
-                raise ConfigError(f"tls.{key}: required when tls.enabled is true (from {where('tls.' + key)})")
-        if (tls.certificate is None) != (tls.key is None):
-            missing = "key" if tls.key is None else "certificate"
-            raise ConfigError(f"tls.{missing}: required with tls.{'certificate' if missing == 'key' else 'key'}"
-                              f" (from {where('tls.' + missing)})")
-    if tls.enabled and tls.ca is None and (tls.require_client_certificate or needs_certificate):
-        raise ConfigError("tls.ca: required to check client certificates (tls.require_client_certificate or a"
-                          f" peer with require_certificate) (from {where('tls.ca')})")
-    if tls.enabled and tls.plain and tls.port == port:
-        raise ConfigError(f"tls.port: {tls.port} is node.port too; choose another or set tls.plain = false"
-                          f" (from {where('tls.port')})")
+# ---------------------------------------------------------------------------------------------
+# Writing: config show, and the README's table
+# ---------------------------------------------------------------------------------------------
 
 
 def _toml_value(value: Any) -> str:
@@ -640,11 +813,9 @@ def _toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
-    if isinstance(value, Path):
-        value = str(value)
-    if isinstance(value, str):
-        # TOML basic strings share JSON's escapes for the characters that can occur here.
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    if isinstance(value, (Path, str)):
+        # TOML basic strings share these escapes with Python's for the characters that occur here.
+        escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
         return f'"{escaped}"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
@@ -653,44 +824,72 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {type(value).__name__} as TOML")
 
 
-#: Config attributes whose name differs from the setting's own name.
-_FIELD_OF = {
-    "assembly.quiet_seconds": "quiet_seconds", "model.name": "model_name", "model.dirs": "model_dirs",
-    "reference.site": "site_reference", "http.host": "http_host", "http.port": "http_port",
-    "metrics.erode_fat": "erode_fat", "metrics.cluster_method": "cluster_method",
-    "metrics.assume_levels": "assume_levels",
-}
-
-
 def to_toml(config: Config) -> str:
     """Write the effective configuration as TOML, each setting commented with its source."""
     lines: list[str] = []
-    sections: dict[str, dict[str, Any]] = {}
-    for key in _SCALARS:
-        section, name = key.split(".", 1)
-        if section == "rules":
-            continue
-        if section == "tls":
-            value = getattr(config.tls, name)
-            sections.setdefault(section, {})[name] = "" if value is None else value
-            continue
-        value = getattr(config, _FIELD_OF.get(key, name))
-        sections.setdefault(section, {})[name] = "" if value is None else value
-    sections["rules"] = dataclasses.asdict(config.rules)
-    for section, body in sections.items():
+    for section, model in _sections():
         lines.append(f"[{section}]")
-        for key, value in body.items():
+        body = getattr(config, section)
+        tables = []
+        for key in model.model_fields:
             source = config.sources.get(f"{section}.{key}", "default")
+            value = getattr(body, key)
+            if _is_tables(model.model_fields[key]):
+                tables.append((key, value, source))
+                continue
             lines.append(f"{key} = {_toml_value(value)}  # {source}")
         lines.append("")
-    for name, items in (("peers", config.peers), ("destinations", config.destinations)):
+        for key, items, source in tables:
+            for item in items:
+                lines.append(f"[[{section}.{key}]]  # {source}")
+                lines += [f"{k} = {_toml_value(v)}" for k, v in item if v is not None]
+                lines.append("")
+    for name in ("peers", "destinations"):
+        items, source = getattr(config, name), config.sources.get(name, "default")
         if not items:
-            lines.append(f"# no {name}  # {config.sources.get(name, 'default')}")
-            lines.append("")
+            lines += [f"# no {name}  # {source}", ""]
         for item in items:
-            lines.append(f"[[{name}]]  # {config.sources.get(name, 'default')}")
-            for key, value in dataclasses.asdict(item).items():
-                if value is not None:
-                    lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"[[{name}]]  # {source}")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in item if value is not None]
             lines.append("")
     return "\n".join(lines)
+
+
+def _is_tables(field: FieldInfo) -> bool:
+    """Whether a setting is a list of tables (``[[dashboard.users]]``)."""
+    args = getattr(field.annotation, "__args__", ())
+    return bool(args) and isinstance(args[0], type) and issubclass(args[0], Section)
+
+
+def _shown(field: FieldInfo) -> str:
+    """A setting's default as the README's table shows it."""
+    if field.is_required():
+        return "required"
+    value = field.default
+    if value is None or value == () or value == "":
+        return "none"
+    if isinstance(value, tuple):
+        shown = ", ".join(f"`{v}`" if v else '`""`' for v in value[:3])
+        return f"{shown}{', ...' if len(value) > 3 else ''}"
+    return f"`{_toml_value(value).strip(chr(34))}`"
+
+
+def settings_table() -> str:
+    """Every setting as a Markdown table (setting, default, environment, meaning) for the README."""
+    rows = ["| setting | default | environment | meaning |", "|---|---|---|---|"]
+    for key, field in _settings():
+        env = _extra(field, "env")
+        if _is_tables(field):
+            rows.append(f"| `[[{key}]]` | none | | {field.description} |")
+            for item_key, item_field in field.annotation.__args__[0].model_fields.items():
+                rows.append(f"| `[[{key}]] {item_key}` | {_shown(item_field)} | | {item_field.description} |")
+            continue
+        rows.append(f"| `{key}` | {_shown(field)} | {f'`{env}`' if env else ''} | {field.description} |")
+    for name, model in (("peers", Peer), ("destinations", Destination)):
+        field = Config.model_fields[name]
+        default = field.default
+        shown = "; ".join(", ".join(f"{k} = {_toml_value(v)}" for k, v in item.model_dump(exclude_defaults=True).items()) for item in default)
+        rows.append(f"| `[[{name}]]` | {f'`{shown}`' if shown else 'none'} | | {field.description} |")
+        for key, item_field in model.model_fields.items():
+            rows.append(f"| `[[{name}]] {key}` | {_shown(item_field)} | | {item_field.description} |")
+    return "\n".join(rows)

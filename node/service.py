@@ -19,7 +19,11 @@ from .orchestration.assembly import Assembler
 from .config import Config, ConfigError
 from .network.export import Exporter
 from .storage.deliveries import ExportQueue
-from .operations.http import StatusServer, prometheus_text
+from .operations.health import health_report
+from .operations.http import status_app
+from .operations.metrics import NodeCollector, node_registry
+from .operations.state import NodeState
+from .operations.webserver import BackgroundServer
 from .storage.index import Index, InstanceRecord
 from .storage.jobs import JobQueue
 from .orchestration.rules import Decision
@@ -69,7 +73,10 @@ class Node:
         self.workers = Workers(config, self.index, self.jobs, self.exports, self.store, self.exporter)
         self.assembler = Assembler(self.index, config, on_ready=self._on_ready)
         self.scp = StorageSCP(config, self.store, self.index, self.assembler.association_ended)
-        self.http: StatusServer | None = None
+        # Health, metrics and the dashboard read on connections of their own, never the SCP's.
+        self.state = NodeState(config)
+        self.http: BackgroundServer | None = None
+        self.dashboard = None
         self._stopped = threading.Event()
 
     def _on_ready(self, study_uid: str, decisions: list[Decision]) -> None:
@@ -77,26 +84,18 @@ class Node:
             self.workers.wake()
 
     def health(self) -> dict:
-        listening = self.scp.listening
-        return {"status": "ok" if listening else "down", "dicom": listening, "jobs": self.jobs.counts()}
+        """The health report (:func:`node.operations.health.health_report`)."""
+        return health_report(
+            listening=self.scp.listening, free_bytes=self.store.free_bytes(),
+            min_free_bytes=self.store.min_free_bytes, jobs=self.state.jobs.counts(),
+            deliveries=self.state.exports.counts(), last_association=self.state.last_association(),
+        )
 
-    def metrics(self) -> str:
-        counts = self.index.counts()
-        jobs = self.jobs.counts()
-        exports = self.exports.counts()
-        return prometheus_text({
-            "musclenode_instances_received_total": ("counter", "Instances stored and indexed.",
-                                                    {(): counts["instances"]}),
-            "musclenode_series_ready": ("gauge", "Series assembled (quiet time over, association ended).",
-                                        {(): counts["series_ready"]}),
-            "musclenode_jobs": ("gauge", "Jobs by state.", {(("state", s),): n for s, n in jobs.items()}),
-            "musclenode_inference_seconds_total": ("counter", "Seconds spent segmenting.",
-                                                   {(): self.workers.inference_seconds}),
-            "musclenode_export_failures_total": ("counter", "Failed deliveries of results (each is retried).",
-                                                 {(): self.exporter.failures}),
-            "musclenode_exports": ("gauge", "Result deliveries by state.",
-                                   {(("state", s),): n for s, n in exports.items()}),
-        })
+    def _metrics_registry(self):
+        return node_registry(NodeCollector(
+            self.state, inference_seconds=lambda: self.workers.inference_seconds,
+            export_failures=lambda: self.exporter.failures, free_bytes=self.store.free_bytes,
+            min_free_bytes=self.store.min_free_bytes))
 
     def start(self) -> None:
         """Recover from the previous run if it did not stop cleanly, then listen."""
@@ -118,17 +117,44 @@ class Node:
             else:
                 setting, port = "node.port", self.config.port
             raise ConfigError(self._cannot_listen(setting, self.config.host, port, exc)) from None
+        try:
+            self._start_web()
+        except ConfigError:
+            self.scp.stop()
+            self.assembler.stop()
+            raise
+        self.workers.start()
+        self.exporter.start()
+
+    def _start_web(self) -> None:
+        """The health and metrics endpoint, and the dashboard, each on its own thread."""
         if self.config.http_port:
             try:
-                self.http = StatusServer(self.config.http_host, self.config.http_port, self.health, self.metrics)
+                self.http = BackgroundServer(status_app(self.health, self._metrics_registry()),
+                                             self.config.http_host, self.config.http_port, "status",
+                                             threads=2, max_requests=32)
             except OSError as exc:
-                self.scp.stop()
-                self.assembler.stop()
                 raise ConfigError(self._cannot_listen("http.port", self.config.http_host, self.config.http_port,
                                                       exc)) from None
             self.http.start()
-        self.workers.start()
-        self.exporter.start()
+        settings = self.config.dashboard
+        if settings.port == 0:
+            return
+        if not settings.enabled:
+            log.info("dashboard off: no [[dashboard.users]] with a password_hash and no dashboard.proxy_header")
+            return
+        from .dashboard import DashboardServer, Hooks
+
+        hooks = Hooks(health=self.health, wake_workers=self.workers.wake, wake_exporter=self.exporter.wake)
+        try:
+            self.dashboard = DashboardServer(self.config, settings, hooks)
+        except OSError as exc:
+            if self.http is not None:
+                self.http.stop()
+            raise ConfigError(f"dashboard.port: cannot listen on {settings.host}:{settings.port}:"
+                              f" {exc.strerror or exc}") from None
+        self.dashboard.start()
+        log.info("dashboard on http://%s:%d/", settings.host, self.dashboard.port)
 
     def _cannot_listen(self, setting: str, host: str, port: int, exc: OSError) -> str:
         return (f"{setting}: cannot listen on {host}:{port}: {exc.strerror or exc}"
@@ -159,6 +185,8 @@ class Node:
 
     def stop(self) -> None:
         """Stop listening, let timers, jobs and exports finish their step, mark the stop clean."""
+        if self.dashboard is not None:
+            self.dashboard.stop()
         if self.http is not None:
             self.http.stop()
         self.scp.stop()
@@ -166,6 +194,7 @@ class Node:
         self.workers.stop()
         self.exporter.stop()
         self.index.close()
+        self.state.close()
         (self.config.data / _CLEAN_STOP).touch()
         self._stopped.set()
 

@@ -90,7 +90,12 @@ def write_toml(path: Path, sections: dict[str, Any]) -> Path:
                 lines.extend(f"{k} = {_toml(v)}" for k, v in item.items())
         else:
             lines.append(f"[{name}]")
-            lines.extend(f"{k} = {_toml(v)}" for k, v in body.items())
+            tables = {k: v for k, v in body.items() if isinstance(v, list) and v and all(isinstance(i, dict) for i in v)}
+            lines.extend(f"{k} = {_toml(v)}" for k, v in body.items() if k not in tables)
+            for key, items in tables.items():
+                for item in items:
+                    lines += ["", f"[[{name}.{key}]]"]
+                    lines.extend(f"{k} = {_toml(v)}" for k, v in item.items())
         lines.append("")
     path.write_text("\n".join(lines))
     return path
@@ -105,6 +110,7 @@ class NodeProcess:
     ae_title: str = "MUSCLENODE"
     settings: dict[str, Any] = field(default_factory=dict)
     http_port: int = field(default_factory=free_port)
+    dashboard_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     restarts: int = 0
 
@@ -128,6 +134,9 @@ class NodeProcess:
         sections["http"] = {"port": self.http_port, **self.settings.get("http", {})}
         # Receive-only unless a test asks for processing: most tests check the DICOM side.
         sections["jobs"] = {"workers": 0, **self.settings.get("jobs", {})}
+        # The dashboard only where a test asks for it (its users), on a free port.
+        if "dashboard" in self.settings:
+            sections["dashboard"] = {"port": self.dashboard_port, **self.settings["dashboard"]}
         for key in ("peers", "destinations", "rules", "model", "metrics"):
             if key in self.settings:
                 sections[key] = self.settings[key]

@@ -156,39 +156,52 @@ def _missing_data() -> list[Path]:
             if not (MYOSEGMENTUM_DIR / name).is_file()]
 
 
-def require_data() -> Path:
-    """Skip the calling test when the shared MyoSegmenTUM volumes are not available.
+def require_data(files: Sequence[Path] | None = None) -> Path:
+    """Skip the calling test, or fail it under ``CI``, when shared test data are not available.
+
+    Every test that reads ``../shared/data`` calls this first, so that a machine without the
+    data skips them with a message saying what is missing, and CI (which has the data) fails
+    instead of passing by skipping.
+
+    Parameters
+    ----------
+    files : sequence of Path, optional
+        The files the test reads; by default the three MyoSegmenTUM volumes.
 
     Returns
     -------
     Path
-        :data:`MYOSEGMENTUM_DIR` when all three NIfTI files exist.
+        :data:`MYOSEGMENTUM_DIR` for the default files, else :data:`DATA_DIR`.
 
     Raises
     ------
     pytest.skip.Exception
-        When a file is missing and pytest is importable (``allow_module_level`` so it can also
+        When a file is missing and ``CI`` is not set (``allow_module_level``, so it can also
         guard a whole test module).
+    pytest.fail.Exception
+        When a file is missing and ``CI`` is set.
     FileNotFoundError
         When a file is missing and pytest is not installed (script use).
     """
-    missing = _missing_data()
-    if not missing:
-        return MYOSEGMENTUM_DIR
-    if not MYOSEGMENTUM_DIR.is_dir():
-        what = f"{MYOSEGMENTUM_DIR} does not exist"
+    if files is None:
+        missing, found = _missing_data(), MYOSEGMENTUM_DIR
+        if not MYOSEGMENTUM_DIR.is_dir():
+            what = f"{MYOSEGMENTUM_DIR} does not exist"
+        else:
+            what = f"{MYOSEGMENTUM_DIR} lacks {', '.join(p.name for p in missing)}"
+        what = f"../shared/data/myosegmentum not found: {what}"
     else:
-        what = f"{MYOSEGMENTUM_DIR} lacks {', '.join(p.name for p in missing)}"
-    message = (
-        f"real test data ../shared/data/myosegmentum not found: {what} "
-        "(set MUSCLENODE_TEST_DATA to the folder that contains myosegmentum/)"
-    )
+        missing, found = [p for p in files if not p.is_file()], DATA_DIR
+        what = f"../shared/data not found: {', '.join(map(str, missing))} missing"
+    if not missing:
+        return found
+    message = (f"real test data {what} "
+               "(set MUSCLENODE_TEST_DATA to the folder that contains myosegmentum/)")
     try:
-        import pytest  # lazily: the module is also a command-line tool
+        from tests.validators import unavailable  # lazily: the module is also a command-line tool
     except ImportError:  # pragma: no cover - only without pytest
         raise FileNotFoundError(message) from None
-    pytest.skip(message, allow_module_level=True)
-    raise AssertionError("unreachable")  # pragma: no cover
+    unavailable(message, "CI must have ../shared/data and run every test on it")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -132,6 +132,16 @@ def test_route_lua_in_a_real_orthanc(node, tmp_path: Path) -> None:
     from pydicom.uid import generate_uid
 
     orthanc = routing_orthanc(tmp_path / "orthanc", {"musclenode": ["MUSCLENODE", "127.0.0.1", node.port]})
+    # Marks each stable study once route.lua has decided about it (Orthanc runs the scripts in one
+    # Lua context, so this wraps route.lua's callback): then every decision can be waited for.
+    marker = tmp_path / "decided.lua"
+    marker.write_text('local route = OnStableStudy\n'
+                      'function OnStableStudy(studyId, tags, metadata)\n'
+                      '  route(studyId, tags, metadata)\n'
+                      '  RestApiPut("/studies/" .. studyId .. "/metadata/TestDecided", "yes")\n'
+                      'end\n')
+    orthanc.extra_config["LuaScripts"].append(str(marker))
+    orthanc.extra_config["UserMetadata"] = {**orthanc.extra_config["UserMetadata"], "TestDecided": 1025}
     orthanc.start()
     try:
         lumbar, head, ambiguous, thoracic = (generate_uid() for _ in range(4))
@@ -140,8 +150,18 @@ def test_route_lua_in_a_real_orthanc(node, tmp_path: Path) -> None:
                  _mr(tmp_path / "ambiguous.dcm", ambiguous, "SPINE", "Lumbar spine"),
                  _mr(tmp_path / "thoracic.dcm", thoracic, "SPINE", "Thoracic spine")]
         orthanc.upload(files)
-        status = node.wait_for(lambda s: s["counts"]["instances"] >= 2, timeout=60, what="routed studies")
-        time.sleep(3)  # anything wrongly routed would have arrived by now
+
+        def settled() -> bool:
+            """Every study decided on, and every C-STORE that a decision started has finished."""
+            studies = orthanc.get("/studies")
+            decided = all("TestDecided" in orthanc.get(f"/studies/{s}/metadata") for s in studies)
+            jobs = orthanc.get("/jobs?expand")
+            return len(studies) == 4 and decided and all(j["State"] in ("Success", "Failure") for j in jobs)
+
+        deadline = time.monotonic() + 60
+        while not settled():
+            assert time.monotonic() < deadline, f"Orthanc did not decide on every study:\n{orthanc.get('/jobs?expand')}"
+            time.sleep(0.2)
         status = node.status()
         studies = {s["study_uid"] for s in status["series"]}
         assert studies == {lumbar, ambiguous}, status["series"]

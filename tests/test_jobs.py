@@ -46,10 +46,11 @@ def test_transient_failures_back_off_then_fail(queue: JobQueue) -> None:
     now = time.time()
     for attempt in (1, 2):
         queue.claim("w0", now=now + 10_000 * attempt)
+        before = time.time()
         failed = queue.fail(job.id, "disk busy", transient=True)
         assert failed.state == "queued" and f"attempt {attempt} failed" in failed.reason
-        assert failed.not_before >= time.time() + 10 * 2 ** (attempt - 1) - 1
-        assert queue.claim("w0", now=time.time()) is None  # not due yet
+        assert failed.not_before >= before + 10 * 2 ** (attempt - 1)
+        assert queue.claim("w0", now=before) is None  # not due yet
     queue.claim("w0", now=now + 100_000)
     final = queue.fail(job.id, "disk busy", transient=True)
     assert final.state == "failed" and "failed 3 times" in final.reason
@@ -71,18 +72,20 @@ def test_permanent_failure_and_crash_recovery(queue: JobQueue) -> None:
 
 def test_export_queue_backoff_and_resend(tmp_path: Path) -> None:
     exports = ExportQueue(tmp_path / "index.sqlite", tmp_path)
-    pacs = Destination("pacs", "ORTHANC", "127.0.0.1", 4242)
+    pacs = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=4242)
     exports.add(7, [("1.2.1", "1.2.840.10008.5.1.4.1.1.66.4", "results/a.dcm", "seg"),
                     ("1.2.2", "1.2.840.10008.5.1.4.1.1.88.34", "results/b.dcm", "sr")], [pacs])
     due = exports.due()
     assert [d.sop_instance_uid for d in due["pacs"]] == ["1.2.1", "1.2.2"]
+    before = time.time()
     exports.mark_failed([due["pacs"][0].id], "no association")
-    assert [d.sop_instance_uid for d in exports.due()["pacs"]] == ["1.2.2"]
+    assert [d.sop_instance_uid for d in exports.due(now=before)["pacs"]] == ["1.2.2"]
     assert exports.counts()["retrying"] == 1
-    assert "1.2.1" in [d.sop_instance_uid for d in exports.due(now=time.time() + 3)["pacs"]]
-    exports.mark_sent([d.id for d in exports.due(now=time.time() + 3)["pacs"]])
+    later = before + 3600  # past any first retry delay
+    assert "1.2.1" in [d.sop_instance_uid for d in exports.due(now=later)["pacs"]]
+    exports.mark_sent([d.id for d in exports.due(now=later)["pacs"]])
     assert exports.counts() == {"pending": 0, "sent": 2, "retrying": 0}
-    assert exports.resend(7, Destination("archive", "ARCHIVE", "127.0.0.1", 104)) == 2
+    assert exports.resend(7, Destination(name="archive", ae_title="ARCHIVE", host="127.0.0.1", port=104)) == 2
     assert len(exports.due()["archive"]) == 2
     with pytest.raises(KeyError):
         exports.resend(8, pacs)

@@ -48,8 +48,7 @@ WHOLEBODY = MUSCLEMAP_DIR / "contrast_agnostic_wholebody_model.json"
 
 
 def _require_configs() -> None:
-    if not ABDOMEN.is_file() or not WHOLEBODY.is_file():
-        pytest.skip(f"MuscleMap configurations not found in {MUSCLEMAP_DIR} (set MUSCLENODE_TEST_DATA)")
+    studies.require_data([ABDOMEN, WHOLEBODY])
 
 
 # ---------------------------------------------------------------------------------------------

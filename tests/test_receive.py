@@ -144,7 +144,9 @@ def test_changed_instance_after_ready_marks_the_series_changed(node, tmp_path: P
     ds.save_as(changed)
     node.storescu([changed])
     status = node.status()
-    assert status["series"][0]["state"] == "changed" and status["series"][0]["version"] == 2
+    # The new version is recorded before the instance is acknowledged; the series is "changed"
+    # until its quiet time has passed again, which a busy machine may already have seen through.
+    assert status["series"][0]["version"] == 2 and status["series"][0]["state"] in ("changed", "ready")
     status = node.wait_for(lambda s: s["series"][0]["state"] == "ready", what="series ready again")
     assert status["series"][0]["version"] == 2
     assert dcmread(_stored(node, str(ds.SOPInstanceUID))).SeriesDescription == "corrected"

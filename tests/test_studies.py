@@ -137,9 +137,22 @@ def _sample_pixels(shape: tuple[int, int], count: int, seed: int) -> list[tuple[
 
 def test_require_data_skips_with_clear_message(monkeypatch: pytest.MonkeyPatch,
                                                tmp_path: Path) -> None:
+    monkeypatch.delenv("CI", raising=False)
     monkeypatch.setattr(studies, "MYOSEGMENTUM_DIR", tmp_path / "absent")
     with pytest.raises(pytest.skip.Exception, match=r"\.\./shared/data/myosegmentum not found"):
         studies.require_data()
+    with pytest.raises(pytest.skip.Exception, match=r"\.\./shared/data not found: .*absent\.json missing"):
+        studies.require_data([tmp_path / "absent.json"])
+
+
+def test_require_data_fails_under_ci(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """CI has the data: a test that needs it fails there rather than passing by skipping."""
+    monkeypatch.setenv("CI", "true")
+    monkeypatch.setattr(studies, "MYOSEGMENTUM_DIR", tmp_path / "absent")
+    with pytest.raises(pytest.fail.Exception, match=r"myosegmentum not found.*CI must have \.\./shared/data"):
+        studies.require_data()
+    with pytest.raises(pytest.fail.Exception, match="CI must have"):
+        studies.require_data([tmp_path / "absent.json"])
 
 
 def test_data_dir_default_and_env_override(tmp_path: Path) -> None:

@@ -78,12 +78,17 @@ class Result:
         return f"$ {' '.join(self.command)}\n(exit {self.returncode})\n" + "\n".join(shown)
 
 
+def unavailable(message: str, in_ci: str) -> NoReturn:
+    """Skip the calling test (or module) because something it needs is absent, or fail it when
+    ``CI`` is set, saying ``in_ci`` too: CI never passes by checking nothing."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{message} ({in_ci})", pytrace=False)
+    pytest.skip(message, allow_module_level=True)
+
+
 def missing(what: str, install: str) -> NoReturn:
     """Skip the test because ``what`` is not installed, or fail it when ``CI`` is set."""
-    message = f"{what} is not installed: {install}"
-    if os.environ.get("CI"):
-        pytest.fail(f"{message} (CI must run every validator)", pytrace=False)
-    pytest.skip(message)
+    unavailable(f"{what} is not installed: {install}", "CI must run every validator")
 
 
 def find_tool(name: str, install: str) -> str:

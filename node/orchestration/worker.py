@@ -25,7 +25,7 @@ from typing import Sequence
 from pydicom.dataset import Dataset
 
 from ..config import Config
-from reports.pipeline import PipelineError, PipelineSettings, WorkItem, run
+from reports.pipeline import PipelineError, PipelineSettings, WorkItem, cohort_rows, run
 
 from .. import __version__
 from ..network.export import Exporter
@@ -218,6 +218,9 @@ class Workers:
             "segmentations": len(results.segmentations),
             # Images of the input that were not processed, each with its reason (inference.set_aside).
             "set_aside": [item.as_dict() for item in results.set_aside],
+            # The cohort rows of ``musclenode process`` (no patient identifiers): the dashboard's
+            # measurement table and its CSV download.
+            "measurements": [_plain(row) for row in cohort_rows(results, job.study_uid)],
         }
         if not self.jobs.finish(job.id, summary):
             log.info("job %d finished after its series changed; its results are not exported", job.id)
@@ -237,6 +240,11 @@ class Workers:
             kept.append((str(dataset.SOPInstanceUID), str(dataset.SOPClassUID),
                          str(path.relative_to(self.store.root)), kind))
         return kept
+
+
+def _plain(row: dict) -> dict:
+    """A cohort row with every value as JSON keeps it: numbers, text (as cohort.csv writes it), or null."""
+    return {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for k, v in row.items()}
 
 
 class _Superseded(Exception):

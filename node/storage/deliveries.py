@@ -69,6 +69,10 @@ class Delivery:
     state: str
     attempts: int
     last_error: str | None
+    #: When the next attempt is due (seconds since the epoch; 0: now).
+    not_before: float = 0.0
+    #: When the destination acknowledged it.
+    sent: float | None = None
 
 
 def _queue(db: sqlite3.Connection, output_id: int, destination: Destination) -> None:
@@ -116,7 +120,7 @@ class ExportQueue:
     def _deliveries(self, where: str, parameters: Sequence[Any]) -> list[Delivery]:
         rows = self._db.query(
             "SELECT e.id, o.job_id, o.sop_instance_uid, o.sop_class_uid, o.path, o.kind, e.destination,"
-            " e.ae_title, e.host, e.port, e.state, e.attempts, e.last_error"
+            " e.ae_title, e.host, e.port, e.state, e.attempts, e.last_error, e.not_before, e.sent"
             f" FROM exports e JOIN outputs o ON o.id = e.output_id {where}",
             parameters,
         )
@@ -132,6 +136,53 @@ class ExportQueue:
 
     def for_job(self, job_id: int) -> list[Delivery]:
         return self._deliveries("WHERE o.job_id = ? ORDER BY e.id", (job_id,))
+
+    def deliveries(self, destination: str | None = None, state: str | None = None,
+                   limit: int = 200) -> list[Delivery]:
+        """Deliveries, newest first, optionally of one destination and in one state."""
+        conditions, parameters = [], []
+        if destination is not None:
+            conditions.append("e.destination = ?")
+            parameters.append(destination)
+        if state is not None:
+            conditions.append("e.state = ?")
+            parameters.append(state)
+        where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
+        return self._deliveries(f"{where} ORDER BY e.id DESC LIMIT ?", (*parameters, limit))
+
+    def destination_counts(self) -> dict[str, dict[str, int]]:
+        """Deliveries by destination and state (``pending``, ``sent``, and ``retrying``: pending
+        after at least one failed attempt)."""
+        rows = self._db.query(
+            "SELECT destination, SUM(state = 'pending'), SUM(state = 'sent'),"
+            " SUM(state = 'pending' AND attempts > 0) FROM exports GROUP BY destination ORDER BY destination"
+        )
+        return {r[0]: {"pending": r[1] or 0, "sent": r[2] or 0, "retrying": r[3] or 0} for r in rows}
+
+    def outputs(self, job_id: int) -> list[dict[str, Any]]:
+        """A job's result files: id, SOP instance and class UIDs, path (in the data folder), kind."""
+        rows = self._db.query(
+            "SELECT id, job_id, sop_instance_uid, sop_class_uid, path, kind FROM outputs WHERE job_id = ? ORDER BY id",
+            (job_id,),
+        )
+        return [dict(r) for r in rows]
+
+    def send_now(self, destination: str | None = None, job_id: int | None = None) -> int:
+        """Make pending deliveries due at once (of one destination and/or job); returns how many.
+
+        A destination that was down is retried with a growing delay; after it is back, this
+        saves waiting for the next attempt.
+        """
+        conditions, parameters = ["state = 'pending'"], []
+        if destination is not None:
+            conditions.append("destination = ?")
+            parameters.append(destination)
+        if job_id is not None:
+            conditions.append("output_id IN (SELECT id FROM outputs WHERE job_id = ?)")
+            parameters.append(job_id)
+        with self._db.transaction() as db:
+            cursor = db.execute(f"UPDATE exports SET not_before = 0 WHERE {' AND '.join(conditions)}", parameters)
+            return cursor.rowcount
 
     def mark_sent(self, delivery_ids: Sequence[int]) -> None:
         now = time.time()

@@ -183,6 +183,30 @@ class Index:
         rows = self._query("SELECT * FROM associations ORDER BY id DESC LIMIT ?", (limit,))
         return [dict(r) for r in rows]
 
+    def association_series(self, association_ids: Sequence[int]) -> dict[int, list[str]]:
+        """The series each of these associations delivered instances to."""
+        if not association_ids:
+            return {}
+        marks = ",".join("?" * len(association_ids))
+        rows = self._query(
+            f"SELECT association_id, series_uid FROM deliveries WHERE association_id IN ({marks})"
+            " ORDER BY association_id, series_uid",
+            tuple(association_ids),
+        )
+        found: dict[int, list[str]] = {int(i): [] for i in association_ids}
+        for association_id, series_uid in rows:
+            found[association_id].append(series_uid)
+        return found
+
+    def study_associations(self, study_uid: str) -> list[dict[str, Any]]:
+        """The associations that delivered instances of a study, newest first."""
+        rows = self._query(
+            "SELECT DISTINCT a.* FROM associations a JOIN deliveries d ON d.association_id = a.id"
+            " JOIN series s ON s.series_uid = d.series_uid WHERE s.study_uid = ? ORDER BY a.id DESC",
+            (study_uid,),
+        )
+        return [dict(r) for r in rows]
+
     # -- instances ------------------------------------------------------------------------------
 
     def add_instance(self, record: InstanceRecord, association_id: int | None, calling_ae: str, address: str) -> StoredInstance:
@@ -256,6 +280,17 @@ class Index:
                 [(json.dumps(h, separators=(",", ":")), uid) for uid, h in summaries.items()],
             )
 
+    def study_header(self, study_uid: str) -> tuple[bytes, str] | None:
+        """The encoded header elements and transfer syntax of one instance of a study, or ``None``.
+
+        For displays that show who the study belongs to (patient name, study date), read when
+        needed instead of copying patient data into more tables.
+        """
+        rows = self._query(
+            "SELECT header_bytes, transfer_syntax FROM instances WHERE study_uid = ? LIMIT 1", (study_uid,)
+        )
+        return (bytes(rows[0][0]), rows[0][1]) if rows else None
+
     def indexed_paths(self) -> set[str]:
         """Every indexed file path, to compare with the store after a power cut."""
         return {r[0] for r in self._query("SELECT path FROM instances")}
@@ -283,6 +318,20 @@ class Index:
 
     def study_series(self, study_uid: str) -> list[SeriesRecord]:
         return self._series_rows("WHERE s.study_uid = ? ORDER BY s.first_received", (study_uid,))
+
+    def studies(self, limit: int = 100) -> list[dict[str, Any]]:
+        """The most recently received studies, newest first: series and instance counts, times."""
+        rows = self._query(
+            "SELECT study_uid, COUNT(*) AS series, SUM(instances) AS instances,"
+            " MIN(first_received) AS first_received, MAX(last_received) AS last_received"
+            " FROM series GROUP BY study_uid ORDER BY MAX(last_received) DESC LIMIT ?",
+            (limit,),
+        )
+        return [dict(r) for r in rows]
+
+    def study_uids(self) -> list[str]:
+        """Every study the index knows."""
+        return [r[0] for r in self._query("SELECT DISTINCT study_uid FROM series")]
 
     def pending_series(self) -> list[SeriesRecord]:
         """Series that are not ready: their timers must run (again) after a restart."""
@@ -324,6 +373,12 @@ class Index:
         """Every decision about a series, oldest first."""
         rows = self._query("SELECT * FROM decisions WHERE series_uid = ? ORDER BY id", (series_uid,))
         return [dict(r) for r in rows]
+
+    def data_version(self) -> int:
+        """A number that changes whenever another connection has committed to the database since
+        this connection last asked (SQLite's ``PRAGMA data_version``): for displays that refresh
+        when something changed."""
+        return int(self._query("PRAGMA data_version")[0][0])
 
     def counts(self) -> dict[str, int]:
         """Totals for status displays and metrics."""

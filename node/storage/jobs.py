@@ -223,6 +223,10 @@ class JobQueue:
         """The most recent jobs, newest first."""
         return self._read("SELECT * FROM jobs ORDER BY id DESC LIMIT ?", (limit,))
 
+    def jobs_for_study(self, study_uid: str) -> list[Job]:
+        """Every job of a study, newest first."""
+        return self._read("SELECT * FROM jobs WHERE study_uid = ? ORDER BY id DESC", (study_uid,))
+
     def counts(self) -> dict[str, int]:
         rows = self._db.query("SELECT state, COUNT(*) FROM jobs GROUP BY state")
         return {state: 0 for state in STATES} | {r[0]: r[1] for r in rows}
