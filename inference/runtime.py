@@ -708,8 +708,10 @@ class Segmenter:
             # No UIDs: logs stay free of anything that links to a patient.
             log.warning("model %s: left/right swapped on %d and questioned on %d frame/muscle pairs of %d frames",
                         self.card.name, swapped, len(findings) - swapped, len(reference))
+        set_aside = tuple(dict.fromkeys(item for channel in channels for item in channel.set_aside))
         return LabelMap(series=reference, labels=tuple(labels), meaning=dict(self.meaning),
-                        model_name=self.card.name, model_version=self.card.version, findings=tuple(findings))
+                        model_name=self.card.name, model_version=self.card.version, findings=tuple(findings),
+                        set_aside=set_aside)
 
     def segment_components(self, components: Mapping[str, SeriesImage]) -> LabelMap:
         """Segment one acquisition given as role -> series (``"water"``, ``"fat"``, ...)."""

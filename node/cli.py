@@ -109,6 +109,7 @@ def _status(args: argparse.Namespace) -> int:
         roles = ", ".join(sorted(job["series"]))
         print(f"  job {job['id']} {job['kind']} ({roles}): {job['state']}, attempt {job['attempts']},"
               f" queued {_when(job['created'])}" + (f" - {job['reason']}" if job["reason"] else ""))
+        _print_set_aside((job.get("result") or {}).get("set_aside") or [])
         by_destination: dict[str, list[dict]] = {}
         for delivery in job["deliveries"]:
             by_destination.setdefault(delivery["destination"], []).append(delivery)
@@ -132,6 +133,20 @@ def _resources(text: str | None) -> dict[str, float] | None:
         except ValueError:
             raise ConfigError(f"--resources: {part!r} is not NAME=AMOUNT") from None
     return resources
+
+
+def _print_set_aside(records: list[dict]) -> None:
+    """The images a job set aside: the counts by kind, then each with its reason (at most 10)."""
+    from inference.set_aside import SetAside, describe_counts
+
+    if not records:
+        return
+    items = [SetAside.from_dict(record) for record in records]
+    print(f"      {describe_counts(items)}")
+    for item in items[:10]:
+        print(f"        series {item.series_instance_uid} {item.describe()}")
+    if len(items) > 10:
+        print(f"        ... and {len(items) - 10} more (status --json lists every one)")
 
 
 def _process(args: argparse.Namespace) -> int:

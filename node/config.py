@@ -61,6 +61,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from inference.geometry import MAX_OBLIQUE_DEGREES
 from inference.vocabulary import FatMethod, vertebra_range
 
 __all__ = [
@@ -426,7 +427,8 @@ class Rules(Section):
         "fat-suppressed series are skipped (there is no fat signal to measure)")
     max_oblique_degrees: Annotated[Number, _check(lambda v: 0 < v < 90, "must be an angle strictly between 0 and"
                                                   " 90 degrees")] = setting(
-        40.0, "a series is axial when every slice's normal is within this angle of the head-foot axis")
+        MAX_OBLIQUE_DEGREES, "a slice is axial when its normal is within this angle of the head-foot axis; a series is"
+        " axial when most of its slices are, and the others are set aside")
 
 
 #: Dashboard roles: ``viewer`` reads; ``operator`` may also retry and resend deliveries.

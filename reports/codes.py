@@ -84,6 +84,9 @@ UNIT_NONE = codes.UCUM.NoUnits
 PROCEDURE_REPORTED = codes.LN.MRIUnspecifiedBodyRegion  # 25056-3
 #: Concept name of the report's free-text statements (research use, sources, notes).
 COMMENT = codes.DCM.Comment  # 121106
+#: A TEXT naming one image that was not processed and why (inference.set_aside): no DICOM concept
+#: says "image excluded from this analysis", so the private scheme does.
+SET_ASIDE = Code("SETASIDE", PRIVATE_SCHEME, "Image set aside")
 ALGORITHM_FAMILY = codes.DCM.ArtificialIntelligence  # 123110, CID 7162
 
 #: Qualitative evaluations. The citation is in the concept's meaning (CodeMeaning is LO, 64

@@ -8,6 +8,11 @@ Series numbers: a result's SeriesNumber is its source series' number times 100 p
 result's offset (:class:`ResultSeries`), so that results of different source series of a study
 never share a number and a reader sees which series they came from (series 7 gives 791, 792,
 793).
+
+A source series whose frames lie in several orientations (angled slabs) gets one SEG per
+orientation group (:func:`reports.seg.build_segmentations`): each is a series of its own, as
+viewers show one SEG per series, with the same SeriesNumber and a description that says which
+part it is ("Paraspinal muscles 1/2 (model)").
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ def fit_lo(text: str) -> str:
 class ResultSeries(Enum):
     """The result series of one source series: SeriesNumber offset and SeriesDescription."""
 
-    SEG = (91, "Paraspinal muscles ({model})")
+    SEG = (91, "Paraspinal muscles{part} ({model})")
     SR = (92, "Paraspinal muscle measurements (research use)")
     SUMMARY = (93, "Paraspinal muscle summary (research use)")
 
@@ -54,25 +59,30 @@ class ResultSeries(Enum):
         base = source_series_number if source_series_number and source_series_number > 0 else 0
         return (base % 10_000_000) * 100 + self.offset
 
-    def description(self, model: str = "") -> str:
-        """SeriesDescription, naming the model where the series' description does."""
-        return fit_lo(self._description.format(model=model))
+    def description(self, model: str = "", part: tuple[int, int] | None = None) -> str:
+        """SeriesDescription, naming the model and the part (``1/2``) where the series' description does."""
+        shown = f" {part[0]}/{part[1]}" if part is not None and part[1] > 1 else ""
+        return fit_lo(self._description.format(model=model, part=shown))
 
     def identification(self, identity: ResultIdentity, source_series_number: int | None, *, model: str = "",
-                       page: int | None = None) -> dict[str, Any]:
+                       page: int | None = None, part: tuple[int, int] | None = None) -> dict[str, Any]:
         """Keyword arguments of highdicom's SOP class constructors that identify one instance.
 
         Series and instance UIDs come from ``identity`` (``uid("seg", "series")``,
         ``uid("seg", "instance")``; a page of the summary is ``uid("summary", "instance", "2")``),
         the series number from :meth:`number`, the description from :meth:`description`.
+        ``part=(k, n)`` with ``n > 1`` identifies the k-th of n series of this kind made from one
+        source (a SEG per orientation group): ``uid("seg", "series", "part k")`` and
+        ``uid("seg", "instance", "part k")``. A single part keeps the plain UIDs.
         """
-        instance = ("instance",) if page is None else ("instance", str(page))
+        parted = ("part " + str(part[0]),) if part is not None and part[1] > 1 else ()
+        instance = ("instance", *parted) if page is None else ("instance", str(page))
         return {
-            "series_instance_uid": identity.uid(self.name.lower(), "series"),
+            "series_instance_uid": identity.uid(self.name.lower(), "series", *parted),
             "series_number": self.number(source_series_number),
             "sop_instance_uid": identity.uid(self.name.lower(), *instance),
             "instance_number": 1 if page is None else page,
-            "series_description": self.description(model),
+            "series_description": self.description(model, part),
         }
 
 

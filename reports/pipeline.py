@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
-from inference.geometry import LabelMap, SeriesImage, read_series
+from inference.geometry import (MAX_OBLIQUE_DEGREES, GeometryError, LabelMap, SeriesImage, pair_components,
+                                read_series, set_aside_off_plane)
 from inference.patient import PatientContext, from_dataset
 from inference.runtime import Segmenter
+from inference.set_aside import SetAside, too_few_frames
 from inference.vocabulary import DIXON_COMPONENTS, Contrast, FatMethod
 from reports.assessment import Assessment, assess
 from reports.metrics import FatSource, MuscleMetrics, measure
@@ -50,31 +52,51 @@ class WorkItem:
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    """How fat is measured and what it is compared with."""
+    """How fat is measured and what it is compared with; which slices count as axial.
+
+    ``max_oblique_degrees`` is the node's ``rules.max_oblique_degrees``: a frame whose normal
+    is further than this from the head-foot axis is set aside (a localizer inside the series).
+    """
 
     erode_fat: bool = True
     cluster_method: FatMethod = FatMethod.GMM3
     assume_levels: str | None = "L1-L5"
     site_reference: SiteReference | None = None
+    max_oblique_degrees: float = MAX_OBLIQUE_DEGREES
 
 
 @dataclass
 class Results:
-    """Everything one work item produced."""
+    """Everything one work item produced.
+
+    ``segmentations`` holds one SEG per orientation group of the series (one for a single
+    stack; one per slab for angled slabs, see :func:`reports.seg.build_segmentations`).
+    """
 
     label_map: LabelMap
     metrics: list[MuscleMetrics]
     assessments: list[Assessment]
     patient: PatientContext
-    segmentation: Dataset
+    segmentations: list[Dataset]
     report: Dataset
     summary: list[Dataset]
     seconds: dict[str, float] = field(default_factory=dict)
 
     @property
+    def segmentation(self) -> Dataset:
+        """The first SEG (the only one for a series of one orientation)."""
+        return self.segmentations[0]
+
+    @property
+    def set_aside(self) -> tuple[SetAside, ...]:
+        """Images of the input series that were not processed, each with its reason."""
+        return self.label_map.set_aside
+
+    @property
     def datasets(self) -> list[tuple[str, Dataset]]:
-        """Every result object with its kind, SEG first (the SR references it)."""
-        return [("seg", self.segmentation), ("sr", self.report)] + [("summary", d) for d in self.summary]
+        """Every result object with its kind, the SEGs first (the SR references them)."""
+        return ([("seg", seg) for seg in self.segmentations] + [("sr", self.report)]
+                + [("summary", d) for d in self.summary])
 
 
 def _fat_source(kind: str, images: Mapping[str, SeriesImage], settings: PipelineSettings) -> FatSource:
@@ -87,28 +109,64 @@ def _fat_source(kind: str, images: Mapping[str, SeriesImage], settings: Pipeline
     return FatSource(cluster=settings.cluster_method)
 
 
+def read_inputs(item: WorkItem, settings: PipelineSettings = PipelineSettings()) -> dict[str, SeriesImage]:
+    """Read a work item's series, with what cannot be used set aside.
+
+    Every series loses the images :func:`inference.geometry.read_series` cannot use and its
+    off-plane frames (:func:`inference.geometry.set_aside_off_plane`); Dixon components then
+    keep the positions they all have (:func:`inference.geometry.pair_components`).
+
+    Raises
+    ------
+    PipelineError
+        When a series cannot be read at all, or fewer than
+        :data:`inference.set_aside.MIN_FRAMES` frames remain.
+    """
+    images: dict[str, SeriesImage] = {}
+    for role, files in item.series_files.items():
+        try:
+            series = read_series(files)
+        except (OSError, ValueError) as exc:
+            raise PipelineError(f"cannot read the {role} series: {exc}") from exc
+        try:
+            images[role] = set_aside_off_plane(series, settings.max_oblique_degrees)
+        except GeometryError as exc:
+            raise PipelineError(f"the {role} series has no axial image: {exc}") from exc
+    if item.kind == "dixon" and len(images) > 1:
+        try:
+            images = pair_components(images)
+        except GeometryError as exc:
+            raise PipelineError(f"the Dixon series cannot be paired: {exc}") from exc
+    for role, series in images.items():
+        reason = too_few_frames(len(series), series.set_aside, f"the {role} series")
+        if reason is not None:
+            raise PipelineError(reason)
+    return images
+
+
 def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = PipelineSettings(), *,
         software_version: str) -> Results:
     """Process one work item.
 
     ``software_version`` is the node's version: it enters the result UIDs and the objects'
     SoftwareVersions, so that results of another release replace, never duplicate, these.
+    Images that cannot be used are set aside (:func:`read_inputs`) and reported with the results.
 
     Raises
     ------
     PipelineError
         When the series cannot be read or segmented; never transient for bad input.
     """
-    from reports.seg import build_segmentation
+    from reports.seg import build_segmentations
     from reports.sr import build_report
     from reports.summary import build_summary
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    try:
-        images = {role: read_series(files) for role, files in item.series_files.items()}
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"cannot read the series: {exc}") from exc
+    images = read_inputs(item, settings)
+    set_aside = tuple(dict.fromkeys(entry for series in images.values() for entry in series.set_aside))
+    if set_aside:
+        log.info("%d image(s) set aside: %s", len(set_aside), "; ".join(sorted({str(e.kind) for e in set_aside})))
     seconds["read"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -119,7 +177,11 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
             label_map = segmenter.segment(images[item.kind])
     except ValueError as exc:
         raise PipelineError(f"cannot segment: {exc}") from exc
+    label_map = replace(label_map, set_aside=set_aside)
     seconds["inference"] = time.perf_counter() - started
+    if not label_map.values_present():
+        raise PipelineError(f"the model found no paraspinal muscle in the {len(label_map.series)} images of the "
+                            "series: there is nothing to measure")
 
     started = time.perf_counter()
     source = next(iter(label_map.series.source_paths.values()), None)
@@ -132,13 +194,16 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
     started = time.perf_counter()
     card = segmenter.card
     identity = ResultIdentity([s.series_instance_uid for s in images.values()], f"{card.name} {card.version}", software_version)
-    segmentation = build_segmentation(label_map, card.name, card.version, identity, software_version)
-    report = build_report(label_map, segmentation, assessments, identity, card.name, card.version, software_version,
-                          patient=patient)
+    try:
+        segmentations = build_segmentations(label_map, card.name, card.version, identity, software_version)
+    except ValueError as exc:  # highdicom's and our checks of what a SEG can reference
+        raise PipelineError(f"cannot make a DICOM SEG on these images: {exc}") from exc
+    report = build_report(label_map, segmentations, assessments, identity, card.name, card.version,
+                          software_version, patient=patient)
     summary = build_summary(label_map, assessments, patient, identity, card.name, card.version, software_version,
                             source_dataset)
     seconds["results"] = time.perf_counter() - started
-    return Results(label_map, metrics, assessments, patient, segmentation, report, summary, seconds)
+    return Results(label_map, metrics, assessments, patient, segmentations, report, summary, seconds)
 
 
 #: The columns of :func:`cohort_rows`, in order: a cohort table without rows still has them.

@@ -35,6 +35,7 @@ import numpy as np
 
 from inference.geometry import LabelMap, SeriesImage
 from inference.patient import PatientContext
+from inference.set_aside import describe_counts
 from inference.vocabulary import FatQuantity, Laterality, Muscle, Side
 
 from .assessment import Assessment
@@ -593,6 +594,11 @@ def _page1_notes(label_map: LabelMap, assessments: Sequence[Assessment]) -> list
     if kept:
         notes.append(f"Left/right check: {len(kept)} muscle slice(s) have a label on the wrong side, left as "
                      "segmented: please review.")
+    if label_map.set_aside:
+        where = sorted({item.where for item in label_map.set_aside})
+        shown = ", ".join(where[:6]) + (f" and {len(where) - 6} more" if len(where) > 6 else "")
+        notes.append(f"{describe_counts(label_map.set_aside)} ({shown}): not segmented or measured; "
+                     "the structured report names each with its reason.")
     return notes
 
 

@@ -7,7 +7,11 @@ Structure of the report (PS3.16 TID 1500), built with highdicom's templates:
 - procedure reported: MR (CID 100, see ``reports/CODES.md``);
 - one TID 1411 volumetric group per muscle and side, referencing its SEG segment with the SEG's
   own tracking identifier and UID: volume, mean CSA, fat (Dixon fat fraction, or fat infiltration
-  from T1/T2 clustering: different concepts, never mixed), functional CSA, and the grades;
+  from T1/T2 clustering: different concepts, never mixed), functional CSA, and the grades. A
+  series of several orientations has one SEG per orientation group (:mod:`reports.seg`), and a
+  muscle's segment then lies in several SEGs, which one TID 1411 row cannot reference: the group
+  is then a TID 1501 group with the segments' tracking identifier and UID (the same in every
+  SEG), and its slices' TID 1410 groups reference each SEG frame they measure;
 - one TID 1501 group per muscle for both sides together (the left/right asymmetry lives there),
   and one per muscle, side and vertebral level when levels are known;
 - one TID 1410 planar group per muscle, side and slice, referencing the SEG frame of that slice:
@@ -18,8 +22,11 @@ Structure of the report (PS3.16 TID 1500), built with highdicom's templates:
 - the grades as coded qualitative evaluations of their group (the citation's short form is in
   the concept's meaning);
 - document-level qualitative evaluations (TEXT): the research-use statement, the patient values
-  the comparisons used (age, sex, height, weight, BMI, and what was missing and why), and per
-  group the full citations of its grades and why a comparison was not made.
+  the comparisons used (age, sex, height, weight, BMI, and what was missing and why), per group
+  the full citations of its grades and why a comparison was not made, and the images set aside
+  (:mod:`inference.set_aside`): a count by kind, then one TEXT per image, concept
+  ``(SETASIDE, 99MUSCLENODE, "Image set aside")``, naming its series, instance, frame, kind and
+  reason, so that software finds them by the concept and a person reads them.
 
 UIDs come from :class:`reports.uids.ResultIdentity`; the device observer UID from
 :func:`reports.uids.derive_uid`, because it names the device, not the study.
@@ -58,6 +65,7 @@ from pydicom.sr.coding import Code
 
 from inference.geometry import LabelMap
 from inference.patient import PatientContext, result_header
+from inference.set_aside import SetAside, describe_counts
 from inference.vocabulary import FatMethod, FatQuantity, Laterality, Muscle, Side
 
 from . import codes as mn
@@ -221,15 +229,18 @@ def _volumetric(assessment: Assessment, segment: SegmentRef, seg: Dataset,
     return _standard_meanings(group)
 
 
-def _image_free(assessment: Assessment, identity: ResultIdentity) -> MeasurementsAndQualitativeEvaluations:
-    """TID 1501: a group that no single segment outlines (both sides, or a level range)."""
+def _image_free(assessment: Assessment, identity: ResultIdentity,
+                segment: SegmentRef | None = None) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501: a group that no single segment outlines (both sides, a level range, or a segment
+    that lies in several SEGs, whose tracking identifier and UID it then carries)."""
     metrics = assessment.metrics
     level = None if metrics.level == ALL_LEVELS else metrics.level
     coded, _ = _evaluations(assessment)
+    tracking = (TrackingIdentifier(uid=segment.tracking_uid, identifier=segment.tracking_id) if segment is not None
+                else TrackingIdentifier(uid=identity.uid("sr", "group", metrics.muscle, metrics.side, metrics.level),
+                                        identifier=_label(assessment)))
     return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(
-            uid=identity.uid("sr", "group", metrics.muscle, metrics.side, metrics.level),
-            identifier=_label(assessment)),
+        tracking_identifier=tracking,
         finding_type=metrics.muscle.code,
         finding_sites=_sites(metrics.muscle, metrics.side, level),
         measurements=_measurements(assessment),
@@ -291,9 +302,24 @@ def _subject_context(patient: PatientContext | None) -> list:
     return items
 
 
+def _set_aside_notes(items: Sequence[SetAside]) -> list[TextContentItem]:
+    """The images set aside: their count by kind (a comment), then one TEXT per image."""
+    if not items:
+        return []
+    notes = [_text(mn.COMMENT, describe_counts(items) + ". They are in no segmentation and no measurement.")]
+    for item in items:
+        frame = f", frame {item.frame_number}" if item.multi_frame and item.frame_number is not None else ""
+        number = f" (instance number {item.instance_number})" if item.instance_number is not None else ""
+        notes.append(_text(mn.SET_ASIDE, f"series {item.series_instance_uid}, instance "
+                                         f"{item.sop_instance_uid or '(unreadable file)'}{number}{frame}: "
+                                         f"{item.kind}; {item.detail}"))
+    return notes
+
+
 def _document_notes(assessments: Sequence[Assessment], patient: PatientContext | None, card_name: str,
-                    card_version: str) -> ContainerContentItem:
-    """TID 1500 row 12: the research-use statement, the patient values, each group's sources.
+                    card_version: str, set_aside: Sequence[SetAside] = ()) -> ContainerContentItem:
+    """TID 1500 row 12: the research-use statement, the patient values, each group's sources,
+    and the images set aside.
 
     The grade citations and notes are TEXT here rather than beside the coded grade in its group,
     because the document-level container is where every validator accepts free text.
@@ -323,13 +349,14 @@ def _document_notes(assessments: Sequence[Assessment], patient: PatientContext |
         _, notes = _evaluations(assessment)
         if notes:
             items.append(_text(mn.COMMENT, f"{_label(assessment)}: " + " | ".join(notes)))
+    items.extend(_set_aside_notes(set_aside))
     container.ContentSequence = items
     return container
 
 
 def build_report(
     label_map: LabelMap,
-    segmentation: Dataset,
+    segmentation: Dataset | Sequence[Dataset],
     assessments: Sequence[Assessment],
     identity: ResultIdentity,
     card_name: str,
@@ -346,8 +373,9 @@ def build_report(
     ----------
     label_map : LabelMap
         The labels the SEG was made from (its series is the source of both).
-    segmentation : Dataset
-        The SEG from :func:`reports.seg.build_segmentation` (or read back from its file).
+    segmentation : Dataset or sequence of Dataset
+        The SEG from :func:`reports.seg.build_segmentation`, or the SEGs of every orientation
+        group from :func:`reports.seg.build_segmentations` (or read back from their files).
     assessments : sequence of Assessment
         From :func:`reports.assessment.assess`: per muscle, side (left, right, both) and level.
     identity : ResultIdentity
@@ -376,12 +404,25 @@ def build_report(
     """
     if not assessments:
         raise ValueError("no assessments: there is nothing to report")
+    segmentations = [segmentation] if isinstance(segmentation, Dataset) else list(segmentation)
+    if not segmentations:
+        raise ValueError("no SEG: the report measures segments")
     series = label_map.series
     sources = list(source_datasets) if source_datasets is not None else source_datasets_of(label_map)
     # The SR repeats the patient's attributes of its first evidence: as the node read them.
     sources[0] = result_header(sources[0])
-    by_key = segments(segmentation)
-    frames = segment_frames(segmentation)
+    # (muscle, side) -> segment, and (muscle, side, source instance, source frame) -> (SEG, frame).
+    by_key: dict[tuple[str, str], SegmentRef] = {}
+    frames: dict[tuple[str, str, str, int], tuple[Dataset, int, SegmentRef]] = {}
+    for seg in segmentations:
+        found = segments(seg)
+        by_number = {ref.number: (key, ref) for key, ref in found.items()}
+        for key, ref in found.items():
+            by_key.setdefault(key, ref)
+        for (number, uid, frame), seg_frame in segment_frames(seg).items():
+            if number in by_number:
+                key, ref = by_number[number]
+                frames[(*key, uid, frame)] = (seg, seg_frame, ref)
     multiframe = len({g.sop_instance_uid for g in series.geometry}) < len(series.geometry)
 
     groups: list = []
@@ -394,14 +435,18 @@ def build_report(
         segment = by_key.get((metrics.muscle, metrics.side))
         if segment is None:
             raise ValueError(f"the SEG has no segment for the {metrics.side} {metrics.muscle}")
-        groups.append(_volumetric(assessment, segment, segmentation, series.series_instance_uid))
+        if len(segmentations) == 1:
+            groups.append(_volumetric(assessment, segment, segmentations[0], series.series_instance_uid))
+        else:
+            groups.append(_image_free(assessment, identity, segment))
         for area in metrics.slices:
-            key = (segment.number, area.sop_instance_uid, area.frame_number)
+            key = (metrics.muscle, metrics.side, area.sop_instance_uid, area.frame_number)
             if key not in frames:
-                raise ValueError(f"the SEG has no frame of segment {segment.number} on source frame "
+                raise ValueError(f"no SEG has a frame of the {metrics.side} {metrics.muscle} on source frame "
                                  f"{area.frame_number} of instance {area.sop_instance_uid}")
-            planar.append(_planar(area, assessment, segment, segmentation, frames[key], series.sop_class_uid,
-                                  multiframe, identity))
+            seg, seg_frame, ref = frames[key]
+            planar.append(_planar(area, assessment, ref, seg, seg_frame, series.sop_class_uid, multiframe,
+                                  identity))
 
     equipment = Equipment(software_version, f"{card_name} {card_version}", device_serial_number)
     observer = ObserverContext(
@@ -422,9 +467,10 @@ def build_report(
         procedure_reported=mn.PROCEDURE_REPORTED,
         imaging_measurements=groups + planar,
     )
-    report[0].ContentSequence.append(_document_notes(assessments, patient, card_name, card_version))
+    report[0].ContentSequence.append(_document_notes(assessments, patient, card_name, card_version,
+                                                     label_map.set_aside))
     return Comprehensive3DSR(
-        evidence=[*sources, segmentation],
+        evidence=[*sources, *segmentations],
         content=report[0],
         **ResultSeries.SR.identification(identity, series.series_number),
         **equipment.general_equipment(),

@@ -120,9 +120,39 @@ def test_angled_slabs_are_still_axial_and_tilt_is_judged_per_slice() -> None:
     slabs = [_tilted(12)] * 3 + [_tilted(-25)] * 3
     got = decide(series("slabs", orientations=slabs))
     assert got["slabs"].selected and "2 orientations (angled slabs)" in got["slabs"].reason
+    # A minority of off-plane slices (a localizer) is set aside, not a reason to skip the series.
     one_too_steep = [_tilted(12)] * 3 + [_tilted(55)]
     got = decide(series("steep", orientations=one_too_steep))
-    assert not got["steep"].selected and "1 of 4 slices" in got["steep"].reason
+    assert got["steep"].selected and "1 off-plane (coronal) of 4 slices will be set aside" in got["steep"].reason
+    mostly_steep = [_tilted(12)] * 2 + [_tilted(55)] * 2
+    got = decide(series("steep", orientations=mostly_steep))
+    assert not got["steep"].selected and "not axial: 2 of 4 slices" in got["steep"].reason
+
+
+def test_slices_without_geometry_are_counted_and_too_few_axial_slices_skip() -> None:
+    headers = series("gap", orientations=[AXIAL] * 4)
+    frames = [dict(h) for h in headers.headers]
+    frames[1] = {**frames[1], "frames": [{"orientation": AXIAL, "position": None, "spacing": [1.0, 1.0]}]}
+    got = decide(SeriesHeaders("gap", "1.9", 1, tuple(frames)))
+    assert got["gap"].selected
+    assert "1 without position, orientation or pixel spacing of 4 slices will be set aside" in got["gap"].reason
+    got = decide(series("two", orientations=[AXIAL] * 2))
+    assert not got["two"].selected and "too few usable axial slices: 2 of 2 (at least 3 needed" in got["two"].reason
+
+
+def test_dixon_components_pair_when_one_lacks_a_slice() -> None:
+    dixon = dict(tr=6.5, te=2.46, description="t1_vibe_dixon_tra", orientations=[AXIAL] * 10)
+    water = series("w", image_type=("DERIVED", "PRIMARY", "DIXON", "WATER"), **dixon)
+    fat = series("f", image_type=("DERIVED", "PRIMARY", "DIXON", "FAT"), **dixon)
+    fat = SeriesHeaders("f", fat.study_uid, 1, fat.headers[:9])
+    other = series("w2", image_type=("DERIVED", "PRIMARY", "DIXON", "WATER"), **dixon)
+    # Another station: the same slice pattern 200 mm further down shares no position.
+    other = SeriesHeaders("w2", other.study_uid, 1, tuple(
+        {**h, "frames": [{**h["frames"][0], "position": [0.0, 0.0, h["frames"][0]["position"][2] - 200]}]}
+        for h in other.headers))
+    got = decide(water, fat, other)
+    assert got["w"].selected and got["f"].selected and got["w"].grouping == got["f"].grouping
+    assert not got["w2"].selected and "without a water and fat pair" in got["w2"].reason
 
 
 def test_orientation_names() -> None:

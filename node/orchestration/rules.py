@@ -5,25 +5,30 @@ needs. Each series of a study is judged on its headers alone (pure functions, no
 
 1. modality and SOP class (an MR image);
 2. lumbar region: BodyPartExamined, then study, series and protocol descriptions;
-3. axial: every slice's normal within ``max_oblique_degrees`` of the patient's long axis, judged
-   per slice so that angled slabs in one series still count;
+3. axial, judged per slice: a slice is axial when its normal is within ``max_oblique_degrees``
+   of the patient's long axis, so that angled slabs in one series still count. Slices that are
+   not axial (a localizer inside the series) or lack position, orientation or spacing are set
+   aside by the pipeline (:mod:`inference.set_aside`) when they are the minority and at least
+   :data:`inference.set_aside.MIN_FRAMES` axial slices remain; the decision says how many;
 4. no fat suppression (there is no fat signal left to measure);
 5. the contrast: a Dixon component (water, fat, in-phase, opposed-phase, fat fraction) from
    ImageType values and vendor descriptions, otherwise T1 or T2 from the enhanced contrast
    attribute, TR and TE, or the description.
 
-Dixon components of one acquisition (same study, frame of reference and slice geometry) are then
-grouped; a group is selected when it holds both water and fat, or a vendor fat-fraction map.
+Dixon components of one acquisition (same study and frame of reference, and most slice positions
+in common: a component may lack a slice the others have, which the pipeline then sets aside) are
+then grouped; a group is selected when it holds both water and fat, or a vendor fat-fraction map.
 Every series gets exactly one :class:`Decision` with a reason a person can read.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from inference.geometry import axial_tilt_degrees, plane_name
+from inference.set_aside import MIN_FRAMES
 from inference.vocabulary import Contrast
 
 from ..config import Rules
@@ -112,32 +117,9 @@ class Decision:
         }
 
 
-def _normal(orientation: Sequence[float]) -> tuple[float, float, float] | None:
-    row, column = orientation[:3], orientation[3:]
-    n = (
-        row[1] * column[2] - row[2] * column[1],
-        row[2] * column[0] - row[0] * column[2],
-        row[0] * column[1] - row[1] * column[0],
-    )
-    length = math.sqrt(sum(c * c for c in n))
-    return None if length < 1e-6 else (n[0] / length, n[1] / length, n[2] / length)
-
-
 def orientation_name(orientation: Sequence[float]) -> str:
     """``"axial"``, ``"coronal"`` or ``"sagittal"``: the plane a slice is closest to."""
-    normal = _normal(orientation)
-    if normal is None:
-        return "degenerate"
-    axis = max(range(3), key=lambda i: abs(normal[i]))
-    return ("sagittal", "coronal", "axial")[axis]
-
-
-def _tilt_degrees(orientation: Sequence[float]) -> float | None:
-    """Angle between a slice's normal and the patient's head-foot axis."""
-    normal = _normal(orientation)
-    if normal is None:
-        return None
-    return math.degrees(math.acos(min(1.0, abs(normal[2]))))
+    return plane_name(orientation)
 
 
 def _descriptions(series: SeriesHeaders) -> list[str]:
@@ -186,24 +168,48 @@ def _check_lumbar(series: SeriesHeaders, rules: Rules) -> tuple[str | None, str]
     return f"not lumbar: {shown} and no description matches a lumbar pattern", ""
 
 
+def _placed(frame: dict[str, Any]) -> bool:
+    return all(frame.get(k) for k in ("orientation", "position", "spacing")) and \
+        axial_tilt_degrees(frame["orientation"]) is not None
+
+
+def _axial_frames(series: SeriesHeaders, rules: Rules) -> list[dict[str, Any]]:
+    """The frames the pipeline keeps: placed in the patient and axial."""
+    return [f for f in series.frames if _placed(f) and axial_tilt_degrees(f["orientation"]) <= rules.max_oblique_degrees]
+
+
 def _check_axial(series: SeriesHeaders, rules: Rules) -> tuple[str | None, str]:
     frames = series.frames
-    orientations = [f.get("orientation") for f in frames]
-    if not orientations or any(o is None for o in orientations):
-        return "no ImageOrientationPatient on every slice", ""
-    tilts = [_tilt_degrees(o) for o in orientations]
-    if any(t is None for t in tilts):
-        return "degenerate ImageOrientationPatient", ""
-    off = [t for t in tilts if t > rules.max_oblique_degrees]
-    if off:
-        planes = sorted({orientation_name(o) for o, t in zip(orientations, tilts) if t > rules.max_oblique_degrees})
+    if not frames:
+        return "no image frames", ""
+    placed = [f for f in frames if _placed(f)]
+    unplaced = len(frames) - len(placed)
+    tilts = [axial_tilt_degrees(f["orientation"]) for f in placed]
+    axial = [t for t in tilts if t <= rules.max_oblique_degrees]
+    off = [f for f, t in zip(placed, tilts) if t > rules.max_oblique_degrees]
+    if len(off) * 2 >= len(placed) and off:
+        planes = sorted({orientation_name(f["orientation"]) for f in off})
         return (
-            f"not axial: {len(off)} of {len(tilts)} slices are tilted more than {rules.max_oblique_degrees:g}°"
+            f"not axial: {len(off)} of {len(placed)} slices are tilted more than {rules.max_oblique_degrees:g}°"
             f" from the axial plane (closest to {', '.join(planes)})"
         ), ""
-    stacks = len({tuple(round(v, 3) for v in o) for o in orientations})
-    detail = f"axial, tilt up to {max(tilts):.1f}°"
-    return None, detail + (f" in {stacks} orientations (angled slabs)" if stacks > 1 else "")
+    if len(axial) < MIN_FRAMES:
+        return (f"too few usable axial slices: {len(axial)} of {len(frames)} (at least {MIN_FRAMES} needed;"
+                f" {unplaced} without position, orientation or pixel spacing, {len(off)} off-plane)"), ""
+    orientations = {tuple(round(v, 3) for v in f["orientation"]) for f in placed
+                    if axial_tilt_degrees(f["orientation"]) <= rules.max_oblique_degrees}
+    detail = f"axial, tilt up to {max(axial):.1f}°"
+    if len(orientations) > 1:
+        detail += f" in {len(orientations)} orientations (angled slabs)"
+    aside = []
+    if off:
+        planes = sorted({orientation_name(f["orientation"]) for f in off})
+        aside.append(f"{len(off)} off-plane ({', '.join(planes)})")
+    if unplaced:
+        aside.append(f"{unplaced} without position, orientation or pixel spacing")
+    if aside:
+        detail += f"; {' and '.join(aside)} of {len(frames)} slices will be set aside"
+    return None, detail
 
 
 def _check_fat_suppression(series: SeriesHeaders, rules: Rules) -> str | None:
@@ -255,17 +261,19 @@ def _weighting(series: SeriesHeaders) -> tuple[Contrast | None, str]:
     return None, shown
 
 
-def _geometry_key(series: SeriesHeaders) -> tuple[Any, ...]:
-    # Components of one Dixon acquisition share every slice position and orientation.
-    frames = series.frames
-    return (
-        series.study_uid,
-        series.first("FrameOfReferenceUID"),
-        tuple(sorted(
-            tuple(round(v, 2) for v in (f.get("position") or []) + (f.get("orientation") or []))
-            for f in frames
-        )),
-    )
+#: Share of the smaller set of slice positions two Dixon components must have in common to be
+#: one acquisition: a component may lack a few slices (set aside or never sent); two separate
+#: acquisitions (two stations, another slab) share few or none.
+_SHARED_POSITIONS = 0.8
+
+
+def _positions(series: SeriesHeaders, rules: Rules) -> frozenset[tuple[float, ...]]:
+    """Slice positions and orientations of the axial frames, rounded to 0.01 mm and 0.01."""
+    return frozenset(tuple(round(v, 2) for v in f["position"] + f["orientation"]) for f in _axial_frames(series, rules))
+
+
+def _same_acquisition(a: frozenset, b: frozenset) -> bool:
+    return bool(a) and bool(b) and len(a & b) >= _SHARED_POSITIONS * min(len(a), len(b))
 
 
 def decide_study(series_list: Sequence[SeriesHeaders], rules: Rules) -> list[Decision]:
@@ -284,7 +292,9 @@ def decide_study(series_list: Sequence[SeriesHeaders], rules: Rules) -> list[Dec
         One per series, in the order given.
     """
     decisions: dict[str, Decision] = {}
-    dixon: dict[tuple[Any, ...], dict[str, tuple[SeriesHeaders, str]]] = {}
+    # Dixon acquisitions: (study, frame of reference, slice positions of the first component) and
+    # their components by role.
+    dixon: list[tuple[tuple[str, str, frozenset], dict[str, tuple[SeriesHeaders, str]]]] = []
     for series in series_list:
         skip = _check_modality(series, rules)
         lumbar_evidence = axial_evidence = ""
@@ -302,7 +312,12 @@ def decide_study(series_list: Sequence[SeriesHeaders], rules: Rules) -> list[Dec
             continue
         basis = f"lumbar ({lumbar_evidence}), {axial_evidence}"
         if role is not None:
-            components = dixon.setdefault(_geometry_key(series), {})
+            where = (series.study_uid, series.first("FrameOfReferenceUID"), _positions(series, rules))
+            components = next((found for key, found in dixon if key[:2] == where[:2]
+                               and _same_acquisition(key[2], where[2])), None)
+            if components is None:
+                components = {}
+                dixon.append((where, components))
             if role in components:
                 decisions[series.series_uid] = Decision(
                     series.series_uid, series.version, False,
@@ -324,7 +339,7 @@ def decide_study(series_list: Sequence[SeriesHeaders], rules: Rules) -> list[Dec
                 kind=weighting, role=weighting, grouping=f"{weighting}:{series.series_uid}",
             )
 
-    for components in dixon.values():
+    for _, components in dixon:
         usable = (Contrast.WATER in components and Contrast.FAT in components) or Contrast.FAT_FRACTION in components
         anchor = (components.get(Contrast.WATER) or components.get(Contrast.FAT_FRACTION)
                   or next(iter(components.values())))

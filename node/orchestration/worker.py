@@ -2,6 +2,13 @@
 
 Also the bridge from assembly to jobs: when the rules select a group of series, a job is
 submitted for the versions of its series at that moment.
+
+Failure containment: whatever goes wrong while one job is processed ends that job, never the
+worker. Bad input the pipeline recognises fails the job with its reason (:class:`PipelineError`);
+disk and memory errors are retried; any other exception fails the job with a reason a person
+reads ("musclenode failed unexpectedly ...: what happened") while the traceback goes to the log,
+and the worker takes the next job. A job queue that cannot be read for a moment (a locked
+database) is tried again.
 """
 
 from __future__ import annotations
@@ -29,9 +36,22 @@ from ..storage.jobs import Job, JobQueue
 from .rules import Decision
 from ..storage.store import InstanceStore
 
-__all__ = ["Workers", "submit_selected"]
+__all__ = ["Workers", "submit_selected", "unexpected_reason"]
 
 log = logging.getLogger(__name__)
+
+#: Seconds a worker waits before reading a job queue again that it could not read.
+_QUEUE_RETRY_SECONDS = 5.0
+
+
+def unexpected_reason(exc: BaseException) -> str:
+    """A failed job's reason for an exception the pipeline did not expect, in words a person reads."""
+    what = str(exc).strip() or "no message"
+    if len(what) > 300:
+        what = what[:297] + "..."
+    return (f"musclenode failed unexpectedly while processing this series ({type(exc).__name__}: {what}). "
+            "This is a fault in musclenode rather than a known problem of the images; the traceback is in "
+            "the node's log. Other series are not affected.")
 
 
 def submit_selected(index: Index, jobs: JobQueue, decisions: Sequence[Decision]) -> list[Job]:
@@ -86,7 +106,8 @@ class Workers:
 
             site = load_site_reference(self.config.site_reference)
         return PipelineSettings(erode_fat=self.config.erode_fat, cluster_method=self.config.cluster_method,
-                                assume_levels=self.config.assume_levels or None, site_reference=site)
+                                assume_levels=self.config.assume_levels or None, site_reference=site,
+                                max_oblique_degrees=self.config.rules.max_oblique_degrees)
 
     def _segmenter(self):
         from inference.registry import load_model
@@ -125,14 +146,30 @@ class Workers:
             return
         log.info("%s ready: model %s %s on %s", name, segmenter.card.name, segmenter.card.version, segmenter.device)
         while not self._stop.is_set():
-            job = self.jobs.claim(name)
+            try:
+                job = self.jobs.claim(name)
+                due = self.jobs.next_due() if job is None else None
+            except Exception:
+                log.exception("%s cannot read the job queue; trying again in %.0f s", name, _QUEUE_RETRY_SECONDS)
+                self._stop.wait(_QUEUE_RETRY_SECONDS)
+                continue
             if job is None:
-                due = self.jobs.next_due()
                 wait = 5.0 if due is None else max(0.05, min(5.0, due - time.time()))
                 self._wake.wait(wait)
                 self._wake.clear()
                 continue
-            self._process(job, segmenter)
+            try:
+                self._process(job, segmenter)
+            except Exception as exc:  # a fault after the pipeline: keeping, routing or recording results
+                log.exception("job %d failed unexpectedly after processing", job.id)
+                self._fail(job.id, unexpected_reason(exc), transient=False)
+
+    def _fail(self, job_id: int, reason: str, transient: bool) -> None:
+        """Record a job's failure; a queue that cannot record it is logged, and the worker goes on."""
+        try:
+            self.jobs.fail(job_id, reason, transient=transient)
+        except Exception:
+            log.exception("job %d: its failure could not be recorded (%s)", job_id, reason)
 
     def _work_item(self, job: Job) -> WorkItem:
         files: dict[str, list[Path]] = {}
@@ -156,21 +193,21 @@ class Workers:
             return
         except PipelineError as exc:
             log.warning("job %d failed: %s", job.id, exc)
-            self.jobs.fail(job.id, str(exc), transient=exc.transient)
+            self._fail(job.id, str(exc), transient=exc.transient)
             return
         except (OSError, MemoryError) as exc:
             log.warning("job %d: transient failure: %s", job.id, exc)
-            self.jobs.fail(job.id, f"{type(exc).__name__}: {exc}", transient=True)
+            self._fail(job.id, f"{type(exc).__name__}: {exc}", transient=True)
             return
         except Exception as exc:
-            log.exception("job %d failed", job.id)
-            self.jobs.fail(job.id, f"internal error: {type(exc).__name__}: {exc}", transient=False)
+            log.exception("job %d failed unexpectedly", job.id)
+            self._fail(job.id, unexpected_reason(exc), transient=False)
             return
         self.inference_seconds += results.seconds.get("inference", 0.0)
         try:
             files = self._keep(results.datasets)
         except OSError as exc:
-            self.jobs.fail(job.id, f"cannot write results: {exc}", transient=True)
+            self._fail(job.id, f"cannot write results: {exc}", transient=True)
             return
         destinations, why_none = destinations_for(self.config, job.source_ae, job.source_address)
         summary = {
@@ -178,6 +215,9 @@ class Workers:
             "steps": {k: round(v, 2) for k, v in results.seconds.items()},
             "destinations": [d.name for d in destinations], "not_sent": why_none,
             "findings": len(results.label_map.findings),
+            "segmentations": len(results.segmentations),
+            # Images of the input that were not processed, each with its reason (inference.set_aside).
+            "set_aside": [item.as_dict() for item in results.set_aside],
             # The cohort rows of ``musclenode process`` (no patient identifiers): the dashboard's
             # measurement table and its CSV download.
             "measurements": [_plain(row) for row in cohort_rows(results, job.study_uid)],

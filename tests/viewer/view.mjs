@@ -1,5 +1,6 @@
 // Open a study in OHIF, load its SEG over the MR series, screenshot the viewport.
 // Usage: node view.mjs <origin> <studyUID> <screenshot.png> <label> [<label>...]
+// SEG_INDEX (environment, default 0): which SEG thumbnail to load, for studies with several SEGs.
 import { chromium } from 'playwright-core';
 
 const [origin, study, shot, ...labels] = process.argv.slice(2);
@@ -23,10 +24,13 @@ try {
   await page.keyboard.press('Escape');
   await page.evaluate(() => document.querySelectorAll('.shepherd-modal-overlay-container, .shepherd-element').forEach(e => e.remove()));
   // The SEG's thumbnail in the study browser: double-click loads it into the active viewport.
-  const seg = page.locator('[data-cy="study-browser-thumbnail"], [data-cy^="study-browser-thumbnail"]').filter({ hasText: 'SEG' }).first();
+  const segIndex = Number(process.env.SEG_INDEX || 0);
+  const segs = page.locator('[data-cy="study-browser-thumbnail"], [data-cy^="study-browser-thumbnail"]').filter({ hasText: 'SEG' });
+  const seg = segs.nth(segIndex);
   await seg.waitFor({ timeout: 30000 });
+  log(`SEG thumbnails: ${await segs.count()}`);
   await seg.dblclick();
-  log('SEG thumbnail double-clicked');
+  log(`SEG thumbnail ${segIndex} double-clicked`);
   // OHIF asks whether to load (hydrate) the segmentation; say yes.
   for (let i = 0; i < 20; i++) {
     const yes = page.getByRole('button', { name: /^(Yes|Load)$/i });
