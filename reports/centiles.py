@@ -170,13 +170,15 @@ class Covariates:
 class CentileCurves:
     """Centile curves against age for one person's sex, BMI and site, on the measurement's scale.
 
-    ``values[i][j]`` is centile ``centiles[i]`` (percent) at ``ages[j]``.
+    ``values[i][j]`` is centile ``centiles[i]`` (percent) at ``ages[j]``; ``age`` is the person's,
+    ``who`` says for whom in words.
     """
 
     ages: tuple[float, ...]
     centiles: tuple[float, ...]
     values: tuple[tuple[float, ...], ...]
     who: str
+    age: float
 
 
 @dataclass(frozen=True)
@@ -328,7 +330,7 @@ class CentileModel:
         where = f", site {who.site}" if who.site else (", average of the sites" if len(self.sites) > 1 else "")
         return CentileCurves(tuple(float(a) for a in ages), tuple(float(c) for c in centiles),
                              tuple(tuple(float(v) for v in row) for row in values),
-                             f"{sex}, BMI {who.bmi:.1f}{where}")
+                             f"{sex}, BMI {who.bmi:.1f}{where}", float(who.age))
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
