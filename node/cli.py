@@ -360,7 +360,7 @@ def _reference_show(args: argparse.Namespace) -> int:
                            f"held-out {c['people']} people: mean z {c['mean_z']:+.2f}, SD {c['sd_z']:.2f}, "
                            f"{100 * c['inside_5_95']:.1f} % inside P5-P95"
                            + ("" if c["calibrated"] else " (MISCALIBRATED)"))
-            print(f"  {m.label}: n {m.n} ({m.n_subjects} people), ages {m.age_range[0]:g}-{m.age_range[1]:g}, "
+            print(f"  {m.label}: n {m.n} ({m.n_subjects} people), ages {m.age_range[0]:.1f}-{m.age_range[1]:.1f}, "
                   f"BMI {m.bmi_range[0]:.1f}-{m.bmi_range[1]:.1f}, sexes {'+'.join(m.sexes)}, age df "
                   f"{m.fit.get('age_df')}, skewness {m.epsilon:+.2f}, tail weight {math.exp(m.log_delta):.2f};"
                   f" {calibration}")

@@ -292,7 +292,7 @@ class CentileModel:
         """Why this model gives no z-score for this person, or None."""
         low, high = self.age_range
         if not low <= who.age <= high:
-            return f"age {who.age:.1f} is outside the ages the model was fitted on ({low:g}-{high:g} years)"
+            return f"age {who.age:.1f} is outside the ages the model was fitted on ({low:.1f}-{high:.1f} years)"
         low, high = self.bmi_range
         if not low <= who.bmi <= high:
             return f"BMI {who.bmi:.1f} is outside the BMIs the model was fitted on ({low:.1f}-{high:.1f} kg/m2)"

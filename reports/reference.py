@@ -551,7 +551,7 @@ def _site(method: ReferenceMethod, muscle: str, measurement: str, levels: str | 
     description = (f"{method} {muscle} {measurement} {model.levels or 'levels not given'}, site controls, centile "
                    f"curves of {', '.join(terms)} for {sex} aged {who.age:.0f}, BMI {who.bmi:.1f}"
                    f"{f', site {who.site}' if who.site else ''} (n {model.n}, {model.n_subjects} people, ages "
-                   f"{model.age_range[0]:g}-{model.age_range[1]:g})")
+                   f"{model.age_range[0]:.0f}-{model.age_range[1]:.0f})")
     equation = (f"z = normal quantile of the value's centile in site reference {title} for this person "
                 f"(sinh-arcsinh distribution on the {'logit' if model.transform == 'logit_percent' else 'log'} "
                 f"scale); median {median:.4g} {unit}, 5th-95th centiles {bands[1]:.4g}-{bands[5]:.4g} {unit}")

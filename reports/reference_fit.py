@@ -516,8 +516,8 @@ def describe(report: FitReport) -> Iterable[str]:
             calibration = (f"held out {c['people']} people: mean z {c['mean_z']:+.2f}, SD {c['sd_z']:.2f}, "
                            f"{100 * c['inside_5_95']:.1f} % inside P5-P95"
                            + ("" if c["calibrated"] else " MISCALIBRATED: " + "; ".join(c["problems"])))
-        yield (f"  {m.label}: {', '.join(terms)}; n {m.n} ({m.n_subjects} people), age {m.age_range[0]:g}-"
-               f"{m.age_range[1]:g}, BMI {m.bmi_range[0]:.1f}-{m.bmi_range[1]:.1f}, sexes {'+'.join(m.sexes)}; "
+        yield (f"  {m.label}: {', '.join(terms)}; n {m.n} ({m.n_subjects} people), age {m.age_range[0]:.1f}-"
+               f"{m.age_range[1]:.1f}, BMI {m.bmi_range[0]:.1f}-{m.bmi_range[1]:.1f}, sexes {'+'.join(m.sexes)}; "
                f"{calibration}")
     for problem in report.skipped_groups:
         yield f"  not fitted: {problem}"

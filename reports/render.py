@@ -663,11 +663,11 @@ def _stratum_text(comparison: Comparison) -> str:
 
 
 def _reference_cell(comparison: Comparison) -> str:
-    """A published group's mean ± SD, or a site reference's 5th-95th centiles for the person."""
+    """A published group's mean ± SD, or a site reference's 5th-95th centiles for the person (a range)."""
     stratum = comparison.stratum
     if stratum.mean is not None and stratum.sd is not None:
         return f"{stratum.mean:.1f} \u00b1 {stratum.sd:.1f}"
-    return f"P5\u2013P95 {stratum.bands[1]:.1f}\u2013{stratum.bands[5]:.1f}"
+    return f"{stratum.bands[1]:.1f}\u2013{stratum.bands[5]:.1f}"
 
 
 @dataclass(frozen=True)
@@ -689,7 +689,7 @@ _COLUMNS = (
     ("asymmetry", "Asym.\n%", 116, "right"),
     ("z", "Fat\nz", 76, "right"),
     ("percentile", "Fat\npctl", 70, "right"),
-    ("reference", "Fat reference %\nmean \u00b1 SD or centiles", 236, "right"),
+    ("reference", "Fat ref. %\n\u00b1SD | P5\u201395", 176, "right"),
     ("grade", "Grade", 150, "left"),
 )
 
