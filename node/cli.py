@@ -314,6 +314,13 @@ def _reference_fit(args: argparse.Namespace) -> int:
     from reports.reference_fit import CohortError, describe, fit_site_reference, read_cohort
 
     try:
+        import statsmodels  # noqa: F401
+    except ImportError:
+        print("musclenode: fitting a site reference needs statsmodels: pip install 'musclenode[reference]'",
+              file=sys.stderr)
+        return 1
+
+    try:
         observations, skipped = read_cohort(args.cohort)
     except (OSError, CohortError) as exc:
         print(f"musclenode: {exc}", file=sys.stderr)
