@@ -289,6 +289,8 @@ def test_cli_fit_show_z_and_calibrate(tmp_path, capsys):
     assert "site term: site" in printed and "inside P5-P95" in printed
     assert main(["reference", "show", "--site", str(out)]) == 0
     assert "hospital version 2026.1" in capsys.readouterr().out
+    assert main(["reference", "show"]) == 0
+    assert "published reference reference-v1: 28 groups" in capsys.readouterr().out
     site = load_site_reference(out)
     model = site.find("dixon_ff", "multifidus", FF, None)
     median = float(model.value_at(0.0, Covariates(50.0, "M", 25.0, "A"))[0])
