@@ -10,11 +10,11 @@ Two kinds of reference answer the same question:
   centile curves of age, sex, BMI and site on a skewed, bounded scale (:mod:`reports.centiles`).
 
 :func:`compare` gives, for one measurement, the z-score, the percentile and the reference used.
-It prefers a site reference when one is given and has a model for the measurement. When the
-person lacks what the model needs (age, sex, BMI), the published table is used with a note; when
-the person is outside the ages, BMIs or sexes the model was fitted on, there is no z-score, and
-the result says why (a curve is not extrapolated, and another reference is not silently
-substituted).
+It prefers a site reference when one is given and has a model for the measurement and the
+person's sex. When the person lacks what the model needs (age, sex, BMI), or the model has no
+curves for the measurement or the sex, the published table is used with a note; when the person
+is outside the ages or BMIs the model was fitted on, there is no z-score, and the result says why
+(a curve is not extrapolated, and another reference is not silently substituted).
 
 Rules
 -----
@@ -529,6 +529,8 @@ def _site(method: ReferenceMethod, muscle: str, measurement: str, levels: str | 
         why = "; ".join(f"{n.replace('_years', '')} missing ({patient.why_missing(n)})" for n in lacking)
         return None, None, f"site reference {title} needs age, sex and BMI: {why}", (), False
     who = Covariates(float(patient.age_years), str(patient.sex), float(patient.bmi), site.site)
+    if who.sex not in model.sexes:  # a group the cohort did not have, like a muscle it did not measure
+        return None, None, f"site reference {title} was fitted on sex {'+'.join(model.sexes)} only", (), False
     refusal = model.refusal(who)
     if refusal:
         return None, None, f"no z-score from site reference {title}: {refusal}", (), True

@@ -268,6 +268,11 @@ def test_missing_bmi_or_another_muscle_falls_back_to_the_published_table(fitted)
     other = compare(15.0, method="dixon_ff", muscle="erector_spinae", measurement=FF, levels="L1-L5",
                     patient=person(), site=fitted)
     assert other.stratum.kind == "published" and any("has no dixon_ff erector_spinae" in n for n in other.notes)
+    women = replace(fitted, models=tuple(replace(m, sexes=["F"], mu={k: v for k, v in m.mu.items() if k != "male"})
+                                         for m in fitted.models))
+    man = compare(15.0, method="dixon_ff", muscle="multifidus", measurement=FF, levels="L1-L5",
+                  patient=person(45, "M", 1.80, 80.0), site=women)
+    assert man.stratum.kind == "published" and any("fitted on sex F only" in n for n in man.notes)
     threshold = compare(20.0, method="t1t2_threshold", muscle="multifidus", measurement=FF, levels="L1-L5",
                         patient=person(), site=fitted)
     assert threshold.z is None and "no reference for this method" in threshold.reason
