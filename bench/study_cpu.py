@@ -31,6 +31,7 @@ studies per hour with one and two Dask workers. Run both for the issue's benchma
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -145,9 +146,12 @@ def quantised_card(study: Path, folder: Path) -> Path:
             return None if window is None else {name: window}
 
     prepared, quantised = folder / "prepared.onnx", folder / f"{card.name}-int8.onnx"
-    quant_pre_process(str(card.onnx_path), str(prepared), skip_symbolic_shape=True)
-    quantize_static(str(prepared), str(quantised), Windows(), quant_format=QuantFormat.QDQ,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    # The quantisation tools leave temporary models in the working directory: keep them in the
+    # bench's temporary folder.
+    with contextlib.chdir(folder):
+        quant_pre_process(str(card.onnx_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(quantised), Windows(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     document = json.loads(CARD.read_text())
     document.update(onnx=quantised.name, sha256=file_sha256(quantised), version=document["version"] + "+int8")
     path = folder / f"{card.name}-int8.json"
