@@ -213,6 +213,20 @@ class FrameGeometry:
             offset @ self.normal,
         ], axis=-1)
 
+    def crop(self, rows: slice, columns: slice) -> "FrameGeometry":
+        """The grid of a rectangle of this frame's pixels (``rows`` and ``columns``, step 1).
+
+        Pixel ``(r, c)`` of the result is pixel ``(rows.start + r, columns.start + c)`` of this
+        frame; the result is not a DICOM frame (no SOP Instance UID).
+        """
+        r0, r1, _ = rows.indices(self.rows)
+        c0, c1, _ = columns.indices(self.columns)
+        if r1 <= r0 or c1 <= c0:
+            raise GeometryError(f"empty crop {rows}, {columns} of a {self.rows} x {self.columns} frame")
+        return FrameGeometry(position=tuple(self.pixel_to_lps(r0, c0)), row_cosine=self.row_cosine,
+                             column_cosine=self.column_cosine, pixel_spacing=self.pixel_spacing,
+                             rows=r1 - r0, columns=c1 - c0)
+
     @property
     def centre(self) -> np.ndarray:
         """LPS position of the frame's centre."""

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import signal
 import sys
 import time
@@ -507,15 +508,24 @@ def _models_import_musclemap(args: argparse.Namespace) -> int:
 def _reference_fit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from reports.reference import save_site_reference
+    from reports.centiles import save_site_reference
     from reports.reference_fit import CohortError, describe, fit_site_reference, read_cohort
+
+    try:
+        import statsmodels  # noqa: F401
+    except ImportError:
+        print("musclenode: fitting a site reference needs statsmodels: pip install 'musclenode[reference]'",
+              file=sys.stderr)
+        return 1
 
     try:
         observations, skipped = read_cohort(args.cohort)
     except (OSError, CohortError) as exc:
         print(f"musclenode: {exc}", file=sys.stderr)
         return 1
-    report = fit_site_reference(observations, args.name or Path(args.out).stem, skipped)
+    report = fit_site_reference(observations, args.name or Path(args.out).stem, args.version, skipped_rows=skipped,
+                                batch=args.site_term, share_held_out=args.held_out, age_df=args.age_df,
+                                cohort_file=args.cohort)
     if not report.reference.models:
         print(f"musclenode: no model could be fitted from {args.cohort}", file=sys.stderr)
         for line in describe(report):
@@ -528,21 +538,39 @@ def _reference_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_site(path: str, site: str | None = None):
+    from reports.centiles import ModelFileError, load_site_reference
+
+    try:
+        return load_site_reference(path, site)
+    except (OSError, ModelFileError) as exc:
+        print(f"musclenode: {exc}", file=sys.stderr)
+        return None
+
+
 def _reference_show(args: argparse.Namespace) -> int:
-    from reports.reference import ReferenceTableError, load_site_reference, published_table
+    from reports.reference import published_table
 
     if args.site:
-        try:
-            site = load_site_reference(args.site)
-        except (OSError, ReferenceTableError) as exc:
-            print(f"musclenode: {exc}", file=sys.stderr)
+        site = _load_site(args.site)
+        if site is None:
             return 1
-        print(f"site reference {site.name}: {len(site.models)} models")
+        cohort = site.cohort
+        print(f"site reference {site.title}: {len(site.models)} models from {cohort.get('people')} people, "
+              f"ages {cohort.get('age')}, BMI {cohort.get('bmi')}, sites {cohort.get('sites') or '-'}, "
+              f"scanners {cohort.get('scanners') or '-'}, site term {cohort.get('site_term') or 'none'}")
         for m in site.models:
-            print(f"  {m.method} {m.muscle} {m.measurement} {m.levels or '(no levels)'}:"
-                  f" intercept {m.coef_intercept:.4g}, age {m.coef_age}, male {m.coef_male}, BMI {m.coef_bmi},"
-                  f" residual SD {m.residual_sd:.4g},"
-                  f" n {m.n} ({m.n_subjects} people)")
+            c = m.calibration
+            calibration = ("not assessed" if c.get("calibrated") is None else
+                           f"held-out {c['people']} people: mean z {c['mean_z']:+.2f}, SD {c['sd_z']:.2f}, "
+                           f"{100 * c['inside_5_95']:.1f} % inside P5-P95"
+                           + ("" if c["calibrated"] else " (MISCALIBRATED)"))
+            print(f"  {m.label}: n {m.n} ({m.n_subjects} people), ages {m.age_range[0]:.1f}-{m.age_range[1]:.1f}, "
+                  f"BMI {m.bmi_range[0]:.1f}-{m.bmi_range[1]:.1f}, sexes {'+'.join(m.sexes)}, age df "
+                  f"{m.fit.get('age_df')}, skewness {m.epsilon:+.2f}, tail weight {math.exp(m.log_delta):.2f};"
+                  f" {calibration}")
+        for problem in site.skipped:
+            print(f"  not fitted: {problem}")
         return 0
     table = published_table()
     print(f"published reference {table.version}: {len(table.rows)} groups")
@@ -553,6 +581,71 @@ def _reference_show(args: argparse.Namespace) -> int:
     for source, citation in table.citations.items():
         print(f"  {source}: {citation} {table.links.get(source, '')}")
     return 0
+
+
+def _reference_z(args: argparse.Namespace) -> int:
+    import json
+
+    from inference.patient import MissingValue, PatientContext
+    from inference.vocabulary import ReferenceMethod
+    from reports.reference import ReferenceTableError, Z_BANDS, compare, level_key, muscle_key
+
+    site = _load_site(args.model, args.site)
+    if site is None:
+        return 1
+    try:
+        muscle = muscle_key(args.muscle)
+        levels = level_key(args.level) if args.level else None
+        method = ReferenceMethod.of(args.method)
+        if method is None:
+            raise ReferenceTableError(f"method {args.method!r} is not a reference or fat method")
+        if site.find(method, muscle, args.measurement, levels) is None:
+            raise ReferenceTableError(f"site reference {site.title} has no {method} {muscle} {args.measurement} model"
+                                      + (f" over {levels}" if levels else ""))
+        given = "BMI given on the command line"
+        patient = PatientContext(age_years=args.age, sex=args.sex.upper(), bmi=args.bmi, age_source="command line",
+                                 missing=(MissingValue("height_m", given), MissingValue("weight_kg", given)))
+        comparison = compare(args.value, method=method, muscle=muscle, measurement=args.measurement, levels=levels,
+                             patient=patient, site=site)
+    except (ReferenceTableError, ValueError) as exc:
+        print(f"musclenode: {exc}", file=sys.stderr)
+        return 2
+    stratum = comparison.stratum
+    result = {"model": site.title, "method": str(method), "muscle": muscle, "measurement": args.measurement,
+              "levels": levels, "site": site.site, "value": args.value, "age": args.age, "sex": args.sex.upper(),
+              "bmi": args.bmi, "z": comparison.z, "centile": comparison.percentile,
+              "reason": comparison.reason, "notes": list(comparison.notes)}
+    if stratum is not None:
+        result.update(median=stratum.at(0.0), p5=stratum.at(Z_BANDS[1]), p95=stratum.at(Z_BANDS[5]),
+                      reference=stratum.description)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+def _reference_calibrate(args: argparse.Namespace) -> int:
+    from reports.reference_fit import CohortError, calibrate, read_cohort
+
+    site = _load_site(args.model)
+    if site is None:
+        return 1
+    try:
+        observations, _ = read_cohort(args.cohort)
+    except (OSError, CohortError) as exc:
+        print(f"musclenode: {exc}", file=sys.stderr)
+        return 1
+    term = site.cohort.get("site_term")
+    failed = False
+    print(f"site reference {site.title} against {args.cohort}")
+    for model in site.models:
+        report = calibrate(model, observations, term)
+        if report["calibrated"] is None:
+            print(f"  {model.label}: {'; '.join(report['problems'])}")
+            continue
+        failed |= not report["calibrated"]
+        print(f"  {model.label}: {report['people']} people: mean z {report['mean_z']:+.2f}, SD {report['sd_z']:.2f}, "
+              f"{100 * report['inside_5_95']:.1f} % inside P5-P95"
+              + ("" if report["calibrated"] else " MISCALIBRATED: " + "; ".join(report["problems"])))
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -671,15 +764,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     reference = commands.add_parser("reference", help="the reference standard: published table and site references")
     reference_commands = reference.add_subparsers(dest="reference_command", required=True)
-    fit = reference_commands.add_parser("fit", help="fit a site reference from a control cohort CSV")
-    fit.add_argument("cohort", help="CSV: patient_id, muscle, side, level (optional), age, sex, bmi,"
-                     " fat_fraction_percent and/or csa_mm2, method")
-    fit.add_argument("--out", required=True, help="where to write the site reference (CSV)")
-    fit.add_argument("--name", help="name reported as the reference version (default: the file name)")
+    fit = reference_commands.add_parser("fit", help="fit a site reference (centile curves) from a control cohort CSV")
+    fit.add_argument("cohort", help="CSV: patient_id (or study), muscle, side, level (optional), age, sex, bmi,"
+                     " fat_fraction_percent (or fat_percent) and/or csa_mm2 (or mean_csa_mm2), method (or fat_method),"
+                     " site and scanner (optional); the cohort.csv of musclenode process is one")
+    fit.add_argument("--out", required=True, help="where to write the site reference (JSON)")
+    fit.add_argument("--name", help="name reported with every z-score (default: the file name)")
+    fit.add_argument("--version", default="1", help="version reported with every z-score (default 1)")
+    fit.add_argument("--site-term", choices=("auto", "site", "scanner", "none"), default="auto",
+                     help="what the site term uses (default: site when the cohort has several, else scanner)")
+    fit.add_argument("--held-out", type=float, default=0.2,
+                     help="share of the people held out for the calibration report (default 0.2)")
+    fit.add_argument("--age-df", type=int, choices=(3, 4, 5, 6), help="age spline degrees of freedom (default: by AIC)")
     fit.set_defaults(run=_reference_fit)
     reference_show = reference_commands.add_parser("show", help="print the published table, or a site reference")
     reference_show.add_argument("--site", help="a site reference file written by reference fit")
     reference_show.set_defaults(run=_reference_show)
+    reference_z = reference_commands.add_parser("z", help="z-score and centile of one value under a site reference (JSON)")
+    reference_z.add_argument("model", help="a site reference file written by reference fit")
+    reference_z.add_argument("--muscle", required=True, help="muscle key, e.g. multifidus")
+    reference_z.add_argument("--age", type=float, required=True, help="years")
+    reference_z.add_argument("--sex", required=True, choices=("F", "M", "f", "m"))
+    reference_z.add_argument("--bmi", type=float, required=True, help="kg/m2")
+    reference_z.add_argument("--value", type=float, required=True, help="the measurement (fat %% or CSA mm2)")
+    reference_z.add_argument("--level", help="vertebral levels, e.g. L4 or L1-L5 (when the model has levels)")
+    reference_z.add_argument("--measurement", default="fat_fraction_percent", choices=("fat_fraction_percent", "csa_mm2"))
+    reference_z.add_argument("--method", default="dixon_ff", help="reference or fat method (default dixon_ff)")
+    reference_z.add_argument("--site", help="the site (or scanner) among the model's; default: their average")
+    reference_z.set_defaults(run=_reference_z)
+    calibrate = reference_commands.add_parser(
+        "calibrate", help="check a site reference against another cohort CSV (exit 1 when miscalibrated)")
+    calibrate.add_argument("model", help="a site reference file written by reference fit")
+    calibrate.add_argument("cohort", help="a cohort CSV as for fit")
+    calibrate.set_defaults(run=_reference_calibrate)
     return parser
 
 

@@ -351,8 +351,11 @@ class MetricsSettings(Section):
 class ReferenceSettings(Section):
     """``[reference]``: what measurements are compared with."""
 
-    site: OptionalFile = setting(None, "a site reference made by `musclenode reference fit`; preferred over the"
-                                 " published table", shortcut="site_reference")
+    site: OptionalFile = setting(None, "a site reference (centile curves, JSON) made by `musclenode reference fit`;"
+                                 " preferred over the published table", shortcut="site_reference")
+    site_name: Annotated[Name | None, BeforeValidator(_optional)] = setting(
+        None, "this node's site (or scanner) as the site reference's cohort names it; none: z-scores against the"
+        " average of the cohort's sites (stated in every result)")
 
 
 class HTTPSettings(Section):

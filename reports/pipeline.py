@@ -247,7 +247,9 @@ def cohort_rows(results: Results, study: str) -> list[dict[str, Any]]:
         if comparison is not None:
             row["fat_z"] = None if comparison.z is None else round(comparison.z, 3)
             row["fat_percentile"] = None if comparison.percentile is None else round(comparison.percentile, 1)
-            row["reference"] = comparison.stratum.description if comparison.stratum else None
+            # The reference's version or the site reference's title first: every z-score names its reference.
+            row["reference"] = (f"{comparison.stratum.version}: {comparison.stratum.description}"
+                                if comparison.stratum else None)
             row["no_reference_reason"] = comparison.reason
         rows.append(row)
     return rows

@@ -6,12 +6,15 @@ Two kinds of reference answer the same question:
   caveats in ``reports/data/README.md``): mean and SD of healthy cohorts, by method, muscle,
   measurement, vertebral levels, sex and age band;
 - a **site reference** fitted from a site's own control cohort (``musclenode reference fit``, see
-  :mod:`reports.reference_fit`): per method, muscle, measurement and levels, a linear model of age,
-  sex and BMI with its residual SD.
+  :mod:`reports.reference_fit`): per method, muscle (sides pooled), measurement and levels,
+  centile curves of age, sex, BMI and site on a skewed, bounded scale (:mod:`reports.centiles`).
 
 :func:`compare` gives, for one measurement, the z-score, the percentile and the reference used.
-It prefers a site reference when one is given and it fits the patient, and falls back to the
-published table with a note otherwise.
+It prefers a site reference when one is given and has a model for the measurement and the
+person's sex. When the person lacks what the model needs (age, sex, BMI), or the model has no
+curves for the measurement or the sex, the published table is used with a note; when the person
+is outside the ages or BMIs the model was fitted on, there is no z-score, and the result says why
+(a curve is not extrapolated, and another reference is not silently substituted).
 
 Rules
 -----
@@ -32,9 +35,10 @@ Rules
 - **Ages** are matched in completed years ("20–29" includes 29.9). A blank age bound means the
   source does not state it; such rows are used only from :data:`ADULT_AGE` years, because every
   published cohort here is adult.
-- **Percentile** = 100 × Φ(z), the normal cumulative distribution function: it assumes the
+- **Percentile**, published table: 100 × Φ(z) with z = (value − mean) / SD: it assumes the
   reference values are normally distributed, which fat fractions (bounded at 0, skewed) only
-  approximate. The result says so.
+  approximate. The result says so. Site reference: the value's centile in the model's own skewed
+  distribution for the person, and z its normal quantile (exact, :data:`CENTILE_BASIS`).
 """
 
 from __future__ import annotations
@@ -50,20 +54,31 @@ from typing import Iterable, Sequence
 from inference.patient import PatientContext
 from inference.vocabulary import ReferenceMethod, Sex, muscle_group, vertebra_range
 
+from .centiles import (
+    CentileCurves,
+    Covariates,
+    ModelFileError,
+    SiteReference,
+    centile,
+    load_site_reference,
+    save_site_reference,
+)
+
 __all__ = [
     "ADULT_AGE",
     "ANY_SEX",
-    "COEFFICIENT_TERMS",
+    "CENTILE_BASIS",
     "Comparison",
     "MEASUREMENTS",
     "PERCENTILE_BASIS",
     "PUBLISHED_VERSION",
+    "ModelFileError",
     "ReferenceTableError",
     "ReferenceRow",
     "ReferenceTable",
-    "SiteModel",
     "SiteReference",
     "Stratum",
+    "Z_BANDS",
     "compare",
     "level_key",
     "load_site_reference",
@@ -85,15 +100,15 @@ LUMBAR = "lumbar"
 ADULT_AGE = 18
 PERCENTILE_BASIS = ("normal CDF of the z-score: assumes normally distributed values in the reference "
                     "group, which fat fractions only approximate")
-#: Terms of a site model, in the order of its coefficients.
-COEFFICIENT_TERMS = ("intercept", "age", "male", "bmi")
+CENTILE_BASIS = ("centile of the value in the site reference's distribution for the person's age, sex, BMI and "
+                 "site (sinh-arcsinh on the logit or log scale); z is its normal quantile: exact, no normality "
+                 "assumed")
+#: z-scores at which a stratum gives its reference values (bands of ±1 and ±2 SD, and P5/P95).
+Z_BANDS = (-2.0, -1.6448536269514722, -1.0, 0.0, 1.0, 1.6448536269514722, 2.0)
 
 _TABLE_COLUMNS = ("method", "muscle", "measurement", "levels", "sex", "age_low", "age_high",
                   "age_specific", "mean", "sd", "n", "source", "note")
 _SOURCE_COLUMNS = ("source", "citation", "link")
-_SITE_COLUMNS = ("name", "method", "muscle", "measurement", "levels", "coef_intercept", "coef_age",
-                 "coef_male", "coef_bmi", "residual_sd", "n", "n_subjects", "age_min", "age_max",
-                 "bmi_min", "bmi_max", "sexes", "note")
 
 
 class ReferenceTableError(ValueError):
@@ -302,151 +317,7 @@ def published_table() -> ReferenceTable:
 
 
 # ---------------------------------------------------------------------------------------------
-# Site reference
-
-
-@dataclass(frozen=True)
-class SiteModel:
-    """A linear reference fitted from a site's controls for one method, muscle, measurement, levels.
-
-    ``predicted = coef_intercept + coef_age * age + coef_male * (sex == "M") + coef_bmi * bmi``;
-    a coefficient is None when the term was not fitted (e.g. no sex term for a one-sex cohort).
-    ``levels`` None means the cohort file gave no levels for these values.
-    """
-
-    name: str
-    method: ReferenceMethod
-    muscle: str
-    measurement: str
-    levels: str | None
-    coef_intercept: float
-    coef_age: float | None
-    coef_male: float | None
-    coef_bmi: float | None
-    residual_sd: float
-    n: int
-    n_subjects: int
-    age_min: float
-    age_max: float
-    bmi_min: float | None
-    bmi_max: float | None
-    sexes: tuple[str, ...]
-    note: str = ""
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "method", _reference_method(self.method))
-        if self.measurement not in MEASUREMENTS:
-            raise ReferenceTableError(f"measurement {self.measurement!r} is not one of {', '.join(MEASUREMENTS)}")
-        muscle_key(self.muscle)
-        if self.levels is not None:
-            level_key(self.levels)
-        if not (math.isfinite(self.residual_sd) and self.residual_sd > 0):
-            raise ReferenceTableError(f"residual_sd {self.residual_sd} must be positive")
-        if not self.sexes or any(s not in (Sex.FEMALE, Sex.MALE) for s in self.sexes):
-            raise ReferenceTableError(f"sexes {self.sexes!r} must list F and/or M")
-        if self.coef_male is not None and set(self.sexes) != {Sex.FEMALE, Sex.MALE}:
-            raise ReferenceTableError("a sex coefficient needs both sexes in the cohort")
-
-    def needs(self) -> tuple[str, ...]:
-        """Patient values the prediction uses: ``age_years``, ``sex``, ``bmi``."""
-        needed = []
-        if self.coef_age is not None:
-            needed.append("age_years")
-        # A one-sex model has no sex term but still applies to that sex only.
-        needed.append("sex")
-        if self.coef_bmi is not None:
-            needed.append("bmi")
-        return tuple(needed)
-
-    def predict(self, age_years: float | None, sex: str | None, bmi: float | None) -> float:
-        """Expected value for a person; raises ValueError when a needed value is None."""
-        value = self.coef_intercept
-        if self.coef_age is not None:
-            if age_years is None:
-                raise ValueError("age is needed")
-            value += self.coef_age * age_years
-        if self.coef_male is not None:
-            if sex not in (Sex.FEMALE, Sex.MALE):
-                raise ValueError("sex F or M is needed")
-            value += self.coef_male * (sex == Sex.MALE)
-        if self.coef_bmi is not None:
-            if bmi is None:
-                raise ValueError("BMI is needed")
-            value += self.coef_bmi * bmi
-        return value
-
-
-@dataclass(frozen=True)
-class SiteReference:
-    """A site's own reference: its name (reported as the reference version) and models."""
-
-    name: str
-    models: tuple[SiteModel, ...]
-
-    def find(self, method: str, muscle: str, measurement: str, levels: str | None) -> SiteModel | None:
-        """The model for exactly these levels, else one fitted without levels, else None."""
-        exact = unlevelled = None
-        for model in self.models:
-            if (model.method, model.muscle, model.measurement) != (method, muscle, measurement):
-                continue
-            if model.levels is not None and model.levels == levels:
-                exact = exact or model
-            elif model.levels is None:
-                unlevelled = unlevelled or model
-        return exact or unlevelled
-
-
-def _cell(value: float | int | str | None) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value)  # round-trips exactly
-    return str(value)
-
-
-def save_site_reference(reference: SiteReference, path: str | Path) -> None:
-    """Write a site reference as CSV, one model a row (columns :data:`_SITE_COLUMNS`)."""
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(_SITE_COLUMNS)
-        for m in reference.models:
-            writer.writerow([_cell(v) for v in (
-                reference.name, m.method, m.muscle, m.measurement, m.levels, m.coef_intercept, m.coef_age,
-                m.coef_male, m.coef_bmi, m.residual_sd, m.n, m.n_subjects, m.age_min, m.age_max,
-                m.bmi_min, m.bmi_max, "+".join(m.sexes), m.note)])
-
-
-def load_site_reference(path: str | Path) -> SiteReference:
-    """Read a site reference written by :func:`save_site_reference`."""
-    path = Path(path)
-    models: list[SiteModel] = []
-    names: set[str] = set()
-
-    def optional(text: str, what: str) -> float | None:
-        return None if not text.strip() else _float(text, what)
-
-    for line, raw in enumerate(_read_csv(path, _SITE_COLUMNS), start=2):
-        try:
-            names.add(raw["name"].strip())
-            models.append(SiteModel(
-                name=raw["name"].strip(), method=raw["method"].strip(), muscle=raw["muscle"].strip(),
-                measurement=raw["measurement"].strip(), levels=raw["levels"].strip() or None,
-                coef_intercept=_float(raw["coef_intercept"], "coef_intercept"),
-                coef_age=optional(raw["coef_age"], "coef_age"), coef_male=optional(raw["coef_male"], "coef_male"),
-                coef_bmi=optional(raw["coef_bmi"], "coef_bmi"), residual_sd=_float(raw["residual_sd"], "residual_sd"),
-                n=int(raw["n"]), n_subjects=int(raw["n_subjects"]), age_min=_float(raw["age_min"], "age_min"),
-                age_max=_float(raw["age_max"], "age_max"), bmi_min=optional(raw["bmi_min"], "bmi_min"),
-                bmi_max=optional(raw["bmi_max"], "bmi_max"), sexes=tuple(raw["sexes"].split("+")),
-                note=raw["note"].strip(),
-            ))
-        except (ReferenceTableError, ValueError) as exc:
-            raise ReferenceTableError(f"{path}, line {line}: {exc}") from None
-    if len(names) > 1:
-        raise ReferenceTableError(f"{path}: rows name different references: {', '.join(sorted(names))}")
-    keys = [(m.method, m.muscle, m.measurement, m.levels) for m in models]
-    if len(set(keys)) != len(keys):
-        raise ReferenceTableError(f"{path}: two models for the same method, muscle, measurement and levels")
-    return SiteReference(names.pop() if names else path.stem, tuple(models))
+# Site reference: centile curves (reports.centiles)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,33 +342,48 @@ def normal_percentile(z: float) -> float:
 
 @dataclass(frozen=True)
 class Stratum:
-    """The reference group a measurement was compared with.
+    """The reference group or model a measurement was compared with.
 
     Attributes
     ----------
     kind : {"published", "site"}
     version : str
-        Published table version (``reference-v1``) or the site reference's name.
+        Published table version (``reference-v1``) or the site reference's title
+        (``NAME version V``): what every result names.
     description : str
-        For people: method, muscle, levels, sex and ages of the group.
-    mean, sd : float
-        Expected value (the group mean, or a site model's prediction) and SD (residual SD).
+        For people: method, muscle, levels, and the group or the model's covariates.
+    mean, sd : float or None
+        The published group's mean and SD; None for a site reference (not a normal model).
     n : int or None
     source : str
         Source key of the published row, or the site reference's name.
     citation : str
     note : str
+    bands : tuple of float
+        The reference values at the z-scores :data:`Z_BANDS` (for a published group
+        mean + z SD; for a site reference the person's centiles).
+    equation : str
+        How z was computed, with the numbers, for the SR.
+    curves : CentileCurves or None
+        A site reference's centile curves against age for the person's sex, BMI and site.
     """
 
     kind: str
     version: str
     description: str
-    mean: float
-    sd: float
+    mean: float | None
+    sd: float | None
     n: int | None
     source: str
     citation: str
     note: str = ""
+    bands: tuple[float, ...] = ()
+    equation: str = ""
+    curves: CentileCurves | None = None
+
+    def at(self, z: float) -> float:
+        """The reference value at one of :data:`Z_BANDS`."""
+        return self.bands[Z_BANDS.index(z)]
 
 
 @dataclass(frozen=True)
@@ -619,41 +505,62 @@ def _published(method: ReferenceMethod, muscle: str, measurement: str, levels: s
     row, reason, notes = select_stratum(rows, patient)
     if row is None:
         return None, reason, notes
+    equation = f"z = (value - mean) / SD, with the group's mean {row.mean:.4g} and SD {row.sd:.4g}"
     stratum = Stratum(kind="published", version=table.version, description=_describe(row), mean=row.mean,
-                      sd=row.sd, n=row.n, source=row.source, citation=table.citation(row.source), note=row.note)
+                      sd=row.sd, n=row.n, source=row.source, citation=table.citation(row.source), note=row.note,
+                      bands=tuple(row.mean + z * row.sd for z in Z_BANDS), equation=equation)
     return stratum, None, notes
 
 
-def _site(method: ReferenceMethod, muscle: str, measurement: str, levels: str | None, patient: PatientContext,
-          site: SiteReference) -> tuple[Stratum | None, str | None, tuple[str, ...]]:
+def _site(method: ReferenceMethod, muscle: str, measurement: str, levels: str | None, value: float,
+          patient: PatientContext, site: SiteReference
+          ) -> tuple[Stratum | None, float | None, str | None, tuple[str, ...], bool]:
+    """A site reference's comparison: ``(stratum, z, reason, notes, final)``.
+
+    ``final`` is True when the reason must stand (the person is outside what the model was
+    fitted on) rather than send the comparison on to the published table.
+    """
+    title = site.title
     model = site.find(method, muscle, measurement, levels)
     if model is None:
-        return None, f"site reference {site.name} has no {method} {muscle} {measurement} model over {levels}", ()
-    lacking = [n for n in model.needs() if getattr(patient, n) is None]
+        return None, None, f"site reference {title} has no {method} {muscle} {measurement} model over {levels}", (), False
+    lacking = [n for n in ("age_years", "sex", "bmi") if getattr(patient, n) is None]
     if lacking:
         why = "; ".join(f"{n.replace('_years', '')} missing ({patient.why_missing(n)})" for n in lacking)
-        return None, f"site reference {site.name} needs {', '.join(lacking)}: {why}", ()
-    if patient.sex not in model.sexes:
-        return None, f"site reference {site.name} was fitted on sex {'+'.join(model.sexes)} only, not {patient.sex}", ()
+        return None, None, f"site reference {title} needs age, sex and BMI: {why}", (), False
+    who = Covariates(float(patient.age_years), str(patient.sex), float(patient.bmi), site.site)
+    if who.sex not in model.sexes:  # a group the cohort did not have, like a muscle it did not measure
+        return None, None, f"site reference {title} was fitted on sex {'+'.join(model.sexes)} only", (), False
+    refusal = model.refusal(who)
+    if refusal:
+        return None, None, f"no z-score from site reference {title}: {refusal}", (), True
     notes = []
     if model.levels is None and levels is not None:
         notes.append(f"the site model was fitted without levels; the measurement is over {levels}")
-    if model.coef_age is not None and not model.age_min <= patient.age_years <= model.age_max:
-        notes.append(f"age {patient.age_years:.0f} is outside the site cohort's {model.age_min:g}-{model.age_max:g}: "
-                     "extrapolated")
-    if model.coef_bmi is not None and model.bmi_min is not None and model.bmi_max is not None \
-            and not model.bmi_min <= patient.bmi <= model.bmi_max:
-        notes.append(f"BMI {patient.bmi:.1f} is outside the site cohort's {model.bmi_min:g}-{model.bmi_max:g}: "
-                     "extrapolated")
-    expected = model.predict(patient.age_years, patient.sex, patient.bmi)
-    coefficients = (model.coef_age, model.coef_male, model.coef_bmi)
-    terms = [t for t, c in zip(COEFFICIENT_TERMS[1:], coefficients) if c is not None]
-    description = (f"{method} {muscle} {measurement} {model.levels or 'levels not given'}, site controls, "
-                   f"linear in {', '.join(terms) or 'nothing'} (n {model.n}, {model.n_subjects} people)")
-    stratum = Stratum(kind="site", version=site.name, description=description, mean=expected,
-                      sd=model.residual_sd, n=model.n, source=site.name, citation=f"site reference {site.name}",
-                      note=model.note)
-    return stratum, None, tuple(notes)
+    if len(model.sites) > 1 and site.site is None:
+        notes.append(f"compared with the average of the site reference's {len(model.sites)} sites "
+                     "(reference.site_name names this node's site)")
+    calibration = model.calibration
+    if calibration.get("calibrated") is False:
+        notes.append("the site reference failed its held-out calibration: " + "; ".join(calibration["problems"]))
+    z = model.z(value, who)
+    bands = tuple(float(v) for v in model.value_at(list(Z_BANDS), who))
+    median = bands[Z_BANDS.index(0.0)]
+    unit = "%" if measurement == "fat_fraction_percent" else "mm2"
+    sex = {Sex.FEMALE: "women", Sex.MALE: "men"}.get(who.sex, who.sex)
+    terms = ["age"] + (["sex"] if "male" in model.mu else []) + (["BMI"] if "bmi" in model.mu else []) \
+        + (["site"] if model.sites else [])
+    description = (f"{method} {muscle} {measurement} {model.levels or 'levels not given'}, site controls, centile "
+                   f"curves of {', '.join(terms)} for {sex} aged {who.age:.0f}, BMI {who.bmi:.1f}"
+                   f"{f', site {who.site}' if who.site else ''} (n {model.n}, {model.n_subjects} people, ages "
+                   f"{model.age_range[0]:.0f}-{model.age_range[1]:.0f})")
+    equation = (f"z = normal quantile of the value's centile in site reference {title} for this person "
+                f"(sinh-arcsinh distribution on the {'logit' if model.transform == 'logit_percent' else 'log'} "
+                f"scale); median {median:.4g} {unit}, 5th-95th centiles {bands[1]:.4g}-{bands[5]:.4g} {unit}")
+    stratum = Stratum(kind="site", version=title, description=description, mean=None, sd=None, n=model.n,
+                      source=site.name, citation=f"site reference {title}", note="", bands=bands,
+                      equation=equation, curves=model.curves(who))
+    return stratum, z, None, tuple(notes), True
 
 
 def compare(value: float, *, method: str, muscle: str | Iterable[str], measurement: str, levels: str | None,
@@ -702,19 +609,20 @@ def compare(value: float, *, method: str, muscle: str | Iterable[str], measureme
     notes: list[str] = []
     stratum = reason = None
     if site is not None:
-        stratum, site_reason, site_notes = _site(method, muscle, measurement, levels, patient, site)
+        stratum, z, site_reason, site_notes, final = _site(method, muscle, measurement, levels, value, patient, site)
         notes.extend(site_notes)
-        if stratum is None:
-            notes.append(f"{site_reason}; published {table.version} used instead")
+        if stratum is not None:
+            return Comparison(value, method, muscle, measurement, levels, z, centile(z), stratum, None,
+                              stratum.version, tuple(notes), CENTILE_BASIS)
+        if final:
+            return Comparison(value, method, muscle, measurement, levels, None, None, None, site_reason, site.title,
+                              tuple(notes))
+        notes.append(f"{site_reason}; published {table.version} used instead")
+    stratum, reason, published_notes = _published(method, muscle, measurement, levels, patient, table)
+    notes.extend(published_notes)
     if stratum is None:
-        stratum, reason, published_notes = _published(method, muscle, measurement, levels, patient, table)
-        notes.extend(published_notes)
-    if stratum is not None:
-        version = stratum.version
-    else:
-        version = table.version if site is None else f"{site.name}, {table.version}"
-    if stratum is None:
+        version = table.version if site is None else f"{site.title}, {table.version}"
         return Comparison(value, method, muscle, measurement, levels, None, None, None, reason, version, tuple(notes))
     z = z_score(value, stratum.mean, stratum.sd)
-    return Comparison(value, method, muscle, measurement, levels, z, normal_percentile(z), stratum, None, version,
-                      tuple(notes))
+    return Comparison(value, method, muscle, measurement, levels, z, normal_percentile(z), stratum, None,
+                      stratum.version, tuple(notes))

@@ -662,8 +662,18 @@ class _Notes:
 
 def _stratum_text(comparison: Comparison) -> str:
     stratum = comparison.stratum
+    if stratum.kind == "site":  # the description gives n and the ages; the citation names the model
+        return f"reference: {stratum.citation}: {stratum.description}"
     n = f", n {stratum.n}" if stratum.n else ""
     return f"reference: {stratum.description}{n}; {stratum.citation}"
+
+
+def _reference_cell(comparison: Comparison) -> str:
+    """A published group's mean ± SD, or a site reference's 5th-95th centiles for the person (a range)."""
+    stratum = comparison.stratum
+    if stratum.mean is not None and stratum.sd is not None:
+        return f"{stratum.mean:.1f} \u00b1 {stratum.sd:.1f}"
+    return f"{stratum.bands[1]:.1f}\u2013{stratum.bands[5]:.1f}"
 
 
 @dataclass(frozen=True)
@@ -685,7 +695,7 @@ _COLUMNS = (
     ("asymmetry", "Asym.\n%", 116, "right"),
     ("z", "Fat\nz", 76, "right"),
     ("percentile", "Fat\npctl", 70, "right"),
-    ("reference", "Fat reference\nmean \u00b1 SD %", 176, "right"),
+    ("reference", "Fat ref. %\n\u00b1SD | P5\u201395", 176, "right"),
     ("grade", "Grade", 150, "left"),
 )
 
@@ -732,8 +742,7 @@ def _row_cells(item: Assessment, notes: _Notes) -> dict[str, _Cell]:
     if item.fat is not None:
         if item.fat.z is not None:
             z, percentile = _signed(item.fat.z, 1), _percentile(item.fat.percentile)
-            stratum = item.fat.stratum
-            reference = f"{stratum.mean:.1f} \u00b1 {stratum.sd:.1f}" + notes.reference(_stratum_text(item.fat))
+            reference = _reference_cell(item.fat) + notes.reference(_stratum_text(item.fat))
             alert = item.fat.z >= 2
         elif item.fat.reason:
             reference = "none" + notes.reason(f"Not compared: {item.fat.reason}")
@@ -896,9 +905,14 @@ def _general_notes(assessments: Sequence[Assessment]) -> list[str]:
                      "contain the muscle.")
     if not methods:
         lines.append("No fat measurement for this series. CSA is the mean over the slices that contain the muscle.")
-    lines.append("z = (value \u2212 reference mean) / SD; pctl = percentile, from the normal distribution of the z "
-                 "(an approximation for fat fractions). Red: fat at least 2 SD above the reference mean, or grade 2 "
-                 "or severe multifidus fat.")
+    kinds = {c.stratum.kind for a in assessments for c in (a.fat, a.csa) if c is not None and c.stratum is not None}
+    if "published" in kinds or not kinds:
+        lines.append("Published reference: z = (value \u2212 reference mean) / SD; pctl = percentile, from the normal "
+                     "distribution of the z (an approximation for fat fractions).")
+    if "site" in kinds:
+        lines.append("Site reference (centile curves of age, sex, BMI and site): pctl = the value's centile for this "
+                     "person, z = its normal quantile; outside the ages and BMIs of its cohort, no z.")
+    lines.append("Red: fat z at least 2 (CSA z at most \u22122), or grade 2 or severe multifidus fat.")
     notes = sorted({a.levels_note for a in assessments if a.levels_note})
     lines.extend(note[0].upper() + note[1:] + "." for note in notes)
     grades = [a.grade for a in assessments if a.grade is not None and a.grade.graded]
@@ -944,13 +958,14 @@ def _band_chart(ax, rows: Sequence[Assessment], which: str, xlabel: str, *, labe
         metrics = item.metrics
         value = metrics.fat.mean_percent if which == "fat" else metrics.mean_csa_mm2
         if comparison is not None and comparison.z is not None:
-            mean, sd = comparison.stratum.mean, comparison.stratum.sd
-            ax.add_patch(_rectangle((mean - 2 * sd, position - 0.38), 4 * sd, 0.76, facecolor=_BAND_2SD,
+            stratum = comparison.stratum
+            low2, low1, middle, high1, high2 = (stratum.at(z) for z in (-2.0, -1.0, 0.0, 1.0, 2.0))
+            ax.add_patch(_rectangle((low2, position - 0.38), high2 - low2, 0.76, facecolor=_BAND_2SD,
                                     edgecolor="none", zorder=1))
-            ax.add_patch(_rectangle((mean - sd, position - 0.38), 2 * sd, 0.76, facecolor=_BAND_1SD,
+            ax.add_patch(_rectangle((low1, position - 0.38), high1 - low1, 0.76, facecolor=_BAND_1SD,
                                     edgecolor="none", zorder=2))
-            ax.plot([mean, mean], [position - 0.38, position + 0.38], color=_MEAN_LINE, linewidth=2, zorder=3)
-            extents.append(mean + 2.2 * sd)
+            ax.plot([middle, middle], [position - 0.38, position + 0.38], color=_MEAN_LINE, linewidth=2, zorder=3)
+            extents.append(high2 + 0.1 * (high2 - middle))
             alert = comparison.z >= 2 if which == "fat" else comparison.z <= -2
             note, colour = f"z {_signed(comparison.z, 1)}", _ALERT if alert else _TEXT
         else:
@@ -1022,9 +1037,9 @@ def _chart_page(figure, assessments: Sequence[Assessment]) -> None:
 
     rows = _chart_rows(assessments)
     fat_rows = [a for a in rows if a.metrics.fat is not None and a.metrics.fat.mean_percent is not None]
-    key = [Patch(facecolor=_BAND_1SD, label="reference mean \u00b1 1 SD"),
-           Patch(facecolor=_BAND_2SD, label="reference mean \u00b1 2 SD"),
-           Line2D([], [], color=_MEAN_LINE, linewidth=2, label="reference mean"),
+    key = [Patch(facecolor=_BAND_1SD, label="z \u22121 to +1"),
+           Patch(facecolor=_BAND_2SD, label="z \u22122 to +2"),
+           Line2D([], [], color=_MEAN_LINE, linewidth=2, label="z 0 (mean or median)"),
            Line2D([], [], marker="D", color="#909090", markeredgecolor="white", linestyle="none", markersize=10,
                   label="L+R together")]
     figure.legend(handles=key, loc="upper left", bbox_to_anchor=(10 / PAGE_SHAPE[1], 1 - 136 / PAGE_SHAPE[0]),
@@ -1083,6 +1098,68 @@ def _chart_page(figure, assessments: Sequence[Assessment]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Page 4 (with a site reference): centile curves
+
+
+def _centile_panels(assessments: Sequence[Assessment]) -> list[tuple[str, list[Assessment]]]:
+    """(measurement, rows) per muscle whose sides were compared with a site reference's curves."""
+    panels: dict[tuple[Muscle, str], list[Assessment]] = {}
+    for item in _chart_rows(assessments):
+        if item.metrics.side is Laterality.BOTH:
+            continue
+        for which, comparison in (("fat", item.fat), ("csa", item.csa)):
+            if comparison is not None and comparison.stratum is not None and comparison.stratum.curves is not None:
+                panels.setdefault((item.metrics.muscle, which), []).append(item)
+    order = sorted(panels, key=lambda key: (key[1] != "fat", key[0].index))
+    return [(which, panels[(muscle, which)]) for muscle, which in order]
+
+
+def _centile_chart(ax, which: str, rows: Sequence[Assessment]) -> None:
+    """The site reference's centile curves against age, with the person's sides as points."""
+    _style_axes(ax)
+    first = rows[0]
+    comparison = first.fat if which == "fat" else first.csa
+    curves = comparison.stratum.curves
+    styles = {50.0: ("-", 2.6), 25.0: ("--", 1.6), 75.0: ("--", 1.6)}
+    for centile, values in zip(curves.centiles, curves.values):
+        style, width = styles.get(centile, (":", 1.6))
+        ax.plot(curves.ages, values, color=_MEAN_LINE, linestyle=style, linewidth=width, zorder=2)
+        ax.text(curves.ages[-1], values[-1], f" P{centile:g}", color=_MUTED, fontsize=11, va="center", ha="left",
+                clip_on=False)
+    for item in rows:
+        compared = item.fat if which == "fat" else item.csa
+        value = item.metrics.fat.mean_percent if which == "fat" else item.metrics.mean_csa_mm2
+        age = compared.stratum.curves.age
+        ax.plot([age], [value], marker="o" if item.metrics.side is Laterality.RIGHT else "s", markersize=11,
+                color=_colour(item.metrics.muscle, item.metrics.side), markeredgecolor="white", markeredgewidth=1.5,
+                linestyle="none", zorder=5)
+    muscle = first.metrics.muscle.display
+    quantity = "fat, %" if which == "fat" else "mean CSA, mm\u00b2"
+    ax.set_title(f"{muscle} {quantity}", color=_TEXT, fontsize=15, pad=6, loc="left")
+    ax.set_xlabel("age, years", fontsize=13)
+    ax.grid(color="#303030", linewidth=0.8, zorder=0)
+
+
+def _centile_page(figure, assessments: Sequence[Assessment]) -> None:
+    panels = _centile_panels(assessments)
+    first = panels[0][1][0]
+    comparison = first.fat if panels[0][0] == "fat" else first.csa
+    stratum = comparison.stratum
+    _text_px(figure, 16, 150, _wrap(f"Site reference {stratum.version}: centile curves P5, P25, P50, P75, P95 for "
+                                    f"{stratum.curves.who}; the person's right (circle) and left (square) sides "
+                                    "at their age.", 14, PAGE_SHAPE[1] - 32, indent=""), fontsize=14)
+    columns = 2 if len(panels) > 1 else 1
+    lines = -(-len(panels) // columns)
+    top, bottom, left, gap = 230, 60, 110, 130
+    width = (PAGE_SHAPE[1] - left - 90 - gap * (columns - 1)) / columns
+    height = (PAGE_SHAPE[0] - top - bottom - 90 * (lines - 1)) / lines
+    for number, (which, rows) in enumerate(panels):
+        row, column = divmod(number, columns)
+        ax = figure.add_axes(_rect(left + column * (width + gap), top + row * (height + 90), width, height))
+        _centile_chart(ax, which, rows)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def render_pages(
@@ -1123,6 +1200,8 @@ def render_pages(
         suffix = f" ({number} of {len(tables)})" if len(tables) > 1 else ""
         plan.append(("table", f"Measurements and reference{suffix}", entries))
     plan.append(("charts", "Charts: fat and area against the reference", None))
+    if _centile_panels(assessments):
+        plan.append(("centiles", "Centile charts: the site reference's curves", None))
     context = _Context(
         patient_line=_patient_line(patient),
         study_line=_study_line(label_map.series),
@@ -1142,8 +1221,10 @@ def render_pages(
                 _key_slice_page(figure, label_map, assessments)
             elif kind == "table":
                 _table_page(figure, entries, assessments)
-            else:
+            elif kind == "charts":
                 _chart_page(figure, assessments)
+            else:
+                _centile_page(figure, assessments)
             pages.append(Page(_ascii_title(number, len(plan), title), _pixels(figure)))
     return pages
 

@@ -110,13 +110,16 @@ def _relative(comparison: Comparison | None, measured: Code, value: float, unit:
     source = (f"{stratum.description}, {stratum.kind} reference {stratum.version}"
               + (f", n {stratum.n}" if stratum.n else "") + f": {stratum.citation}")
     notes = [*comparison.notes, stratum.note] if stratum.note else list(comparison.notes)
-    z_equation = (f"z = (value - mean) / SD, with the group's mean {stratum.mean:.4g} {unit.value} "
-                  f"and SD {stratum.sd:.4g} {unit.value}")
+    z_equation = stratum.equation or f"z against {stratum.version}"
+    if stratum.kind == "site":
+        percentile_text = f"{z_equation}; percentile: {comparison.percentile_basis}"
+    else:
+        z_equation += f" ({unit.value})"
+        percentile_text = f"{z_equation}; percentile = 100 x normal CDF(z), {comparison.percentile_basis}"
     found = []
     for name, number, number_unit, equation in (
             (mn.Z_SCORE, comparison.z, mn.UNIT_NONE, z_equation),
-            (mn.PERCENTILE, comparison.percentile, mn.UNIT_PERCENT,
-             f"{z_equation}; percentile = 100 x normal CDF(z), {comparison.percentile_basis}")):
+            (mn.PERCENTILE, comparison.percentile, mn.UNIT_PERCENT, percentile_text)):
         derived = Measurement(name=name, value=number, unit=number_unit)
         # In the order of TID 1419's rows (13, 16, 18), which validators check.
         derived[0].ContentSequence = [

@@ -1,34 +1,29 @@
-"""The reference standard: shipped table, stratum choice, z-scores, methods never mixed, site fits."""
+"""The reference standard: shipped table, stratum choice, z-scores, methods never mixed.
+
+Site references (centile curves) are tested in tests/test_centiles.py.
+"""
 
 from __future__ import annotations
 
 import csv
-import math
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from node.cli import main
 from inference.patient import from_sidecar
 from reports.reference import (
     PUBLISHED_VERSION,
     ReferenceRow,
     ReferenceTable,
     ReferenceTableError,
-    SiteModel,
-    SiteReference,
     compare,
     level_key,
-    load_site_reference,
     load_table,
     muscle_key,
     normal_percentile,
     published_table,
-    save_site_reference,
 )
-from reports.reference_fit import CohortError, fit_site_reference, read_cohort
 
 DATA = Path(__file__).resolve().parents[1] / "reports" / "data"
 FF = "fat_fraction_percent"
@@ -224,135 +219,3 @@ def test_threshold_value_uses_only_threshold_rows():
     dixon = compare(30.0, method="dixon_ff", muscle="multifidus", measurement=FF, levels="L1-L5",
                     patient=person(25), table=table)
     assert dixon.stratum.mean == 10.0
-
-
-def test_site_dixon_model_is_not_used_for_threshold_values():
-    site = SiteReference("site", (site_model(),))
-    result = compare(20.0, method="t1t2_threshold", muscle="multifidus", measurement=FF, levels="L1-L5",
-                     patient=person(), site=site)
-    assert result.z is None and "no reference for this method" in result.reason
-
-
-# --- site references -----------------------------------------------------------------------------
-
-
-def site_model(**changes) -> SiteModel:
-    base = dict(name="site", method="dixon_ff", muscle="multifidus", measurement=FF, levels="L1-L5",
-                coef_intercept=2.0, coef_age=0.2, coef_male=-3.0, coef_bmi=0.5, residual_sd=4.0, n=300,
-                n_subjects=150, age_min=20.0, age_max=70.0, bmi_min=18.0, bmi_max=35.0, sexes=("F", "M"))
-    return SiteModel(**{**base, **changes})
-
-
-def test_site_reference_is_preferred_and_hand_computed(tmp_path):
-    path = tmp_path / "site.csv"
-    save_site_reference(SiteReference("hospital-2026", (site_model(name="hospital-2026"),)), path)
-    site = load_site_reference(path)
-    patient = person(50, "M", 1.80, 81.0)  # BMI 25
-    expected = 2.0 + 0.2 * 50 - 3.0 + 0.5 * 25.0
-    result = compare(expected + 6.0, method="dixon_ff", muscle="multifidus", measurement=FF, levels="L1-L5",
-                     patient=patient, site=site)
-    assert result.stratum.kind == "site" and result.reference_version == "hospital-2026"
-    assert result.stratum.mean == pytest.approx(expected)
-    assert result.z == pytest.approx(1.5)
-    assert result.percentile == pytest.approx(50 * (1 + math.erf(1.5 / math.sqrt(2))))
-
-
-def test_site_reference_needing_missing_bmi_falls_back_to_published():
-    patient = from_sidecar({"age": 45, "sex": "F"})
-    result = compare(20.0, method="dixon_ff", muscle="multifidus", measurement=FF, levels="L1-L5",
-                     patient=patient, site=SiteReference("site", (site_model(),)))
-    assert result.stratum.kind == "published"
-    assert any("needs bmi" in n and "published reference-v1 used instead" in n for n in result.notes)
-
-
-def test_one_sex_site_model_refuses_the_other_sex():
-    model = site_model(coef_male=None, sexes=("F",))
-    result = compare(20.0, method="dixon_ff", muscle="multifidus", measurement=FF, levels="L1-L5",
-                     patient=person(45, "M"), site=SiteReference("site", (model,)))
-    assert result.stratum.kind == "published"
-    assert any("fitted on sex F only" in n for n in result.notes)
-
-
-def simulated_cohort(path: Path, seed: int = 20260101) -> None:
-    """150 people, both sides each (300 observations), with known linear truth."""
-    rng = np.random.default_rng(seed)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["patient_id", "muscle", "side", "level", "age", "sex", "bmi", "fat_fraction_percent",
-                         "csa_mm2", "method"])
-        for i in range(150):
-            age = rng.uniform(20, 75)
-            sex = "M" if rng.random() < 0.5 else "F"
-            bmi = rng.normal(26, 4)
-            for side in ("left", "right"):
-                ff = 5.0 + 0.2 * age + 3.0 * (sex == "M") + 0.4 * bmi + rng.normal(0, 2.5)
-                csa = 1500.0 - 8.0 * age + 400.0 * (sex == "M") + 10.0 * bmi + rng.normal(0, 150)
-                writer.writerow([f"p{i:03d}", "multifidus", side, "L3-L5", f"{age:.3f}", sex, f"{bmi:.3f}",
-                                 f"{ff:.4f}", f"{csa:.2f}", "dixon_ff"])
-        # One person without sex: left out of the fit, with the reason.
-        writer.writerow(["p999", "multifidus", "left", "L3-L5", "40", "", "25", "20", "1200", "dixon_ff"])
-
-
-def test_fit_recovers_known_coefficients(tmp_path):
-    cohort = tmp_path / "controls.csv"
-    simulated_cohort(cohort)
-    observations, skipped = read_cohort(cohort)
-    report = fit_site_reference(observations, "sim", skipped)
-    assert len(skipped) == 1 and "sex" in skipped[0]
-    models = {m.measurement: m for m in report.reference.models}
-    ff, csa = models[FF], models["csa_mm2"]
-    assert (ff.n, ff.n_subjects, ff.levels, ff.sexes) == (300, 150, "L3-L5", ("F", "M"))
-    # Tolerances are about four standard errors for this design.
-    assert ff.coef_age == pytest.approx(0.2, abs=0.05)
-    assert ff.coef_male == pytest.approx(3.0, abs=1.2)
-    assert ff.coef_bmi == pytest.approx(0.4, abs=0.15)
-    assert ff.coef_intercept == pytest.approx(5.0, abs=4.0)
-    assert ff.residual_sd == pytest.approx(2.5, rel=0.12)
-    assert csa.coef_age == pytest.approx(-8.0, abs=3.0)
-    assert csa.coef_male == pytest.approx(400.0, abs=70.0)
-    assert csa.residual_sd == pytest.approx(150.0, rel=0.12)
-    # The fitted reference round-trips and drives the lookup.
-    path = tmp_path / "site.csv"
-    save_site_reference(report.reference, path)
-    assert load_site_reference(path) == report.reference
-
-
-def test_fit_drops_a_term_without_spread_and_skips_small_groups(tmp_path):
-    cohort = tmp_path / "women.csv"
-    rng = np.random.default_rng(7)
-    lines = ["id,muscle,side,age,sex,bmi,fat_fraction_percent,method"]
-    lines += [f"w{i},erector_spinae,left,{a:.2f},F,{b:.2f},{10 + 0.1 * a + rng.normal(0, 1):.3f},dixon_ff"
-              for i, (a, b) in enumerate(zip(rng.uniform(20, 70, 40), rng.normal(25, 3, 40)))]
-    lines += [f"x{i},psoas_major,left,40,M,25,5,dixon_ff" for i in range(5)]
-    cohort.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    observations, skipped = read_cohort(cohort)
-    report = fit_site_reference(observations, "women", skipped)
-    (model,) = report.reference.models
-    assert model.coef_male is None and model.sexes == ("F",) and "male" in model.note
-    assert model.levels is None
-    assert any("psoas_major" in g and "fewer than 20" in g for g in report.skipped_groups)
-
-
-def test_fit_refuses_unknown_methods_and_missing_columns(tmp_path):
-    bad = tmp_path / "bad.csv"
-    bad.write_text("id,muscle,age,sex,bmi,fat_fraction_percent,method\n1,multifidus,40,F,25,20,t2_gmm\n",
-                   encoding="utf-8")
-    with pytest.raises(CohortError, match="line 2: method 't2_gmm'"):
-        read_cohort(bad)
-    bad.write_text("muscle,age,sex,bmi,method\n", encoding="utf-8")
-    with pytest.raises(CohortError, match="patient_id"):
-        read_cohort(bad)
-
-
-def test_cli_fit_and_show(tmp_path, capsys):
-    cohort = tmp_path / "controls.csv"
-    simulated_cohort(cohort)
-    out = tmp_path / "site-reference.csv"
-    assert main(["reference", "fit", str(cohort), "--out", str(out), "--name", "hospital-2026"]) == 0
-    printed = capsys.readouterr().out
-    assert "site reference hospital-2026: 2 models" in printed and "residual SD" in printed
-    assert load_site_reference(out).name == "hospital-2026"
-    assert main(["reference", "show"]) == 0
-    assert "published reference reference-v1: 28 groups" in capsys.readouterr().out
-    assert main(["reference", "show", "--site", str(out)]) == 0
-    assert "hospital-2026" in capsys.readouterr().out

@@ -104,7 +104,7 @@ class Workers:
         if self.config.site_reference is not None:
             from reports.reference import load_site_reference
 
-            site = load_site_reference(self.config.site_reference)
+            site = load_site_reference(self.config.site_reference, site=self.config.reference.site_name)
         return PipelineSettings(erode_fat=self.config.erode_fat, cluster_method=self.config.cluster_method,
                                 assume_levels=self.config.assume_levels or None, site_reference=site,
                                 max_oblique_degrees=self.config.rules.max_oblique_degrees)
