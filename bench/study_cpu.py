@@ -245,7 +245,7 @@ def main() -> int:
             if name != "untuned":
                 agreement = [_dice(labels, base["labels"], v) for v in values]
                 moved = max(abs(a - b) for a, b in zip(manual[name], manual["untuned"]))
-                line += (f"; vs untuned (all slices) " + " ".join(f"{d:.4f}" for d in agreement)
+                line += ("; vs untuned (all slices) " + " ".join(f"{d:.4f}" for d in agreement)
                          + f"; largest move vs manual {moved:.4f} "
                          + ("(within" if moved < ALLOWED_DICE_MOVE else "(MORE than") + f" {ALLOWED_DICE_MOVE})")
             print(line)

@@ -35,7 +35,6 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 from pydicom.valuerep import DA, DT, TM
 
@@ -773,7 +772,6 @@ def _instance_frames(ds: Dataset) -> list[tuple[int, tuple[np.ndarray, FrameGeom
     _Unusable
         When the whole instance is unusable (its pixel data, or not greyscale).
     """
-    uid = str(ds.SOPInstanceUID)
     if int(ds.get("SamplesPerPixel", 1) or 1) != 1:
         raise _Unusable(SetAsideKind.NOT_GREYSCALE,
                         f"SamplesPerPixel {ds.get('SamplesPerPixel')}, {ds.get('PhotometricInterpretation', '')}")

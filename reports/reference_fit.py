@@ -61,7 +61,7 @@ from .centiles import (
     spline_knots,
     to_model_scale,
 )
-from .reference import MEASUREMENTS, ReferenceTableError, level_key, muscle_key
+from .reference import ReferenceTableError, level_key, muscle_key
 
 __all__ = [
     "AGE_DF_CHOICES",

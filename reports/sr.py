@@ -66,7 +66,7 @@ from pydicom.sr.coding import Code
 from inference.geometry import LabelMap
 from inference.patient import PatientContext, result_header
 from inference.set_aside import SetAside, describe_counts
-from inference.vocabulary import FatMethod, FatQuantity, Laterality, Muscle, Side
+from inference.vocabulary import FatQuantity, Laterality, Muscle
 
 from . import codes as mn
 from .assessment import Assessment

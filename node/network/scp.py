@@ -25,7 +25,6 @@ import logging
 import mmap
 import os
 import queue
-import struct
 import threading
 import time
 import zlib

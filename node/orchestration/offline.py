@@ -30,12 +30,13 @@ from typing import Any, Iterable, Sequence, TextIO
 
 from pydicom import dcmread
 
-from reports.pipeline import COHORT_COLUMNS, PipelineSettings
+from reports.pipeline import COHORT_COLUMNS
 
 from .. import __version__
 from ..config import Config
 from ..operations.progress import ProgressBar
 from .cluster import describe_error
+from .pipeline_settings import pipeline_settings
 from .study_task import ModelSpec, StudyTask, completed_record, run_study
 from .tables import write_table
 
@@ -141,16 +142,6 @@ def scan(paths: Sequence[Path], executor, summary: CohortSummary,
     return {study: {s: sorted(f) for s, f in series.items()} for study, series in sorted(studies.items())}
 
 
-def _pipeline_settings(config: Config) -> PipelineSettings:
-    site = None
-    if config.site_reference is not None:
-        from reports.reference import load_site_reference
-
-        site = load_site_reference(config.site_reference)
-    return PipelineSettings(erode_fat=config.erode_fat, cluster_method=config.cluster_method,
-                            assume_levels=config.assume_levels or None, site_reference=site)
-
-
 def _log_to(out: Path) -> logging.Handler:
     handler = logging.FileHandler(out / "process.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -207,7 +198,7 @@ def _run(paths: Sequence[Path], out: Path, config: Config, model: ModelSpec, mod
          resources: dict[str, float] | None, summary: CohortSummary, stream: TextIO) -> None:
     studies = scan(paths, executor, summary, out)
     summary.studies = len(studies)
-    settings = _pipeline_settings(config)
+    settings = pipeline_settings(config)
     records: dict[str, dict[str, Any]] = {}
     tasks: list[StudyTask] = []
     for study_uid, series in studies.items():

@@ -25,11 +25,12 @@ from typing import Sequence
 from pydicom.dataset import Dataset
 
 from ..config import Config
-from reports.pipeline import PipelineError, PipelineSettings, WorkItem, cohort_rows, run
+from reports.pipeline import PipelineError, WorkItem, cohort_rows, run
 
 from .. import __version__
 from ..network.export import Exporter
 from ..storage.deliveries import ExportQueue
+from .pipeline_settings import pipeline_settings
 from .routing import destinations_for
 from ..storage.index import Index
 from ..storage.jobs import Job, JobQueue
@@ -97,17 +98,7 @@ class Workers:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._settings = self._pipeline_settings()
-
-    def _pipeline_settings(self) -> PipelineSettings:
-        site = None
-        if self.config.site_reference is not None:
-            from reports.reference import load_site_reference
-
-            site = load_site_reference(self.config.site_reference, site=self.config.reference.site_name)
-        return PipelineSettings(erode_fat=self.config.erode_fat, cluster_method=self.config.cluster_method,
-                                assume_levels=self.config.assume_levels or None, site_reference=site,
-                                max_oblique_degrees=self.config.rules.max_oblique_degrees)
+        self._settings = pipeline_settings(self.config)
 
     def _segmenter(self):
         from inference.registry import load_model
