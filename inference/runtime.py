@@ -634,6 +634,8 @@ class Segmenter:
     CardError
         When the model does not match its card (checksum, channels, classes, window) or a label
         value does not fit in the uint8 label map.
+    ValueError
+        When ``providers`` is ``"cuda"`` and the session could not use the CUDA provider.
     """
 
     def __init__(self, card: ModelCard, providers: str | Sequence[str] | None = None,
@@ -647,6 +649,12 @@ class Segmenter:
         requested = choose_providers(ort.get_available_providers(), providers)
         self.session = _open_session(card, requested, self.threads, verify=True, tuning=tuning)
         if self.providers[0] != requested[0]:
+            if providers == "cuda":
+                # onnxruntime-gpu lists CUDA whenever it is installed; whether the session got it
+                # shows only here (no driver, no GPU, a missing CUDA library).
+                raise ValueError(f"model {card.name}: CUDA execution was required, but ONNX Runtime could not use"
+                                 f" it and fell back to {self.providers[0]} (no GPU or driver, or a CUDA library"
+                                 " missing: see ONNX Runtime's log)")
             log.warning("model %s: asked for %s, ONNX Runtime uses %s", card.name, requested[0], self.providers[0])
         model_input = self.session.get_inputs()[0]
         self._input_name = model_input.name

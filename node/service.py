@@ -40,6 +40,8 @@ def setup_logging(level: str, log_format: str = "text", data: Path | None = None
     """Structured or plain log lines, the audit log in ``data``; pynetdicom's chatter stays quiet."""
     logs.setup(level, log_format, data)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # highdicom reports every step of building a SEG or SR at INFO.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
     # pynetdicom logs every DIMSE message (with identifiers) at INFO: costly and not for a log file.
     # Its standard handler also formats each message whatever the level (about 0.1 ms per
     # instance); the node logs associations and refusals itself.
@@ -127,7 +129,7 @@ class Node:
         """The health and metrics endpoint, and the dashboard, each on its own thread."""
         if self.config.http_port:
             try:
-                self.http = BackgroundServer(status_app(self.health, self._metrics_registry()),
+                self.http = BackgroundServer(status_app(self.health, self._metrics_registry(), live=lambda: self.scp.listening),
                                              self.config.http_host, self.config.http_port, "status",
                                              threads=2, max_requests=32)
             except OSError as exc:

@@ -142,8 +142,10 @@ def test_kubernetes_manifest(kubernetes: dict[str, dict], tmp_path: Path) -> Non
     assert config.http_host == "0.0.0.0" and config.device == "cuda"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"dicom": config.port, "http": config.http_port}
+    # Ready when the node can store (/health); alive while its DICOM port listens (/live).
+    assert {probe: container[probe]["httpGet"]["path"] for probe in ("readinessProbe", "livenessProbe")} == {
+        "readinessProbe": "/health", "livenessProbe": "/live"}
     for probe in ("readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"]["path"] == "/health"
         assert ports[container[probe]["httpGet"]["port"]] == config.http_port
     env = {e["name"]: e["value"] for e in container["env"]}
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}

@@ -93,6 +93,9 @@ def test_health_fails_below_the_disk_watermark(node_factory) -> None:
     status, headers, metrics = _get(node.http_port, "/metrics")
     assert status == 200 and headers["Content-Type"].startswith("text/plain")
     assert "musclenode_can_store 0.0" in metrics
+    # Not ready, but alive: a restart would not free the disk, so the liveness probe passes.
+    status, _, body = _get(node.http_port, "/live")
+    assert status == 200 and json.loads(body)["status"] == "alive"
     assert "musclenode_instances_received_total 0.0" in metrics
     status, headers, metrics = _get(node.http_port, "/metrics", {"Accept": "application/openmetrics-text"})
     assert headers["Content-Type"].startswith("application/openmetrics-text") and metrics.endswith("# EOF\n")

@@ -90,3 +90,23 @@ def test_export_queue_backoff_and_resend(tmp_path: Path) -> None:
     with pytest.raises(KeyError):
         exports.resend(8, pacs)
     exports.close()
+
+
+def test_a_destination_that_cannot_be_reached_backs_off_without_stopping_the_round(tmp_path: Path) -> None:
+    """A host name that does not resolve raises inside pynetdicom; that destination's deliveries
+    wait with their backoff and the round goes on to the next destination."""
+    from node.network.export import Exporter
+    from tests.peers import free_port
+
+    exports = ExportQueue(tmp_path / "index.sqlite", tmp_path)
+    nowhere = Destination(name="nowhere", ae_title="PACS", host="no-such-host.invalid", port=104)
+    closed = Destination(name="closed", ae_title="PACS", host="127.0.0.1", port=free_port())
+    exports.add(1, [("1.2.1", "1.2.840.10008.5.1.4.1.1.66.4", "results/a.dcm", "seg")], [nowhere, closed])
+    exporter = Exporter(exports, "MUSCLENODE")
+    exporter.send_due()  # raises nothing
+    deliveries = {d.destination: d for d in exports.for_job(1)}
+    assert {name: (d.state, d.attempts) for name, d in deliveries.items()} == {
+        "nowhere": ("pending", 1), "closed": ("pending", 1)}
+    assert deliveries["nowhere"].last_error and deliveries["closed"].last_error
+    assert exports.due() == {}  # both wait for their retry time
+    exports.close()

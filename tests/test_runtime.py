@@ -247,6 +247,18 @@ def test_cuda_provider_is_used_where_available(side_card: ModelCard) -> None:
     assert np.all(labels[cores["left"]] == 1) and np.all(labels[cores["right"]] == 2)
 
 
+def test_required_cuda_that_the_session_cannot_use_is_an_error(side_card: ModelCard,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime-gpu lists CUDA even on a machine without a GPU or driver; the session then
+    falls back to the CPU. A node configured with jobs.device = "cuda" must refuse, not run slowly.
+    (Nothing real can give this here: the listing of a GPU build is the one thing stood in for.)"""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
+    with pytest.raises(ValueError, match="CUDA execution was required, but ONNX Runtime could not use it"):
+        Segmenter(side_card, providers="cuda")
+    # With "auto" the fallback is a warning and the CPU is used.
+    assert Segmenter(side_card, providers="auto").device == "cpu"
+
+
 def test_checksum_and_label_range_are_enforced(folder: Path, side_card: ModelCard) -> None:
     damaged = ModelCard.from_dict({**side_card.to_dict(), "sha256": "0" * 64}, path=side_card.path)
     with pytest.raises(CardError, match="does not match its card's sha256"):

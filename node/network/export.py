@@ -63,7 +63,12 @@ class Exporter:
         for destination, deliveries in self.queue.due().items():
             if self._stop.is_set():
                 return
-            self._send(destination, deliveries)
+            try:
+                self._send(destination, deliveries)
+            except Exception as exc:  # e.g. a host name that does not resolve: this destination
+                # waits with its backoff; the others are still served in this round.
+                log.debug("export to %s failed", destination, exc_info=True)
+                self._failed(destination, deliveries, f"{type(exc).__name__}: {exc}")
 
     def _send(self, destination: str, deliveries: list[Delivery]) -> None:
         first = deliveries[0]
