@@ -9,14 +9,16 @@ or DCMTK leaves Nagle's algorithm on and crawls.
 - storescp writes each file without fsync: the network ceiling, not a durable receiver.
 - Orthanc (``SyncStorageArea`` true, its default) fsyncs each file and commits its SQLite index:
   the durable receiver musclenode is compared with (target: at least 0.8 of its rate).
-- musclenode fsyncs the file and its folder and indexes it before it answers.
-- "write+fsync alone" writes, fsyncs and renames the same files with nothing else going on: what
+- musclenode fsyncs the new file once (its folder too on file systems other than ext4, XFS and
+  btrfs) and indexes it before it answers; "musclenode polling" is the same node with pynetdicom's
+  own 1-ms polling loops instead of waiting for the socket (``pynetdicom_polling = true``).
+- "write+fsync alone" writes and fsyncs the same files through the store with nothing else going on: what
   any receiver that acknowledges only durable instances pays on this disk.
 
     python -m bench.receive_rate [--rounds 3] [--series 20] [--receivers storescp,orthanc,musclenode]
 
 The node's log line for each association splits the handler's time into read (completeness check
-and header), write (file, fsync, rename, folder fsync) and index (SQLite); the rest is the network
+and header), write (file and its fsync) and index (SQLite); the rest is the network
 path of pynetdicom.
 
 The machine is shared: compare ratios from one run, not rates from different runs.
@@ -46,6 +48,8 @@ from tests.peers import NodeProcess, Orthanc, dcmtk_env, free_port, require_tool
 #: musclenode variants: name -> extra environment of the node process.
 NODE_VARIANTS: dict[str, dict[str, str]] = {
     "musclenode": {},
+    # pynetdicom's own 1-ms polling loops (node.network.prompt_reactor explains the difference).
+    "musclenode polling": {"MUSCLENODE_PYNETDICOM_POLLING": "true"},
 }
 
 

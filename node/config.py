@@ -287,6 +287,10 @@ class NodeSettings(Section):
     max_pdu: NonNegative = setting(
         1048576, "maximum PDU the node receives (each PDU is held in memory whole; `0` means no limit)",
         env="MUSCLENODE_MAX_PDU", shortcut="max_pdu")
+    pynetdicom_polling: bool = setting(
+        False, "associations poll their socket and queues every millisecond as stock pynetdicom does, instead of"
+        " waiting for them (for comparison in `bench/receive_rate.py`, or as a fallback)",
+        env="MUSCLENODE_PYNETDICOM_POLLING", shortcut="pynetdicom_polling")
     log_level: Annotated[str, one_of("DEBUG", "INFO", "WARNING", "ERROR", fold=str.upper)] = setting(
         "INFO", "DEBUG, INFO, WARNING, ERROR", env="MUSCLENODE_LOG_LEVEL", shortcut="log_level")
     log_patient_data: bool = setting(False, "logs carry no patient identifiers unless this is set",

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
 from pathlib import Path
 
-from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 
 from .operations import logs
 
@@ -25,6 +27,7 @@ from .storage.index import Index, InstanceRecord
 from .storage.jobs import JobQueue
 from .orchestration.rules import Decision
 from .network.filemeta import dataset_offset
+from .network.integrity import IncompleteDataset
 from .network.scp import StorageSCP, inspect
 from .storage.store import InstanceStore
 from .orchestration.worker import Workers, submit_selected
@@ -162,12 +165,11 @@ class Node:
     def recover(self) -> None:
         """Put the store and the index back in step after a crash or a power cut.
 
-        Files in ``incoming/`` were never acknowledged and go. Files in ``studies/`` that the
-        index lacks (their commit was lost with the power) are indexed again.
+        Files in ``incoming/`` were never acknowledged and go. A file in ``studies/`` that the
+        index lacks is either complete (acknowledged, its index commit lost with the power: it is
+        indexed again) or cut short (a crash while it was written, so never acknowledged: it goes).
         """
         discarded = self.store.discard_incoming()
-        if discarded:
-            log.info("removed %d unacknowledged partial files", discarded)
         indexed = self.index.indexed_paths()
         restored = 0
         for path in sorted(self.store.studies.glob("*/*/*.dcm")):
@@ -175,10 +177,19 @@ class Node:
             if relative in indexed:
                 continue
             try:
-                self.index.add_instance(record_for_file(path, relative), None, source_ae_title(path), "")
-                restored += 1
+                record = record_for_file(path, relative)
+            except IncompleteDataset as exc:
+                log.info("removed %s, cut short while it was written (never acknowledged): %s", relative, exc)
+                path.unlink(missing_ok=True)
+                discarded += 1
+                continue
             except Exception:
                 log.exception("could not index %s during recovery", relative)
+                continue
+            self.index.add_instance(record, None, source_ae_title(path), "")
+            restored += 1
+        if discarded:
+            log.info("removed %d unacknowledged partial files", discarded)
         if restored:
             log.warning("indexed %d stored files that the index had lost", restored)
 
@@ -202,15 +213,23 @@ class Node:
 
 
 def source_ae_title(path: Path) -> str:
-    meta = dcmread(path, stop_before_pixels=True).file_meta
-    return str(meta.get("SourceApplicationEntityTitle", ""))
+    return str(read_file_meta_info(path).get("SourceApplicationEntityTitle", ""))
 
 
 def record_for_file(path: Path, relative: str) -> InstanceRecord:
-    """The index record of a stored file, made the way the SCP makes it on receipt."""
+    """The index record of a stored file, made the way the SCP makes it on receipt.
+
+    Raises :class:`IncompleteDataset` for a file that ends early (inside its file meta or its
+    dataset).
+    """
     raw = path.read_bytes()
-    stream = raw[dataset_offset(raw):]
-    syntax = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    try:
+        stream = raw[dataset_offset(raw):]
+        syntax = str(read_file_meta_info(path).TransferSyntaxUID)
+    except (ValueError, AttributeError, InvalidDicomError, struct.error) as exc:
+        raise IncompleteDataset(f"file meta information: {exc}") from None
+    if not stream:
+        raise IncompleteDataset("no dataset after the file meta information")
     found, header_bytes = inspect(stream, syntax)
     return InstanceRecord(
         sop_instance_uid=found.text(0x0008, 0x0018),

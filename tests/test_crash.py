@@ -100,10 +100,20 @@ def test_files_the_index_lost_are_indexed_again_at_start(node, tmp_path: Path) -
         db.execute("DELETE FROM instances")
         db.execute("DELETE FROM series")
     (node.data / "incoming" / "1.2.3.dcm.99.abc.part").write_bytes(b"half a file")
+    # A new instance is written in place (one fsync): a crash while it was written leaves the
+    # file cut short under its own name, in the dataset or in the file meta.
+    stored = next((node.data / "studies").glob("*/*/*.dcm"))
+    whole = stored.read_bytes()
+    cut_in_dataset = stored.parent / "1.2.826.0.1.3680043.99.1.dcm"
+    cut_in_dataset.write_bytes(whole[: len(whole) - 1000])
+    cut_in_meta = stored.parent / "1.2.826.0.1.3680043.99.2.dcm"
+    cut_in_meta.write_bytes(whole[:150])
     node.restarts += 1
     node.start()
     status = node.wait_for(lambda s: s["counts"]["instances"] == 1, what="lost instance indexed again")
     assert status["series"][0]["instances"] == 1
     assert "indexed 1 stored files that the index had lost" in node.log()
     assert not list((node.data / "incoming").iterdir())
+    assert not cut_in_dataset.exists() and not cut_in_meta.exists(), "files cut short must go"
+    assert "removed 3 unacknowledged partial files" in node.log()
     node.wait_for(lambda s: s["series"][0]["decision"] is not None, what="the series judged after recovery")

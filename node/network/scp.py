@@ -289,7 +289,7 @@ class StorageSCP:
         return server.start(
             self.ae, (self.config.host, port), self.handlers, ssl_context=ssl_context,
             request_seconds=limits.request_seconds, idle_seconds=limits.idle_seconds,
-            max_pending=server.pending_limit(limits.associations),
+            max_pending=server.pending_limit(limits.associations), prompt=not self.config.pynetdicom_polling,
         )
 
     @property

@@ -19,6 +19,9 @@ listening ports only; the export SCU is untouched:
   :func:`pending_limit` of them; a new one beyond that closes the oldest waiting one, so that a
   flood of idle connections cannot shut out a peer that sends its request at once.
 
+Each accepted association also waits for its socket and its queues instead of polling them every
+millisecond (:mod:`node.network.prompt_reactor`).
+
 Association slots (how many at once, per peer) are the SCP's business: :mod:`node.network.scp`
 admits or rejects each request.
 
@@ -39,6 +42,8 @@ from typing import Any
 import pynetdicom
 from pynetdicom import AE, evt
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
+
+from .prompt_reactor import make_prompt
 
 __all__ = ["KNOWN_VERSIONS", "GuardedServer", "pending_limit", "start"]
 
@@ -99,8 +104,9 @@ class GuardedServer(ThreadedAssociationServer):
     request_queue_size = 128
 
     def __init__(self, *args: Any, request_seconds: float, idle_seconds: float, max_pending: int,
-                 **kwargs: Any) -> None:
+                 prompt: bool = True, **kwargs: Any) -> None:
         self.request_seconds = request_seconds
+        self.prompt = prompt
         self.idle_seconds = idle_seconds
         self.max_pending = max_pending
         # Sockets accepted whose A-ASSOCIATE-RQ has not arrived, oldest first.
@@ -145,6 +151,8 @@ class GuardedServer(ThreadedAssociationServer):
 
     def _on_open(self, event: evt.Event) -> None:
         # Runs in the handler's thread, before the association's own thread starts.
+        if self.prompt:
+            make_prompt(event.assoc)
         sock = event.assoc.dul.socket.socket
         with self._lock:
             self._sockets[id(event.assoc)] = sock
@@ -185,10 +193,12 @@ def _shut(sock: socket.socket) -> None:
 
 
 def start(ae: AE, address: tuple[str, int], handlers: list, *, request_seconds: float, idle_seconds: float,
-          max_pending: int, ssl_context: ssl.SSLContext | None = None) -> Any:
+          max_pending: int, ssl_context: ssl.SSLContext | None = None, prompt: bool = True) -> Any:
     """Listen on ``address`` in a background thread; return the server (``.shutdown()`` stops it).
 
-    The guarded server on a known pynetdicom release, pynetdicom's stock one otherwise.
+    The guarded server on a known pynetdicom release, pynetdicom's stock one otherwise. With
+    ``prompt`` its associations wait for their socket and queues instead of polling them
+    (:mod:`node.network.prompt_reactor`).
     """
     version = getattr(pynetdicom, "__version__", "?")
     if not version.startswith(KNOWN_VERSIONS):
@@ -197,7 +207,8 @@ def start(ae: AE, address: tuple[str, int], handlers: list, *, request_seconds: 
                     version, ", ".join(v + "x" for v in KNOWN_VERSIONS))
         return ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=ssl_context)
     server = ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context, server_class=GuardedServer,
-                            request_seconds=request_seconds, idle_seconds=idle_seconds, max_pending=max_pending)
+                            request_seconds=request_seconds, idle_seconds=idle_seconds, max_pending=max_pending,
+                            prompt=prompt)
     thread = threading.Thread(target=server.serve_forever, name=f"DICOM server {address[1]}", daemon=True)
     thread.start()
     return server

@@ -1,8 +1,19 @@
-"""The durable store: received instances as files, exactly as they came, never half-written.
+"""The durable store: received instances as files, exactly as they came.
 
-A file is written under ``incoming/``, fsynced, renamed into ``studies/STUDY/SERIES/SOP.dcm`` and
-its folder fsynced, so that after a crash or a power cut a file in ``studies/`` is complete and a
-file in ``incoming/`` was never acknowledged.
+A new instance is written straight to ``studies/STUDY/SERIES/SOP.dcm`` and fsynced once before
+the node answers: on Linux's journalling file systems (ext4, XFS, btrfs) that one flush also
+commits the directory entry made with the file, because the entry's creation belongs to the
+journal transaction (or, on btrfs, the log tree) that the fsync of the new inode forces out: ext4
+``ext4_sync_file``, XFS ``xfs_file_fsync`` and btrfs ``btrfs_sync_file`` in Linux's ``fs/``. This is
+also what Orthanc does with ``SyncStorageArea``. On any other file system the folder is fsynced as
+well, as POSIX asks (``fsync``, POSIX.1-2017: durability of a directory entry needs the directory's
+own fsync).
+
+A crash while a new file is written leaves a file that was never acknowledged and is incomplete;
+:meth:`InstanceStore.is_complete` tells it apart at start-up and the node removes it. An instance
+that replaces another under the same name (the same SOP Instance UID sent again with other
+content) goes through ``incoming/`` and a rename, so that the old file stays whole until the new
+one is.
 """
 
 from __future__ import annotations
@@ -11,6 +22,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 __all__ = ["DiskFull", "FileRange", "InstanceStore", "UID_PATTERN"]
@@ -75,6 +87,32 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+#: File systems on which the fsync of a new file also makes its directory entry durable (see the
+#: module's docstring for where each does it).
+JOURNALLED_FILE_SYSTEMS = frozenset({"ext4", "xfs", "btrfs"})
+
+
+@lru_cache(maxsize=8)
+def file_system_type(path: Path) -> str:
+    """The type of the file system that holds ``path`` (``"ext4"``, ``"tmpfs"``, ...), from the
+    longest matching mount point in ``/proc/self/mounts``; ``""`` where that cannot be read."""
+    resolved = str(Path(path).resolve())
+    best, kind = "", ""
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount_point = fields[1].replace("\\040", " ")
+        inside = resolved == mount_point or resolved.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, kind = mount_point, fields[2]
+    return kind
+
+
 class InstanceStore:
     """Files of received instances under one data folder.
 
@@ -94,6 +132,8 @@ class InstanceStore:
         for folder in (self.root, self.studies, self.incoming):
             folder.mkdir(parents=True, exist_ok=True)
         self._known_dirs: set[Path] = set()
+        #: Whether a new file's own fsync is enough (see the module's docstring).
+        self.one_flush = file_system_type(self.root) in JOURNALLED_FILE_SYSTEMS
 
     def path_for(self, study_uid: str, series_uid: str, sop_instance_uid: str) -> Path:
         """Where an instance lives. Raises ``ValueError`` for anything that is not a UID."""
@@ -115,25 +155,43 @@ class InstanceStore:
             )
 
     def write(self, path: Path, chunks: list[bytes | memoryview | FileRange]) -> None:
-        """Write ``chunks`` as the file ``path``, durably and atomically.
+        """Write ``chunks`` as the file ``path``, durably: when this returns, the file survives a
+        crash or a power cut (see the module's docstring for how).
 
         The space check comes first, so that nothing partial is left when the disk is nearly full.
+        Raises :class:`DiskFull` or any ``OSError`` of the writes; a file that was not finished is
+        removed.
         """
         size = sum(c.length if isinstance(c, FileRange) else len(c) for c in chunks)
         self.check_space(size)
         self._ensure_directory(path.parent)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except FileExistsError:
+            self._replace(path, chunks)
+            return
+        self._write_and_sync(fd, path, chunks)
+        if not self.one_flush:
+            _fsync_directory(path.parent)
+
+    def _replace(self, path: Path, chunks: list[bytes | memoryview | FileRange]) -> None:
+        # Another file under this name: the new one is whole before it takes the name.
         temporary = self.incoming / f"{path.name}.{os.getpid()}.{id(chunks):x}.part"
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._write_and_sync(fd, temporary, chunks)
+        os.replace(temporary, path)
+        _fsync_directory(path.parent)
+
+    @staticmethod
+    def _write_and_sync(fd: int, path: Path, chunks: list[bytes | memoryview | FileRange]) -> None:
         try:
             _write_all(fd, chunks)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
-            temporary.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
             raise
         os.close(fd)
-        os.replace(temporary, path)
-        _fsync_directory(path.parent)
 
     def _ensure_directory(self, folder: Path) -> None:
         if folder in self._known_dirs:
