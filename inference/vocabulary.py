@@ -511,7 +511,7 @@ class FatMethod(StrEnum):
                        "the scanner's fat-fraction map")
     TWO_POINT_DIXON_FF = ("dixon_2pt_ff", ReferenceMethod.DIXON_FF, None,
                           "DIXON2PT", "Two-point Dixon fat signal fraction (IP-OP)/(2 IP)",
-                          "two-point Dixon fat signal fraction (IP \u2212 OP) / (2\u00b7IP) from in-phase and "
+                          "two-point Dixon fat signal fraction (IP - OP) / (2 IP) from in-phase and "
                           "opposed-phase images; it cannot tell fat above 50 % from below (a voxel of 70 % "
                           "fat reads 30 %), and muscle is assumed to lie below",
                           50.0)
