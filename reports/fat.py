@@ -3,8 +3,8 @@
 Dixon: the fat fraction of a voxel is F / (F + W), from the fat and water images of one
 acquisition, or the vendor's fat-fraction map when there is one. Two-point Dixon protocols that
 give only in-phase and opposed-phase images get the fat signal fraction (IP - OP) / (2 IP),
-which equals F / (F + W) below 50 % fat and mirrors it above (:func:`two_point_fat_fraction`). T1- or T2-weighted images alone
-carry no fat fraction, only a bright (fat) and a dark (muscle) population of voxels: the share of
+which equals F / (F + W) below 50 % fat and mirrors it above (:func:`two_point_fat_fraction`).
+T1- or T2-weighted images alone carry no fat fraction, only a bright (fat) and a dark (muscle) population of voxels: the share of
 voxels in the bright class estimates fat infiltration. Following Wesselink et al. 2024 (N Am
 Spine Soc J 17:100313), a 3-class Gaussian mixture agrees best with Dixon (ICC >= 0.77), 2-class
 k-means worst (ICC <= 0.38), and no thresholding method measures psoas (ICC <= 0.01).

@@ -1302,13 +1302,15 @@ TWO_POINT_VENDORS: dict[str, TwoPointVendor] = {
     # does not say which echo, the echo time does.
     "siemens": TwoPointVendor(
         "SIEMENS", "Avanto_fit",
-        {"in_phase": ("ORIGINAL", "PRIMARY", "M", "ND", "NORM"), "opposed_phase": ("ORIGINAL", "PRIMARY", "M", "ND", "NORM")},
+        {"in_phase": ("ORIGINAL", "PRIMARY", "M", "ND", "NORM"),
+         "opposed_phase": ("ORIGINAL", "PRIMARY", "M", "ND", "NORM")},
         {"in_phase": "t1_fl2d_opp-in_tra", "opposed_phase": "t1_fl2d_opp-in_tra"},
         ("GR", "SP", "*fl2d2")),
     # Philips dual-echo FFE / mDixon: the echo in ImageType (M_IP ... IP, M_OP ... OP).
     "philips": TwoPointVendor(
         "Philips Medical Systems", "Ingenia",
-        {"in_phase": ("ORIGINAL", "PRIMARY", "M_IP", "M", "IP"), "opposed_phase": ("ORIGINAL", "PRIMARY", "M_OP", "M", "OP")},
+        {"in_phase": ("ORIGINAL", "PRIMARY", "M_IP", "M", "IP"),
+         "opposed_phase": ("ORIGINAL", "PRIMARY", "M_OP", "M", "OP")},
         {"in_phase": "T1_FFE_IP_OP_tra", "opposed_phase": "T1_FFE_IP_OP_tra"},
         ("GR", "SS", "FFE")),
     # GE LAVA-Flex (two-point): ImageType OTHER, the echo in the description's prefix.

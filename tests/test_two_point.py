@@ -117,8 +117,8 @@ def test_measured_through_the_manual_labels_it_agrees_with_water_fat_dixon(manua
         assert a.fat.method is FatMethod.TWO_POINT_DIXON_FF and b.fat.method is FatMethod.DIXON_FF
         assert a.fat.eroded and a.fat.note == ""  # healthy muscle: far from the 50 % limit
         # Eroded masks hold a few voxels with more fat than water, which read mirrored: the
-        # two-point mean may sit below F/(F+W), never above it, and by less than a point here.
-        assert -1.0 < a.fat.mean_percent - b.fat.mean_percent <= 0.01, (a.muscle, a.side)
+        # two-point mean may sit below F/(F+W), never above it (0.05-0.16 point below, measured).
+        assert -POINT < a.fat.mean_percent - b.fat.mean_percent <= 0.01, (a.muscle, a.side)
 
 
 def test_near_the_limit_a_muscle_gets_a_caution(manual) -> None:
