@@ -242,3 +242,17 @@ def test_orientation_names() -> None:
     assert orientation_name(AXIAL) == "axial"
     assert orientation_name(SAGITTAL) == "sagittal"
     assert orientation_name([1, 0, 0, 0, 0, -1]) == "coronal"
+
+
+def test_fallbacks_wait_while_series_of_the_study_are_still_arriving() -> None:
+    # The node judges a study each time one of its series is ready: a lone water series or an
+    # in-phase/opposed-phase pair must not be processed while a partner may still be arriving.
+    for items in ([_component("w", "WATER")], [_component("ip", "IN_PHASE"), _component("op", "OPP_PHASE", te=1.23)]):
+        got = {d.series_uid: d for d in decide_study(items, RULES, still_arriving=1)}
+        assert not any(d.selected for d in got.values())
+        assert all("waits for the 1 series of this study still arriving" in d.reason for d in got.values())
+    # A complete water/fat pair does not wait, nor does a T1 series.
+    got = {d.series_uid: d for d in decide_study([_component("w", "WATER"), _component("f", "FAT"), series("t1")],
+                                                 RULES, still_arriving=2)}
+    assert all(d.selected for d in got.values())
+

@@ -337,7 +337,7 @@ def _same_acquisition(a: frozenset, b: frozenset) -> bool:
     return bool(a) and bool(b) and len(a & b) >= _SHARED_POSITIONS * min(len(a), len(b))
 
 
-def decide_study(series_list: Sequence[SeriesHeaders], rules: Rules) -> list[Decision]:
+def decide_study(series_list: Sequence[SeriesHeaders], rules: Rules, *, still_arriving: int = 0) -> list[Decision]:
     """Judge every series of one study.
 
     Parameters
@@ -346,6 +346,10 @@ def decide_study(series_list: Sequence[SeriesHeaders], rules: Rules) -> list[Dec
         The assembled series of the study.
     rules : Rules
         The configured rules.
+    still_arriving : int
+        Series of the study known to the node but not yet assembled. While there are any, the
+        fallbacks (a two-point pair, a component alone) wait, unselected: a water/fat partner
+        may be among them, and the study is judged again when each becomes ready.
 
     Returns
     -------
@@ -406,6 +410,13 @@ def decide_study(series_list: Sequence[SeriesHeaders], rules: Rules) -> list[Dec
     groups = [_dixon_plan(components) for _, components in dixon]
     preferred = next((plan for plan in groups if plan.method == _WATER_FAT), None)
     for plan in groups:
+        if plan.method != _WATER_FAT and preferred is None and still_arriving:
+            decisions.update((series.series_uid, Decision(
+                series.series_uid, series.version, False,
+                f"Dixon {role} without a water and fat pair or a fat-fraction map so far (have: {plan.names}): "
+                f"waits for the {still_arriving} series of this study still arriving")) for role, (series, _)
+                in plan.components.items())
+            continue
         decisions.update((d.series_uid, d) for d in _decide_dixon_group(plan, preferred))
     return [decisions[s.series_uid] for s in series_list]
 
