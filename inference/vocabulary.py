@@ -436,7 +436,10 @@ DIXON_COMPONENTS = (Contrast.WATER, Contrast.FAT, Contrast.IN_PHASE, Contrast.OP
 class ReferenceMethod(StrEnum):
     """How the values of a reference group were measured: only like is compared with like.
 
-    ``dixon_ff``: fat fraction from chemical-shift (Dixon) images, F/(F+W) or PDFF.
+    ``dixon_ff``: fat fraction from chemical-shift (Dixon) images, F/(F+W) or PDFF, and the
+    two-point fat signal fraction (IP - OP) / (2 IP) below 50 % (:attr:`FatMethod.TWO_POINT_DIXON_FF`:
+    in that range it equals F/(F+W) of the same magnitude images, and the published Dixon rows
+    of Crawford et al. 2016 were themselves measured with two-point Dixon).
     ``t1t2_threshold``: fat share of the cross-section from thresholding or clustering a T1- or
     T2-weighted image. Mixing them is wrong (Masi et al., BMC Med Imaging 2023; Wesselink et al.,
     N Am Spine Soc J 2024;17:100313).
@@ -485,7 +488,19 @@ class FatMethod(StrEnum):
     Each member carries: its value (the name written in CSV files and settings), the reference
     method it is compared under, for a clustering method the algorithm and its number of classes
     (``("gmm", 3)``: scikit-learn's GaussianMixture; ``("kmeans", 2)``: KMeans), its code
-    (private scheme: no public concept names these methods), and a sentence for people.
+    (private scheme: no public concept names these methods), a sentence for people, and
+    ``ambiguous_above_percent``: the fat percentage above which the method cannot tell a value
+    from its mirror image (None: no such limit).
+
+    ``TWO_POINT_DIXON_FF`` is the fat signal fraction of two-point Dixon, (IP - OP) / (2 IP) from
+    magnitude in-phase and opposed-phase images, for protocols (common at 1.5 T) that give no
+    water and fat images. With magnitude images IP = W + F and OP = |W - F|, so the formula
+    gives F/(F+W) when fat is below water and W/(F+W) when it is above: a voxel of 70 % fat reads
+    30 %. It cannot tell fat above 50 % from below (Dixon WT, Radiology 1984;153:189; Ma J, J Magn
+    Reson Imaging 2008;28:543); healthy and moderately infiltrated paraspinal muscle lies
+    below (Crawford et al. 2016: 15-32 % at L1-L5 and L5), so the method assumes it. It is not
+    PDFF (no T2* or T1 correction, no multi-peak fat model): a signal fraction, coded apart from
+    water/fat Dixon and from a scanner's map.
     """
 
     DIXON_FF = ("dixon_ff", ReferenceMethod.DIXON_FF, None,
@@ -494,6 +509,12 @@ class FatMethod(StrEnum):
     DIXON_VENDOR_FF = ("dixon_vendor_ff", ReferenceMethod.DIXON_FF, None,
                        "VENDORFF", "Scanner fat-fraction map",
                        "the scanner's fat-fraction map")
+    TWO_POINT_DIXON_FF = ("dixon_2pt_ff", ReferenceMethod.DIXON_FF, None,
+                          "DIXON2PT", "Two-point Dixon fat signal fraction (IP-OP)/(2 IP)",
+                          "two-point Dixon fat signal fraction (IP - OP) / (2 IP) from in-phase and "
+                          "opposed-phase images; it cannot tell fat above 50 % from below (a voxel of 70 % "
+                          "fat reads 30 %), and muscle is assumed to lie below",
+                          50.0)
     GMM2 = ("gmm2", ReferenceMethod.T1T2_THRESHOLD, ("gmm", 2),
             "GMM2", "2-class Gaussian mixture of T1/T2 intensity",
             "fat infiltration: share of voxels in the bright class of a 2-class Gaussian mixture of the image")
@@ -508,7 +529,7 @@ class FatMethod(StrEnum):
                "fat infiltration: share of voxels in the brightest of 3 k-means clusters of the image")
 
     def __new__(cls, value: str, reference: ReferenceMethod, cluster: tuple[str, int] | None, code_value: str,
-                code_meaning: str, description: str) -> "FatMethod":
+                code_meaning: str, description: str, ambiguous_above_percent: float | None = None) -> "FatMethod":
         member = str.__new__(cls, value)
         member._value_ = value
         member.reference = reference
@@ -516,6 +537,7 @@ class FatMethod(StrEnum):
         member.clustering = cluster is not None
         member.code = Code(code_value, PRIVATE_SCHEME, code_meaning)
         member.description = description
+        member.ambiguous_above_percent = ambiguous_above_percent
         return member
 
     @property

@@ -1,8 +1,10 @@
 """Fat quantification inside a muscle mask: Dixon fat fraction, or fat infiltration by clustering.
 
 Dixon: the fat fraction of a voxel is F / (F + W), from the fat and water images of one
-acquisition, or the vendor's fat-fraction map when there is one. T1- or T2-weighted images alone
-carry no fat fraction, only a bright (fat) and a dark (muscle) population of voxels: the share of
+acquisition, or the vendor's fat-fraction map when there is one. Two-point Dixon protocols that
+give only in-phase and opposed-phase images get the fat signal fraction (IP - OP) / (2 IP),
+which equals F / (F + W) below 50 % fat and mirrors it above (:func:`two_point_fat_fraction`).
+T1- or T2-weighted images alone carry no fat fraction, only a bright (fat) and a dark (muscle) population of voxels: the share of
 voxels in the bright class estimates fat infiltration. Following Wesselink et al. 2024 (N Am
 Spine Soc J 17:100313), a 3-class Gaussian mixture agrees best with Dixon (ICC >= 0.77), 2-class
 k-means worst (ICC <= 0.38), and no thresholding method measures psoas (ICC <= 0.01).
@@ -27,6 +29,7 @@ __all__ = [
     "dixon_fat_fraction",
     "erode",
     "summarise_fraction",
+    "two_point_fat_fraction",
 ]
 
 #: Below this signal (F + W), a voxel's fat fraction is noise: it is left out.
@@ -45,6 +48,46 @@ def dixon_fat_fraction(water: np.ndarray, fat: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         fraction = np.where(total > _MIN_SIGNAL, fat / total, np.nan)
     return fraction
+
+
+#: The largest fat signal fraction two points can give: (IP - OP) / (2 IP) <= 1/2 since OP >= 0.
+TWO_POINT_LIMIT = 0.5
+
+
+def two_point_fat_fraction(in_phase: np.ndarray, opposed_phase: np.ndarray) -> np.ndarray:
+    """Voxel-wise two-point Dixon fat signal fraction (IP - OP) / (2 IP) in [0, 0.5]; NaN where
+    there is no in-phase signal.
+
+    With magnitude images IP = W + F and OP = |W - F|, so the result is F / (F + W) where fat is
+    below water and W / (F + W) where it is above: a fraction above 50 % cannot be told from
+    its mirror image below (Dixon WT, Radiology 1984;153:189; Ma J, J Magn Reson Imaging
+    2008;28:543). Muscle is assumed to lie below. Opposed-phase signal above in-phase signal
+    (noise, or T2* decay between the echoes, which this signal fraction does not correct) is
+    clipped to a fraction of 0; negative values from a scanner's scaling are clipped to zero
+    before the ratio.
+
+    Parameters
+    ----------
+    in_phase, opposed_phase : numpy.ndarray
+        Magnitude images of one acquisition on the same grid (same shape), any unit.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, same shape.
+
+    Raises
+    ------
+    ValueError
+        When the shapes differ.
+    """
+    in_phase = np.clip(np.asarray(in_phase, dtype=np.float64), 0, None)
+    opposed_phase = np.clip(np.asarray(opposed_phase, dtype=np.float64), 0, None)
+    if in_phase.shape != opposed_phase.shape:
+        raise ValueError(f"in-phase {in_phase.shape} and opposed-phase {opposed_phase.shape} images differ in shape")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fraction = np.where(in_phase > _MIN_SIGNAL, (in_phase - opposed_phase) / (2 * in_phase), np.nan)
+    return np.clip(fraction, 0.0, TWO_POINT_LIMIT)
 
 
 def vendor_fraction(values: np.ndarray) -> np.ndarray:

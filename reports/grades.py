@@ -18,6 +18,10 @@ Both cut-offs were defined on T2-weighted images (visual grading, or automated t
 Dixon fat fraction is a signal fraction, not the share of the area that is fat; the two agree
 well for the multifidus (3-class Gaussian mixture vs Dixon ICC >= 0.77, Wesselink et al. 2024) but
 are not the same quantity, so a grade from a Dixon value carries a note saying so.
+
+A method that cannot tell fat above a limit from below it (two-point Dixon, 50 %:
+``FatMethod.ambiguous_above_percent``) never gives the severe flag, whose cut-off is that very
+limit, and its grade says that grade 2 (> 50 %) is out of its reach.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from inference.vocabulary import Muscle, ReferenceMethod, muscle_group
+from inference.vocabulary import FatMethod, Muscle, ReferenceMethod, muscle_group
 
 from .reference import muscle_key
 
@@ -100,6 +104,15 @@ def fat_unreliable_reason(method: str, muscle: str) -> str | None:
     return None
 
 
+def _ambiguous_above(method: str) -> float | None:
+    """The fat percentage above which a fat method's values are ambiguous (None: no limit, or a
+    reference method's name)."""
+    try:
+        return FatMethod(method).ambiguous_above_percent
+    except ValueError:
+        return None
+
+
 def _refusal(method: str, muscle: str, citation_if_muscle: str, what: str) -> Grade | None:
     reason = fat_unreliable_reason(method, muscle)
     if reason is not None:
@@ -130,6 +143,7 @@ def fat_infiltration_grade(fat_percent: float, *, method: str, muscle: str) -> G
         ``value`` 0 (< 20 %), 1 (20 % to 50 % inclusive) or 2 (> 50 %); None with the reason when
         the combination is not graded.
     """
+    limit = _ambiguous_above(method)
     method = _method(fat_percent, method)
     refused = _refusal(method, muscle, CITATION_KJAER_STORHEIM, "the fat infiltration grade")
     if refused is not None:
@@ -144,6 +158,9 @@ def fat_infiltration_grade(fat_percent: float, *, method: str, muscle: str) -> G
             "visually on T2-weighted images in the source; " + _BOUNDARIES)
     if method is ReferenceMethod.DIXON_FF:
         note += "; " + _DIXON
+    if limit is not None:
+        note += (f"; this method cannot tell fat above {limit:g} % from below, so grade 2 is out of its reach and "
+                 f"a muscle of more than {limit:g} % fat would be graded as less")
     return Grade(value, label, CITATION_KJAER_STORHEIM, note)
 
 
@@ -168,10 +185,15 @@ def severe_multifidus_fat(fat_percent: float, *, method: str, muscle: str) -> Gr
     Grade
         ``value`` True (>= 50 %) or False (< 50 %); None with the reason when not flagged.
     """
+    limit = _ambiguous_above(method)
     method = _method(fat_percent, method)
     refused = _refusal(method, muscle, CITATION_WESSELINK_2025, "the severe-fat flag")
     if refused is not None:
         return refused
+    if limit is not None and limit <= 50.0:
+        return Grade(None, "not flagged", CITATION_WESSELINK_2025,
+                     f"the severe-fat flag (>= 50 %) cannot be decided by a method that cannot tell fat above "
+                     f"{limit:g} % from below")
     severe = fat_percent >= 50.0
     label = "severe (>=50% fat)" if severe else "non-severe (<50% fat)"
     note = ("per muscle side, T2-weighted MRI with automated models in the source; 50 % exactly counts as "

@@ -8,8 +8,9 @@ For each muscle, left, right and both sides together:
 - volume over the imaged range: the sum of slice areas x the slice spacing of their stack (slice
   gaps count as muscle, as in any slice-based volume; overlapping slabs are counted once each);
 - fat: the Dixon fat fraction (mean and median of F / (F + W) in the mask, after a one-pixel
-  erosion by default), the vendor's fat-fraction map, or, for T1/T2 images, fat infiltration by
-  clustering (see :mod:`reports.fat`);
+  erosion by default), the vendor's fat-fraction map, the two-point Dixon fat signal fraction
+  (IP - OP) / (2 IP) from in-phase and opposed-phase images (same erosion; below 50 % only), or,
+  for T1/T2 images, fat infiltration by clustering (see :mod:`reports.fat`);
 - functional (lean) CSA = mean CSA x (1 - fat fraction);
 - left/right asymmetry = (right - left) / mean(right, left) x 100 of the mean CSA (signed:
   positive when the right side is larger);
@@ -30,7 +31,7 @@ import numpy as np
 from inference.geometry import FrameGeometry, LabelMap, SeriesImage, pair_frames
 from inference.vocabulary import FatMethod, FatQuantity, Laterality, Muscle
 
-from .fat import cluster_fat, dixon_fat_fraction, erode, summarise_fraction, vendor_fraction
+from .fat import cluster_fat, dixon_fat_fraction, erode, summarise_fraction, two_point_fat_fraction, vendor_fraction
 from .grades import CITATION_WESSELINK_2024, fat_unreliable_reason
 
 __all__ = ["ALL_LEVELS", "FatSource", "FatResult", "MuscleMetrics", "SliceArea", "measure"]
@@ -45,8 +46,14 @@ class FatSource:
     """Where fat comes from for a label map.
 
     Exactly one of: ``water`` and ``fat`` (Dixon components of the label map's acquisition),
-    ``fraction`` (a vendor fat-fraction series), or ``cluster`` (a clustering
+    ``fraction`` (a vendor fat-fraction series), ``in_phase`` and ``opposed_phase`` (two-point
+    Dixon components of the acquisition), or ``cluster`` (a clustering
     :class:`~inference.vocabulary.FatMethod`, applied to the label map's own images).
+
+    Raises
+    ------
+    ValueError
+        When none or several sources are given, or a pair lacks a partner.
     """
 
     water: SeriesImage | None = None
@@ -54,14 +61,20 @@ class FatSource:
     fraction: SeriesImage | None = None
     cluster: FatMethod | None = None
     erode: bool = True
+    in_phase: SeriesImage | None = None
+    opposed_phase: SeriesImage | None = None
 
     def __post_init__(self) -> None:
         dixon = self.water is not None or self.fat is not None
-        chosen = [dixon, self.fraction is not None, self.cluster is not None]
+        two_point = self.in_phase is not None or self.opposed_phase is not None
+        chosen = [dixon, self.fraction is not None, two_point, self.cluster is not None]
         if sum(chosen) != 1:
-            raise ValueError("a fat source is Dixon water and fat, a fat-fraction map, or a cluster method")
+            raise ValueError("a fat source is Dixon water and fat, a fat-fraction map, in-phase and opposed-phase "
+                             "images, or a cluster method")
         if dixon and (self.water is None or self.fat is None):
             raise ValueError("Dixon fat needs both the water and the fat series")
+        if two_point and (self.in_phase is None or self.opposed_phase is None):
+            raise ValueError("two-point Dixon fat needs both the in-phase and the opposed-phase series")
         if self.cluster is not None:
             if self.cluster not in FatMethod.clustering_methods():
                 raise ValueError(f"unknown cluster method {self.cluster!r}; use one of "
@@ -72,6 +85,8 @@ class FatSource:
     def method(self) -> FatMethod:
         if self.cluster is not None:
             return self.cluster
+        if self.in_phase is not None:
+            return FatMethod.TWO_POINT_DIXON_FF
         return FatMethod.DIXON_VENDOR_FF if self.fraction is not None else FatMethod.DIXON_FF
 
 
@@ -177,6 +192,13 @@ def _fraction_frames(label_map: LabelMap, source: FatSource) -> list[np.ndarray]
     if source.fraction is not None:
         pairs = pair_frames(series, source.fraction)
         return [vendor_fraction(source.fraction.frames[j]) for j in pairs]
+    if source.in_phase is not None:
+        in_pairs = pair_frames(series, source.in_phase)
+        opposed_pairs = pair_frames(series, source.opposed_phase)
+        return [
+            two_point_fat_fraction(source.in_phase.frames[i], source.opposed_phase.frames[o])
+            for i, o in zip(in_pairs, opposed_pairs)
+        ]
     water_pairs = pair_frames(series, source.water)
     fat_pairs = pair_frames(series, source.fat)
     return [
@@ -243,6 +265,30 @@ def _group_metrics(
     )
 
 
+#: A method with an ambiguity limit (two-point Dixon, 50 %) gets a caution when more than this share
+#: of a muscle's voxels reads within :data:`_NEAR_LIMIT_POINTS` of it: part of that muscle may be
+#: fattier than the limit and read as leaner than it is.
+_NEAR_LIMIT_SHARE = 0.10
+_NEAR_LIMIT_POINTS = 5.0
+
+
+def _near_limit_note(method: FatMethod, fat_values: list[np.ndarray]) -> str:
+    """The caution for a muscle whose voxels crowd the method's ambiguity limit, or ``""``."""
+    limit = method.ambiguous_above_percent
+    if limit is None or not fat_values:
+        return ""
+    values = np.concatenate(fat_values)
+    values = values[np.isfinite(values)] * 100
+    if values.size == 0:
+        return ""
+    share = float(np.mean(values >= limit - _NEAR_LIMIT_POINTS))
+    if share <= _NEAR_LIMIT_SHARE:
+        return ""
+    return (f"{share * 100:.0f} % of the voxels read within {_NEAR_LIMIT_POINTS:g} points of the {limit:g} % limit "
+            f"of {method.code.meaning}: part of this muscle may be more than {limit:g} % fat, which this method "
+            "reads as less")
+
+
 def _fat_result(
     muscle: Muscle, fat_values: list[np.ndarray], intensities: list[np.ndarray], source: FatSource | None
 ) -> FatResult | None:
@@ -253,7 +299,7 @@ def _fat_result(
         if summary is None:
             return None
         return FatResult(source.method, source.method.quantity, summary.mean_percent, summary.median_percent,
-                         source.erode, summary.voxels)
+                         source.erode, summary.voxels, note=_near_limit_note(source.method, fat_values))
     unreliable = fat_unreliable_reason(source.cluster, muscle)
     reliable = unreliable is None
     try:

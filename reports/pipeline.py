@@ -43,7 +43,14 @@ class PipelineError(Exception):
 
 @dataclass(frozen=True)
 class WorkItem:
-    """What to process: series by role (Dixon components, or ``"t1"``/``"t2"``) as file lists."""
+    """What to process: series by role as file lists.
+
+    ``kind`` is ``"dixon"`` (the roles are Dixon components of one acquisition: water and fat, a
+    fat-fraction map, or in-phase and opposed-phase), ``"t1"`` or ``"t2"`` (one weighted series,
+    fat by clustering; an in-phase image without its partners comes as ``"t1"``), or
+    ``"water"`` or ``"fat"`` (one Dixon component without its partners: areas and volumes, no
+    fat, since neither image alone holds a fat fraction). A single series' role is its kind.
+    """
 
     kind: str
     series_files: Mapping[str, Sequence[Path]]
@@ -99,13 +106,25 @@ class Results:
                 + [("summary", d) for d in self.summary])
 
 
-def _fat_source(kind: str, images: Mapping[str, SeriesImage], settings: PipelineSettings) -> FatSource:
+#: Kinds of work item that are one Dixon component alone: segmented, measured without fat.
+LONE_COMPONENT_KINDS = (Contrast.WATER, Contrast.FAT)
+
+
+def _fat_source(kind: str, images: Mapping[str, SeriesImage], settings: PipelineSettings) -> FatSource | None:
+    """Where a work item's fat comes from, in order of preference: water and fat, the scanner's
+    fat-fraction map, the two-point in-phase/opposed-phase pair; clustering for a weighted
+    series; nothing for a lone water or fat image."""
     if kind == "dixon":
         if Contrast.WATER in images and Contrast.FAT in images:
             return FatSource(water=images[Contrast.WATER], fat=images[Contrast.FAT], erode=settings.erode_fat)
         if Contrast.FAT_FRACTION in images:
             return FatSource(fraction=images[Contrast.FAT_FRACTION], erode=settings.erode_fat)
-        raise PipelineError("a Dixon group needs water and fat, or a fat-fraction map")
+        if Contrast.IN_PHASE in images and Contrast.OPPOSED_PHASE in images:
+            return FatSource(in_phase=images[Contrast.IN_PHASE], opposed_phase=images[Contrast.OPPOSED_PHASE],
+                             erode=settings.erode_fat)
+        raise PipelineError("a Dixon group needs water and fat, a fat-fraction map, or in-phase and opposed-phase")
+    if kind in LONE_COMPONENT_KINDS:
+        return None
     return FatSource(cluster=settings.cluster_method)
 
 
@@ -173,6 +192,8 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
     try:
         if item.kind == "dixon":
             label_map = segmenter.segment_components({r: images[r] for r in DIXON_COMPONENTS if r in images})
+        elif item.kind in LONE_COMPONENT_KINDS:  # the card must accept the component (choose_contrast)
+            label_map = segmenter.segment_components({item.kind: images[item.kind]})
         else:
             label_map = segmenter.segment(images[item.kind])
     except ValueError as exc:

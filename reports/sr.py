@@ -321,8 +321,8 @@ def _set_aside_notes(items: Sequence[SetAside]) -> list[TextContentItem]:
 
 def _document_notes(assessments: Sequence[Assessment], patient: PatientContext | None, card_name: str,
                     card_version: str, set_aside: Sequence[SetAside] = ()) -> ContainerContentItem:
-    """TID 1500 row 12: the research-use statement, the patient values, each group's sources,
-    and the images set aside.
+    """TID 1500 row 12: the research-use statement, the patient values, the fat method in words,
+    each group's sources, and the images set aside.
 
     The grade citations and notes are TEXT here rather than beside the coded grade in its group,
     because the document-level container is where every validator accepts free text.
@@ -348,6 +348,12 @@ def _document_notes(assessments: Sequence[Assessment], patient: PatientContext |
         if patient.notes:
             text += "; " + "; ".join(patient.notes)
         items.append(_text(mn.COMMENT, text))
+    # Each fat method once, in words, with its limits (two-point Dixon: nothing above 50 %): the
+    # measurements name it only by its code.
+    methods = sorted({a.metrics.fat.method for a in assessments if a.metrics.fat is not None})
+    for method in methods:
+        items.append(_text(mn.COMMENT, f"Fat ({method.code.value}, {method.code.scheme_designator}): "
+                                       f"{method.description}."))
     for assessment in assessments:
         _, notes = _evaluations(assessment)
         if notes:

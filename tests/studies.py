@@ -7,6 +7,9 @@ from those voxels for the node's tests and benchmarks:
 
 * :func:`write_dixon_study` -- classic single-frame MR Image Storage, one series per Dixon
   contrast of one acquisition (water, fat, in-phase, opposed-phase).
+* :func:`write_two_point_study` -- in-phase (water + fat) and opposed-phase (|water - fat|)
+  series only, as a 1.5 T two-point Dixon or dual-echo protocol writes them, with the headers
+  of one of three vendors (:data:`TWO_POINT_VENDORS`).
 * :func:`write_enhanced_study` -- the same contrasts as Enhanced MR Image Storage, one
   multi-frame instance per contrast.
 * :func:`write_two_slab_study` -- water and fat resampled into two differently angled slabs
@@ -65,6 +68,7 @@ import hashlib
 import itertools
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +110,9 @@ __all__ = [
     "two_slab_geometry",
     "sagittal_geometry",
     "write_dixon_study",
+    "write_two_point_study",
+    "TWO_POINT_VENDORS",
+    "TwoPointVendor",
     "write_enhanced_study",
     "write_two_slab_study",
     "write_t2_study",
@@ -992,7 +999,8 @@ def _save(ds: Dataset, path: Path) -> None:
 
 
 def _series_folder(study: Study, number: int, description: str) -> Path:
-    return study.root / f"{number:03d}_{description}"
+    # Vendors' descriptions hold spaces and colons ("InPhase: Ax LAVA-Flex"): not in folder names.
+    return study.root / f"{number:03d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', description)}"
 
 
 @dataclass
@@ -1017,6 +1025,10 @@ class _SeriesSpec:
     acquisition_number: int
     acquisition_offset_s: int
     source: str
+    field_strength_t: float = 3.0
+    imaging_frequency_mhz: float = 123.2  # a Siemens "3 T" magnet runs at 2.89 T
+    manufacturer: str = ""
+    model: str = ""
 
 
 def _dixon_spec(contrast: str, offset_s: int, protocol: str = "t1_vibe_dixon_tra") -> _SeriesSpec:
@@ -1091,10 +1103,10 @@ def _mr_image_attributes(ds: Dataset, spec: _SeriesSpec, stack: StackGeometry) -
     ds.RepetitionTime = _ds(spec.repetition_time)
     ds.EchoTime = _ds(spec.echo_time)
     ds.NumberOfAverages = "1"
-    ds.ImagingFrequency = "123.2"
+    ds.ImagingFrequency = _ds(spec.imaging_frequency_mhz)
     ds.ImagedNucleus = "1H"
     ds.EchoNumbers = str(spec.echo_number)
-    ds.MagneticFieldStrength = "3"
+    ds.MagneticFieldStrength = _ds(spec.field_strength_t)
     ds.SpacingBetweenSlices = _ds(stack.slice_spacing)
     ds.NumberOfPhaseEncodingSteps = str(stack.rows)
     ds.EchoTrainLength = str(spec.echo_train_length)
@@ -1154,6 +1166,9 @@ def _write_classic_series(study: Study, spec: _SeriesSpec, stacks: Sequence[Stac
     window_center, window_width = _window(subsample * slope + intercept)
 
     ds = _common_dataset(study, MR_IMAGE_STORAGE)
+    if spec.manufacturer:
+        ds.Manufacturer = spec.manufacturer
+        ds.ManufacturerModelName = spec.model
     ds.ImageType = spec.image_type
     ds.SeriesDate = study.study_date
     ds.AcquisitionDate = study.study_date
@@ -1252,6 +1267,115 @@ def write_dixon_study(
     for contrast in contrasts:
         _write_classic_series(study, _dixon_spec(contrast, offset), None, syntax, uids,
                               uid_key=f"dixon/{contrast}")
+    return study
+
+
+@dataclass(frozen=True)
+class TwoPointVendor:
+    """Header conventions of one vendor's 1.5 T two-point (dual-echo) chemical-shift series.
+
+    Attributes
+    ----------
+    manufacturer, model : str
+        Manufacturer and ManufacturerModelName.
+    image_types : dict of str to tuple of str
+        ImageType of the in-phase and opposed-phase series.
+    descriptions : dict of str to str
+        Their SeriesDescription (and ProtocolName).
+    sequence : tuple of str
+        ScanningSequence, SequenceVariant, SequenceName.
+    """
+
+    manufacturer: str
+    model: str
+    image_types: dict[str, tuple[str, ...]]
+    descriptions: dict[str, str]
+    sequence: tuple[str, str, str]
+
+
+#: Echo times (ms) of the two echoes at 1.5 T: opposed-phase near 2.3 ms, in-phase near 4.6 ms
+#: (the fat-water beat at 3.4 ppm x 63.9 MHz is 4.6 ms).
+TWO_POINT_ECHO_TIMES = {"opposed_phase": 2.38, "in_phase": 4.76}
+
+TWO_POINT_VENDORS: dict[str, TwoPointVendor] = {
+    # Siemens 2D FLASH "opp-in": each echo its own series under the protocol's name; ImageType
+    # does not say which echo, the echo time does.
+    "siemens": TwoPointVendor(
+        "SIEMENS", "Avanto_fit",
+        {"in_phase": ("ORIGINAL", "PRIMARY", "M", "ND", "NORM"),
+         "opposed_phase": ("ORIGINAL", "PRIMARY", "M", "ND", "NORM")},
+        {"in_phase": "t1_fl2d_opp-in_tra", "opposed_phase": "t1_fl2d_opp-in_tra"},
+        ("GR", "SP", "*fl2d2")),
+    # Philips dual-echo FFE / mDixon: the echo in ImageType (M_IP ... IP, M_OP ... OP).
+    "philips": TwoPointVendor(
+        "Philips Medical Systems", "Ingenia",
+        {"in_phase": ("ORIGINAL", "PRIMARY", "M_IP", "M", "IP"),
+         "opposed_phase": ("ORIGINAL", "PRIMARY", "M_OP", "M", "OP")},
+        {"in_phase": "T1_FFE_IP_OP_tra", "opposed_phase": "T1_FFE_IP_OP_tra"},
+        ("GR", "SS", "FFE")),
+    # GE LAVA-Flex (two-point): ImageType OTHER, the echo in the description's prefix.
+    "ge": TwoPointVendor(
+        "GE MEDICAL SYSTEMS", "SIGNA Artist",
+        {"in_phase": ("ORIGINAL", "PRIMARY", "OTHER"), "opposed_phase": ("ORIGINAL", "PRIMARY", "OTHER")},
+        {"in_phase": "InPhase: Ax LAVA-Flex", "opposed_phase": "OutPhase: Ax LAVA-Flex"},
+        ("GR", "SS\\SK", "lava_flex")),
+}
+
+
+def _two_point_spec(contrast: str, vendor: TwoPointVendor, offset_s: int) -> _SeriesSpec:
+    scanning, variant, name = vendor.sequence
+    description = vendor.descriptions[contrast]
+    return _SeriesSpec(
+        role=contrast, description=description, protocol=description, image_type=list(vendor.image_types[contrast]),
+        scanning_sequence=scanning, sequence_variant=variant.split("\\"), scan_options="", acquisition_type="2D",
+        sequence_name=name, repetition_time=150.0, echo_time=TWO_POINT_ECHO_TIMES[contrast],
+        echo_number=1 if contrast == "opposed_phase" else 2, echo_train_length=2, flip_angle=70.0,
+        pixel_bandwidth=450.0, acquisition_number=1, acquisition_offset_s=offset_s, source=contrast,
+        field_strength_t=1.5, imaging_frequency_mhz=63.87, manufacturer=vendor.manufacturer, model=vendor.model,
+    )
+
+
+def write_two_point_study(
+    out_dir: str | os.PathLike,
+    patient: Patient = DEFAULT_PATIENT,
+    seed: str | None = None,
+    vendor: str = "siemens",
+    contrasts: Sequence[str] = ("in_phase", "opposed_phase"),
+    transfer_syntax: str = ExplicitVRLittleEndian,
+    *,
+    study: Study | None = None,
+) -> Study:
+    """Write a 1.5 T two-point Dixon (dual-echo) study: in-phase and opposed-phase series only.
+
+    The pixels are the real volumes' in-phase (water + fat) and opposed-phase (|water - fat|)
+    images on the NIfTI grid (:func:`contrast_volume`), one classic series per echo of one
+    acquisition; the headers are those of ``vendor`` at 1.5 T (:data:`TWO_POINT_VENDORS`,
+    echo times :data:`TWO_POINT_ECHO_TIMES`).
+
+    Parameters
+    ----------
+    out_dir, patient, seed, transfer_syntax, study
+        As for :func:`write_dixon_study`.
+    vendor : {"siemens", "philips", "ge"}
+    contrasts : sequence of str
+        ``"in_phase"`` and/or ``"opposed_phase"``.
+
+    Returns
+    -------
+    Study
+        With ``series`` keyed by contrast.
+    """
+    syntax = _check_transfer_syntax(transfer_syntax)
+    if vendor not in TWO_POINT_VENDORS:
+        raise ValueError(f"unknown vendor {vendor!r}; expected one of {list(TWO_POINT_VENDORS)}")
+    for contrast in contrasts:
+        if contrast not in TWO_POINT_ECHO_TIMES:
+            raise ValueError(f"unknown two-point contrast {contrast!r}; expected {list(TWO_POINT_ECHO_TIMES)}")
+    study = _resolve_study(out_dir, study, patient, seed, "MR LUMBAR SPINE", "LSPINE")
+    uids = _Uids(seed if seed is not None else study.seed)
+    for contrast in contrasts:
+        _write_classic_series(study, _two_point_spec(contrast, TWO_POINT_VENDORS[vendor], 480), None, syntax, uids,
+                              uid_key=f"two-point/{contrast}")
     return study
 
 

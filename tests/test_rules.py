@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from node.config import load_config
-from node.orchestration.rules import SeriesHeaders, decide_study, dixon_role, orientation_name
+from node.orchestration.rules import SeriesHeaders, decide_study, dixon_role, echo_phase, orientation_name
 
 RULES = load_config(environ={}).rules
 AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
@@ -58,7 +58,90 @@ def test_dixon_components_of_different_acquisitions_are_not_paired() -> None:
         series("w", image_type=("DERIVED", "PRIMARY", "DIXON", "WATER"), frame_of_reference="1.1"),
         series("f", image_type=("DERIVED", "PRIMARY", "DIXON", "FAT"), frame_of_reference="2.2"),
     )
-    assert not got["w"].selected and "without a water and fat pair" in got["w"].reason
+    # Each is a component alone, processed as the contrast it is: areas and volumes, no fat.
+    assert got["w"].grouping != got["f"].grouping
+    for uid, role in (("w", "water"), ("f", "fat")):
+        assert got[uid].selected and got[uid].kind == got[uid].role == role
+        assert "without a water and fat pair" in got[uid].reason and "no fat" in got[uid].reason
+
+
+SIEMENS_DIXON = dict(tr=6.5, te=2.46, description="t1_vibe_dixon_tra")
+
+
+def _component(uid: str, value: str, **extra) -> SeriesHeaders:
+    return series(uid, image_type=("ORIGINAL", "PRIMARY", "DIXON", value), **{**SIEMENS_DIXON, **extra})
+
+
+def test_in_phase_and_opposed_phase_are_a_two_point_dixon_pair() -> None:
+    got = decide(_component("ip", "IN_PHASE"), _component("op", "OPP_PHASE", te=1.23))
+    assert all(d.selected and d.kind == "dixon" for d in got.values())
+    assert {d.role for d in got.values()} == {"in_phase", "opposed_phase"}
+    assert got["ip"].grouping == got["op"].grouping == "dixon:ip"
+    assert "two-point Dixon" in got["op"].reason and "valid below 50 % fat" in got["op"].reason
+    assert "segmented on in-phase" in got["ip"].reason
+
+
+def test_water_and_fat_are_preferred_to_in_phase_and_opposed_phase() -> None:
+    # One acquisition with all four components: one group, fat from water and fat, said so.
+    got = decide(_component("w", "WATER"), _component("f", "FAT"), _component("ip", "IN_PHASE"),
+                 _component("op", "OPP_PHASE", te=1.23))
+    assert all(d.selected and d.kind == "dixon" for d in got.values()) and len({d.grouping for d in got.values()}) == 1
+    assert "fat from water and fat, preferred to the two-point in-phase/opposed-phase" in got["op"].reason
+    # A separate in-phase/opposed-phase acquisition in a study with a water/fat Dixon gives way to it.
+    elsewhere = dict(frame_of_reference="9.9")
+    got = decide(_component("w", "WATER"), _component("f", "FAT"), _component("ip", "IN_PHASE", **elsewhere),
+                 _component("op", "OPP_PHASE", te=1.23, **elsewhere))
+    assert got["w"].selected and got["f"].selected
+    for uid in ("ip", "op"):
+        assert not got[uid].selected
+        assert "an in-phase/opposed-phase pair: the study's water/fat Dixon (series w) is measured instead" in \
+            got[uid].reason
+
+
+def test_vendor_in_phase_and_opposed_phase_pairs() -> None:
+    # Philips mDixon / dual-echo FFE: ImageType ...\M_IP\M\IP and ...\M_OP\M\OP.
+    got = decide(series("ip", image_type=("ORIGINAL", "PRIMARY", "M_IP", "M", "IP"), description="T1 mDixon"),
+                 series("op", image_type=("ORIGINAL", "PRIMARY", "M_OP", "M", "OP"), description="T1 mDixon"))
+    assert {d.role for d in got.values()} == {"in_phase", "opposed_phase"} and all(d.selected for d in got.values())
+    # GE LAVA-Flex: ImageType OTHER, the component in the description.
+    got = decide(series("ip", image_type=("ORIGINAL", "PRIMARY", "OTHER"), description="InPhase: Ax LAVA-Flex"),
+                 series("op", image_type=("ORIGINAL", "PRIMARY", "OTHER"), description="OutPhase: Ax LAVA-Flex"))
+    assert got["ip"].role == "in_phase" and got["op"].role == "opposed_phase" and got["ip"].kind == "dixon"
+    # Siemens 1.5 T dual-echo FLASH: both series named "opp-in"; the echo time says which is which.
+    flash = dict(image_type=("ORIGINAL", "PRIMARY", "M", "ND", "NORM"), description="t1_fl2d_opp-in_tra", tr=150,
+                 MagneticFieldStrength=1.5)
+    got = decide(series("e1", te=2.38, **flash), series("e2", te=4.76, **flash))
+    assert got["e1"].role == "opposed_phase" and got["e2"].role == "in_phase" and got["e1"].kind == "dixon"
+    assert "TE 4.76 ms at 1.5 T" in got["e2"].reason
+    # Both echoes in one series cannot be one component: said so, not taken as T1.
+    both = series("both", te=2.38, **flash)
+    both = SeriesHeaders("both", both.study_uid, 1, tuple({**h, "EchoTime": 2.38 + 2.38 * (i % 2)}
+                                                        for i, h in enumerate(both.headers)))
+    got = decide(both)
+    assert not got["both"].selected and "dual-echo series holding 2 echo times (2.38, 4.76 ms)" in got["both"].reason
+
+
+def test_echo_phase_at_1_5_and_3_tesla() -> None:
+    assert echo_phase(2.3, 1.5) == "opposed_phase" and echo_phase(4.6, 1.5) == "in_phase"
+    assert echo_phase(1.23, 3.0) == "opposed_phase" and echo_phase(2.46, 3.0) == "in_phase"
+    assert echo_phase(3.5, 1.5) is None and echo_phase(2.3, None) is None
+
+
+def test_a_lone_component_is_processed_as_the_contrast_it_is() -> None:
+    got = decide(_component("ip", "IN_PHASE"))
+    assert got["ip"].selected and got["ip"].kind == got["ip"].role == "t1"
+    assert "processed as T1-weighted" in got["ip"].reason and "clustering" in got["ip"].reason
+    got = decide(_component("w", "WATER"))
+    assert got["w"].selected and got["w"].kind == "water" and "no fat" in got["w"].reason
+    # In-phase carries fat, water does not: of the two, in-phase is processed.
+    got = decide(_component("w", "WATER"), _component("ip", "IN_PHASE"))
+    assert got["ip"].kind == "t1" and not got["w"].selected
+    assert "the in_phase series ip of the same acquisition is processed instead" in got["w"].reason
+    got = decide(_component("op", "OPP_PHASE", te=1.23))
+    assert not got["op"].selected and "water and fat cancel" in got["op"].reason
+    # With a water/fat Dixon in the study, a component of another acquisition gives way to it.
+    got = decide(_component("w", "WATER"), _component("f", "FAT"), _component("ip", "IN_PHASE", frame_of_reference="9"))
+    assert not got["ip"].selected and "the study's water/fat Dixon (series w) is measured instead" in got["ip"].reason
 
 
 def test_philips_tokens_and_vendor_descriptions() -> None:
@@ -159,3 +242,17 @@ def test_orientation_names() -> None:
     assert orientation_name(AXIAL) == "axial"
     assert orientation_name(SAGITTAL) == "sagittal"
     assert orientation_name([1, 0, 0, 0, 0, -1]) == "coronal"
+
+
+def test_fallbacks_wait_while_series_of_the_study_are_still_arriving() -> None:
+    # The node judges a study each time one of its series is ready: a lone water series or an
+    # in-phase/opposed-phase pair must not be processed while a partner may still be arriving.
+    for items in ([_component("w", "WATER")], [_component("ip", "IN_PHASE"), _component("op", "OPP_PHASE", te=1.23)]):
+        got = {d.series_uid: d for d in decide_study(items, RULES, still_arriving=1)}
+        assert not any(d.selected for d in got.values())
+        assert all("waits for the 1 series of this study still arriving" in d.reason for d in got.values())
+    # A complete water/fat pair does not wait, nor does a T1 series.
+    got = {d.series_uid: d for d in decide_study([_component("w", "WATER"), _component("f", "FAT"), series("t1")],
+                                                 RULES, still_arriving=2)}
+    assert all(d.selected for d in got.values())
+

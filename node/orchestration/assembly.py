@@ -122,12 +122,15 @@ class Assembler:
 
     def judge_study(self, study_uid: str) -> list[Decision]:
         """Apply the rules to the ready series of a study and record the decisions that changed."""
-        ready = [s for s in self.index.study_series(study_uid) if s.state == "ready"]
+        known = self.index.study_series(study_uid)
+        ready = [s for s in known if s.state == "ready"]
         headers = [
             SeriesHeaders(s.series_uid, s.study_uid, s.version, tuple(self._summaries(s.series_uid)))
             for s in ready
         ]
-        decisions = decide_study(headers, self.config.rules)
+        # Fallbacks (an in-phase/opposed-phase pair, a Dixon component alone) wait for the series
+        # still arriving: a water/fat partner among them would make them give way.
+        decisions = decide_study(headers, self.config.rules, still_arriving=len(known) - len(ready))
         latest = self.index.latest_decisions(study_uid)
         changed = [
             d for d in decisions

@@ -46,7 +46,8 @@ _TEXT = (
     "Manufacturer",
 )
 _MULTI_TEXT = ("ImageType", "ScanningSequence", "SequenceVariant", "ScanOptions")
-_NUMBERS = ("EchoTime", "RepetitionTime", "InversionTime", "FlipAngle", "AcquisitionNumber", "InstanceNumber", "SeriesNumber")
+_NUMBERS = ("EchoTime", "RepetitionTime", "InversionTime", "FlipAngle", "AcquisitionNumber", "InstanceNumber", "SeriesNumber",
+            "MagneticFieldStrength")
 
 
 def _text(value: Any) -> str:

@@ -17,7 +17,18 @@ needs. Each series of a study is judged on its headers alone (pure functions, no
 
 Dixon components of one acquisition (same study and frame of reference, and most slice positions
 in common: a component may lack a slice the others have, which the pipeline then sets aside) are
-then grouped; a group is selected when it holds both water and fat, or a vendor fat-fraction map.
+then grouped, and a group is measured by the best fat method its components allow:
+
+- water and fat (F/(F+W)), or a vendor fat-fraction map: the whole group is selected;
+- otherwise in-phase and opposed-phase: two-point Dixon, the fat signal fraction
+  (IP - OP) / (2 IP), valid below 50 % fat (:attr:`inference.vocabulary.FatMethod.TWO_POINT_DIXON_FF`),
+  selected only when the study has no water/fat group (one measurement per study, the better);
+- otherwise a component alone, processed as the contrast it is, again only when the study has no
+  water/fat group: in-phase (preferred: it carries fat) as a T1-weighted series with fat by
+  clustering, else water or fat for areas and volumes without fat. An opposed-phase image alone
+  is skipped: water and fat cancel in it, so it holds no fat measure, and models are not
+  trained on it.
+
 Every series gets exactly one :class:`Decision` with a reason a person can read.
 """
 
@@ -33,7 +44,7 @@ from inference.vocabulary import Contrast
 
 from ..config import Rules
 
-__all__ = ["Decision", "SeriesHeaders", "decide_study", "dixon_role", "orientation_name"]
+__all__ = ["Decision", "SeriesHeaders", "decide_study", "dixon_role", "echo_phase", "orientation_name"]
 
 MR_IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
@@ -60,6 +71,15 @@ _DIXON_DESCRIPTIONS = {
     Contrast.FAT: re.compile(r"(\bfat\b|_f$|\bf\b)", re.I),
 }
 _DIXON_HINT = re.compile(r"dixon|ideal|flex|mdixon|\bvibe\b.*_(w|f|in|opp)$", re.I)
+# Dual-echo chemical-shift protocols whose series names both phases (Siemens "t1_fl2d_opp-in",
+# "in-opp", GE and Philips "dual echo", "IP/OP"): the echo time says which one a series holds.
+_DUAL_ECHO_HINT = re.compile(r"(?<![a-z])(opp[ _-]?in|in[ _-]?opp|ip[ _/-]?op|in[ _/-]?out)(?![a-z])|dual[ _-]?echo|"
+                             r"chem[a-z]*[ _-]?shift", re.I)
+#: Fat-water chemical shift (ppm) and proton gyromagnetic ratio (MHz/T): see :func:`echo_phase`.
+_FAT_SHIFT_PPM = 3.4
+_LARMOR_MHZ_PER_T = 42.577
+#: An echo this close (in cycles of the fat-water beat) to in-phase or opposed-phase is named so.
+_PHASE_TOLERANCE = 0.15
 
 
 @dataclass(frozen=True)
@@ -92,7 +112,8 @@ class Decision:
     selected : bool
         Whether the series will be processed.
     kind : str or None
-        ``"dixon"``, ``"t1"`` or ``"t2"`` for a selected series.
+        ``"dixon"``, ``"t1"`` or ``"t2"`` for a selected series, or ``"water"`` or ``"fat"`` for
+        a Dixon component processed alone (see :class:`reports.pipeline.WorkItem`).
     role : str or None
         Its part in the group: a Dixon component (``"water"``, ``"fat"``, ``"in_phase"``,
         ``"opposed_phase"``, ``"fat_fraction"``) or the weighting of a single series.
@@ -222,8 +243,43 @@ def _check_fat_suppression(series: SeriesHeaders, rules: Rules) -> str | None:
     return None
 
 
-def dixon_role(image_type: Sequence[str], description: str) -> tuple[Contrast | None, str]:
+def _check_single_echo(series: SeriesHeaders) -> str | None:
+    """A dual-echo chemical-shift series that holds both echoes cannot be one component."""
+    echoes = sorted({h.get("EchoTime") for h in series.headers if h.get("EchoTime")})
+    description = series.first("SeriesDescription")
+    if len(echoes) > 1 and description and _DUAL_ECHO_HINT.search(description):
+        return (f"a dual-echo series holding {len(echoes)} echo times ({', '.join(f'{t:g}' for t in echoes)} ms) "
+                "in one series: in-phase and opposed-phase must come as separate series to be paired")
+    return None
+
+
+def echo_phase(echo_time_ms: float, field_strength_t: float) -> Contrast | None:
+    """In-phase or opposed-phase from the echo time: where water and fat precess back in step
+    or half a cycle apart.
+
+    The fat-water frequency difference is 3.4 ppm (the main methylene peak; Hamilton G, et al.
+    NMR Biomed 2011;24:784) of the proton Larmor frequency, 42.577 MHz/T: one cycle takes
+    4.6 ms at 1.5 T and 2.3 ms at 3 T, so 2.3 ms is opposed-phase and 4.6 ms in-phase at 1.5 T.
+    An echo within :data:`_PHASE_TOLERANCE` of a cycle of either is named; otherwise None.
+    """
+    if not (echo_time_ms and echo_time_ms > 0 and field_strength_t and field_strength_t > 0):
+        return None
+    cycle_ms = 1000.0 / (_FAT_SHIFT_PPM * _LARMOR_MHZ_PER_T * field_strength_t)
+    phase = (echo_time_ms / cycle_ms) % 1.0
+    if min(phase, 1.0 - phase) <= _PHASE_TOLERANCE:
+        return Contrast.IN_PHASE
+    if abs(phase - 0.5) <= _PHASE_TOLERANCE:
+        return Contrast.OPPOSED_PHASE
+    return None
+
+
+def dixon_role(image_type: Sequence[str], description: str, echo_time_ms: float | None = None,
+               field_strength_t: float | None = None) -> tuple[Contrast | None, str]:
     """The Dixon component named by ImageType values or, failing that, by the description.
+
+    A dual-echo chemical-shift series whose description names both phases ("t1_fl2d_opp-in_tra",
+    "dual echo") but neither ImageType nor the description says which echo it holds is named by
+    its echo time at its field strength (:func:`echo_phase`), when both are known.
 
     Returns
     -------
@@ -235,6 +291,11 @@ def dixon_role(image_type: Sequence[str], description: str) -> tuple[Contrast | 
         found = values & names
         if found:
             return role, "ImageType " + "\\".join(image_type)
+    if description and _DUAL_ECHO_HINT.search(description):
+        role = echo_phase(echo_time_ms or 0.0, field_strength_t or 0.0)
+        if role is not None:
+            return role, f"description {description!r}, TE {echo_time_ms:g} ms at {field_strength_t:g} T"
+        return None, ""
     if description and (_DIXON_HINT.search(description) or "DIXON" in values):
         for role, pattern in _DIXON_DESCRIPTIONS.items():
             if pattern.search(description):
@@ -276,7 +337,7 @@ def _same_acquisition(a: frozenset, b: frozenset) -> bool:
     return bool(a) and bool(b) and len(a & b) >= _SHARED_POSITIONS * min(len(a), len(b))
 
 
-def decide_study(series_list: Sequence[SeriesHeaders], rules: Rules) -> list[Decision]:
+def decide_study(series_list: Sequence[SeriesHeaders], rules: Rules, *, still_arriving: int = 0) -> list[Decision]:
     """Judge every series of one study.
 
     Parameters
@@ -285,6 +346,10 @@ def decide_study(series_list: Sequence[SeriesHeaders], rules: Rules) -> list[Dec
         The assembled series of the study.
     rules : Rules
         The configured rules.
+    still_arriving : int
+        Series of the study known to the node but not yet assembled. While there are any, the
+        fallbacks (a two-point pair, a component alone) wait, unselected: a water/fat partner
+        may be among them, and the study is judged again when each becomes ready.
 
     Returns
     -------
@@ -304,7 +369,10 @@ def decide_study(series_list: Sequence[SeriesHeaders], rules: Rules) -> list[Dec
             skip, axial_evidence = _check_axial(series, rules)
         role = evidence = None
         if skip is None:
-            role, evidence = dixon_role(series.first("ImageType", []), series.first("SeriesDescription"))
+            skip = _check_single_echo(series)
+        if skip is None:
+            role, evidence = dixon_role(series.first("ImageType", []), series.first("SeriesDescription"),
+                                        series.first("EchoTime", None), series.first("MagneticFieldStrength", None))
             if role is None:
                 skip = _check_fat_suppression(series, rules)
         if skip is not None:
@@ -339,22 +407,98 @@ def decide_study(series_list: Sequence[SeriesHeaders], rules: Rules) -> list[Dec
                 kind=weighting, role=weighting, grouping=f"{weighting}:{series.series_uid}",
             )
 
-    for _, components in dixon:
-        usable = (Contrast.WATER in components and Contrast.FAT in components) or Contrast.FAT_FRACTION in components
-        anchor = (components.get(Contrast.WATER) or components.get(Contrast.FAT_FRACTION)
-                  or next(iter(components.values())))
-        grouping = f"dixon:{anchor[0].series_uid}"
-        names = ", ".join(sorted(components))
-        for role, (series, reason) in components.items():
-            if usable:
-                decisions[series.series_uid] = Decision(
-                    series.series_uid, series.version, True, f"{reason}; paired with {names}",
-                    kind="dixon", role=role, grouping=grouping,
-                )
-            else:
-                decisions[series.series_uid] = Decision(
-                    series.series_uid, series.version, False,
-                    f"Dixon {role} without a water and fat pair or a fat-fraction map of the same "
-                    f"acquisition (have: {names})",
-                )
+    groups = [_dixon_plan(components) for _, components in dixon]
+    preferred = next((plan for plan in groups if plan.method == _WATER_FAT), None)
+    for plan in groups:
+        if plan.method != _WATER_FAT and preferred is None and still_arriving:
+            decisions.update((series.series_uid, Decision(
+                series.series_uid, series.version, False,
+                f"Dixon {role} without a water and fat pair or a fat-fraction map so far (have: {plan.names}): "
+                f"waits for the {still_arriving} series of this study still arriving")) for role, (series, _)
+                in plan.components.items())
+            continue
+        decisions.update((d.series_uid, d) for d in _decide_dixon_group(plan, preferred))
     return [decisions[s.series_uid] for s in series_list]
+
+
+_WATER_FAT = "water/fat"
+_TWO_POINT = "two-point"
+_ALONE = "alone"
+#: A component alone, in the order one is chosen to be processed, with its kind.
+_ALONE_KINDS = ((Contrast.IN_PHASE, Contrast.T1), (Contrast.WATER, Contrast.WATER), (Contrast.FAT, Contrast.FAT))
+
+
+@dataclass(frozen=True)
+class _DixonPlan:
+    """One acquisition's Dixon components and how they can be measured."""
+
+    components: dict[str, tuple[SeriesHeaders, str]]
+    method: str
+
+    @property
+    def anchor(self) -> SeriesHeaders:
+        for role in (Contrast.WATER, Contrast.FAT_FRACTION, Contrast.IN_PHASE):
+            if role in self.components:
+                return self.components[role][0]
+        return next(iter(self.components.values()))[0]
+
+    @property
+    def names(self) -> str:
+        return ", ".join(sorted(self.components))
+
+
+def _dixon_plan(components: dict[str, tuple[SeriesHeaders, str]]) -> _DixonPlan:
+    if (Contrast.WATER in components and Contrast.FAT in components) or Contrast.FAT_FRACTION in components:
+        return _DixonPlan(components, _WATER_FAT)
+    if Contrast.IN_PHASE in components and Contrast.OPPOSED_PHASE in components:
+        return _DixonPlan(components, _TWO_POINT)
+    return _DixonPlan(components, _ALONE)
+
+
+def _decide_dixon_group(plan: _DixonPlan, preferred: _DixonPlan | None) -> list[Decision]:
+    """The decisions on one acquisition's Dixon components (``preferred``: the study's first
+    water/fat group, which other groups give way to)."""
+    grouping = f"dixon:{plan.anchor.series_uid}"
+    items = plan.components.items()
+    if plan.method == _WATER_FAT:
+        how = "; fat from water and fat" if Contrast.WATER in plan.components and Contrast.FAT in plan.components \
+            else "; fat from the scanner's fat-fraction map"
+        if Contrast.IN_PHASE in plan.components and Contrast.OPPOSED_PHASE in plan.components:
+            how += ", preferred to the two-point in-phase/opposed-phase fat fraction"
+        return [Decision(series.series_uid, series.version, True, f"{reason}; paired with {plan.names}{how}",
+                         kind="dixon", role=role, grouping=grouping) for role, (series, reason) in items]
+    missing = f"without a water and fat pair or a fat-fraction map of the same acquisition (have: {plan.names})"
+    if preferred is not None:
+        instead = (f"the study's water/fat Dixon (series {preferred.anchor.series_uid}) is measured instead, "
+                   "the better fat method")
+        what = "an in-phase/opposed-phase pair" if plan.method == _TWO_POINT else missing
+        return [Decision(series.series_uid, series.version, False, f"Dixon {role} {what}: {instead}")
+                for role, (series, _) in items]
+    if plan.method == _TWO_POINT:
+        return [Decision(
+            series.series_uid, series.version, True,
+            f"{reason}; paired with {plan.names}: two-point Dixon ({missing}), segmented on in-phase, fat signal "
+            "fraction (IP - OP) / (2 IP), valid below 50 % fat", kind="dixon", role=role, grouping=grouping)
+            for role, (series, reason) in items]
+    chosen = next(((role, kind) for role, kind in _ALONE_KINDS if role in plan.components), None)
+    decisions = []
+    for role, (series, reason) in items:
+        if chosen is None:
+            decisions.append(Decision(
+                series.series_uid, series.version, False,
+                f"Dixon {role} {missing}: water and fat cancel in an opposed-phase image, which holds no fat measure "
+                "on its own and is not a model input"))
+        elif role != chosen[0]:
+            other = plan.components[chosen[0]][0].series_uid
+            decisions.append(Decision(series.series_uid, series.version, False,
+                                      f"Dixon {role} {missing}: the {chosen[0]} series {other} of the same "
+                                      "acquisition is processed instead"))
+        else:
+            kind = chosen[1]
+            as_what = ("processed as T1-weighted (an in-phase gradient echo is T1-weighted), fat infiltration by "
+                       "clustering" if kind == Contrast.T1 else
+                       f"processed as a {role} image: areas and volumes, no fat (a {role} image alone holds no "
+                       "fat fraction)")
+            decisions.append(Decision(series.series_uid, series.version, True, f"{reason}; {missing}: {as_what}",
+                                      kind=kind.value, role=kind.value, grouping=f"{kind.value}:{series.series_uid}"))
+    return decisions
