@@ -39,6 +39,8 @@ class SetAsideKind(StrEnum):
     OFF_PLANE = "off-plane"
     REPEATED = "repeated at the same position"
     UNPAIRED = "no partner in the other Dixon series"
+    BLANK = "blank"
+    NOISE = "noise only"
 
     @property
     def words(self) -> str:
@@ -55,6 +57,8 @@ _WORDS = {
     SetAsideKind.OFF_PLANE: "it is not in the series' axial plane (a localizer or another plane)",
     SetAsideKind.REPEATED: "a later acquisition at the same position is used instead",
     SetAsideKind.UNPAIRED: "the other Dixon series has no image at this position",
+    SetAsideKind.BLANK: "it holds no body to measure (a blank image)",
+    SetAsideKind.NOISE: "it holds noise only, no anatomy",
 }
 
 

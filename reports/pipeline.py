@@ -19,6 +19,8 @@ from pydicom.dataset import Dataset
 
 from inference.geometry import (MAX_OBLIQUE_DEGREES, GeometryError, LabelMap, SeriesImage, pair_components,
                                 read_series, set_aside_off_plane)
+from inference.input_quality import (fat_suppression_problem, measure_series, resolution_problem,
+                                     set_aside_unusable)
 from inference.patient import PatientContext, from_dataset
 from inference.runtime import Segmenter
 from inference.set_aside import SetAside, too_few_frames
@@ -28,7 +30,7 @@ from reports.metrics import FatSource, MuscleMetrics, measure
 from reports.reference import SiteReference
 from reports.uids import ResultIdentity
 
-__all__ = ["COHORT_COLUMNS", "PipelineError", "PipelineSettings", "Results", "WorkItem", "run", "cohort_rows"]
+__all__ = ["COHORT_COLUMNS", "FAT_SIGNAL_KINDS", "PipelineError", "PipelineSettings", "Results", "WorkItem", "check_inputs", "run", "cohort_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +133,18 @@ def _fat_source(kind: str, images: Mapping[str, SeriesImage], settings: Pipeline
 def read_inputs(item: WorkItem, settings: PipelineSettings = PipelineSettings()) -> dict[str, SeriesImage]:
     """Read a work item's series, with what cannot be used set aside.
 
-    Every series loses the images :func:`inference.geometry.read_series` cannot use and its
-    off-plane frames (:func:`inference.geometry.set_aside_off_plane`); Dixon components then
-    keep the positions they all have (:func:`inference.geometry.pair_components`).
+    Every series loses the images :func:`inference.geometry.read_series` cannot use, its
+    off-plane frames (:func:`inference.geometry.set_aside_off_plane`) and its blank and
+    noise-only frames (:func:`inference.input_quality.set_aside_unusable`; not of a fat-fraction
+    map, whose air is noise by design); Dixon components then
+    keep the positions they all have (:func:`inference.geometry.pair_components`), so a frame
+    blank in one component is set aside in the others as unpaired.
 
     Raises
     ------
     PipelineError
-        When a series cannot be read at all, or fewer than
-        :data:`inference.set_aside.MIN_FRAMES` frames remain.
+        When a series cannot be read at all, has no axial frame, every frame is blank or noise, or
+        fewer than :data:`inference.set_aside.MIN_FRAMES` frames remain.
     """
     images: dict[str, SeriesImage] = {}
     for role, files in item.series_files.items():
@@ -148,9 +153,19 @@ def read_inputs(item: WorkItem, settings: PipelineSettings = PipelineSettings())
         except (OSError, ValueError) as exc:
             raise PipelineError(f"cannot read the {role} series: {exc}") from exc
         try:
-            images[role] = set_aside_off_plane(series, settings.max_oblique_degrees)
+            series = set_aside_off_plane(series, settings.max_oblique_degrees)
         except GeometryError as exc:
             raise PipelineError(f"the {role} series has no axial image: {exc}") from exc
+        if role == Contrast.FAT_FRACTION:
+            # A fat-fraction map's air is a random fraction (noise by design); the components
+            # it comes with, which the model segments (the bundled card takes water, fat or
+            # in-phase), are checked instead.
+            images[role] = series
+            continue
+        try:
+            images[role] = set_aside_unusable(series)
+        except GeometryError as exc:
+            raise PipelineError(f"the {role} series holds no anatomy to measure: {exc}") from exc
     if item.kind == "dixon" and len(images) > 1:
         try:
             images = pair_components(images)
@@ -161,6 +176,35 @@ def read_inputs(item: WorkItem, settings: PipelineSettings = PipelineSettings())
         if reason is not None:
             raise PipelineError(reason)
     return images
+
+
+#: Kinds of work item whose segmented image must carry fat signal: a weighted series measured by
+#: clustering, and a lone fat image. Not a Dixon group, whose water image is fat-free by design
+#: and whose fat comes from the other components, nor a lone water image, measured without fat.
+FAT_SIGNAL_KINDS = ("t1", "t2", Contrast.FAT)
+
+
+def check_inputs(item: WorkItem, images: Mapping[str, SeriesImage]) -> None:
+    """Refuse, before inference, series that cannot be measured (:mod:`inference.input_quality`).
+
+    Every series must have in-plane pixels no coarser than
+    :data:`inference.input_quality.MAX_PIXEL_SPACING_MM`; the image of a kind in
+    :data:`FAT_SIGNAL_KINDS` must not look fat suppressed from its pixels (subcutaneous fat no
+    brighter than the inside of the body), whatever its headers say.
+
+    Raises
+    ------
+    PipelineError
+        With the reason, never transient.
+    """
+    for role, series in images.items():
+        reason = resolution_problem([g.pixel_spacing for g in series.geometry])
+        if reason is not None:
+            raise PipelineError(f"the {role} series cannot be measured: {reason}")
+    if item.kind in FAT_SIGNAL_KINDS and item.kind in images:
+        reason = fat_suppression_problem(measure_series(images[item.kind]))
+        if reason is not None:
+            raise PipelineError(f"the {item.kind} series cannot be measured: {reason}")
 
 
 def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = PipelineSettings(), *,
@@ -174,7 +218,8 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
     Raises
     ------
     PipelineError
-        When the series cannot be read or segmented; never transient for bad input.
+        When the series cannot be read or segmented, or is refused by :func:`check_inputs`
+        before inference; never transient for bad input.
     """
     from reports.seg import build_segmentations
     from reports.sr import build_report
@@ -183,6 +228,7 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     images = read_inputs(item, settings)
+    check_inputs(item, images)
     set_aside = tuple(dict.fromkeys(entry for series in images.values() for entry in series.set_aside))
     if set_aside:
         log.info("%d image(s) set aside: %s", len(set_aside), "; ".join(sorted({str(e.kind) for e in set_aside})))

@@ -1386,6 +1386,7 @@ def write_t2_study(
     transfer_syntax: str = ExplicitVRLittleEndian,
     *,
     study: Study | None = None,
+    source: str = "in_phase",
 ) -> Study:
     """Write a non-Dixon T2-weighted TSE-like axial series (``t2_tse_tra``).
 
@@ -1398,6 +1399,10 @@ def write_t2_study(
     ----------
     out_dir, patient, seed, transfer_syntax, study
         As for :func:`write_dixon_study`.
+    source : {"in_phase", "water", "fat", "opposed_phase"}
+        The contrast whose pixels the series carries (:func:`contrast_volume`); ``"water"`` makes
+        a fat-free image behind neutral T2 headers, as a fat-suppressed series exported without
+        its fat-suppression headers looks.
 
     Returns
     -------
@@ -1407,7 +1412,7 @@ def write_t2_study(
     syntax = _check_transfer_syntax(transfer_syntax)
     study = _resolve_study(out_dir, study, patient, seed, "MR LUMBAR SPINE", "LSPINE")
     uids = _Uids(seed if seed is not None else study.seed)
-    _write_classic_series(study, _t2_spec("t2", "t2_tse_tra", 300), None, syntax, uids,
+    _write_classic_series(study, _t2_spec("t2", "t2_tse_tra", 300, source=source), None, syntax, uids,
                           uid_key="t2")
     return study
 

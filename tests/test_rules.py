@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from node.config import load_config
 from node.orchestration.rules import SeriesHeaders, decide_study, dixon_role, echo_phase, orientation_name
 
@@ -189,6 +191,34 @@ def test_skips_with_reasons() -> None:
     assert "localizer" in got["loc"].reason
     assert "hws" in got["spine"].reason
     assert not any(d.selected for d in got.values())
+
+
+@pytest.mark.parametrize("name, fields, shown", [
+    ("scan options FS", dict(scan_options=("PFP", "FS")), "ScanOptions FS"),
+    ("scan options SFS", dict(scan_options=("SFS",)), "ScanOptions SFS"),
+    ("water excitation", dict(scan_options=("WE",)), "ScanOptions WE"),
+    ("STIR by TI at 1.5 T", dict(ScanningSequence=["SE", "IR"], InversionTime=150.0), "TI 150 ms, a STIR"),
+    ("STIR by TI at 3 T", dict(ScanningSequence=["IR"], InversionTime=220.0), "TI 220 ms, a STIR"),
+    ("STIR description", dict(description="t2_stir_tra"), "'t2_stir_tra'"),
+    ("SPIR description", dict(description="T2W_TSE_SPIR"), "'T2W_TSE_SPIR'"),
+    ("SPAIR description", dict(description="AX T2 SPAIR"), "'AX T2 SPAIR'"),
+    ("FS description", dict(description="T2 FSE AX FS"), "'T2 FSE AX FS'"),
+    ("fat sat description", dict(description="ax t2 fat sat"), "'ax t2 fat sat'"),
+    ("fatsat protocol", dict(ProtocolName="t2_tse_fatsat_tra"), "'t2_tse_fatsat_tra'"),
+    ("sequence name", dict(SequenceName="stir_tse"), "'stir_tse'"),
+])
+def test_fat_suppressed_series_are_skipped_from_their_headers(name: str, fields: dict, shown: str) -> None:
+    description = fields.pop("description", "t2_tse_tra")
+    (decision,) = decide(series("s", description=description, tr=4000, te=90, **fields)).values()
+    assert not decision.selected, name
+    assert decision.reason.startswith("fat-suppressed (") and shown in decision.reason, decision.reason
+
+
+def test_inversion_recovery_with_a_long_ti_is_not_taken_for_stir() -> None:
+    """T1-FLAIR (TI 860 ms): inversion recovery that leaves fat bright."""
+    (decision,) = decide(series("flair", description="t1_tirm_tra", ScanningSequence=["IR"],
+                                InversionTime=860.0)).values()
+    assert decision.selected and decision.kind == "t1"
 
 
 def test_ambiguous_body_part_decided_by_description() -> None:

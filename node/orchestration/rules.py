@@ -10,7 +10,10 @@ needs. Each series of a study is judged on its headers alone (pure functions, no
    not axial (a localizer inside the series) or lack position, orientation or spacing are set
    aside by the pipeline (:mod:`inference.set_aside`) when they are the minority and at least
    :data:`inference.set_aside.MIN_FRAMES` axial slices remain; the decision says how many;
-4. no fat suppression (there is no fat signal left to measure);
+4. no fat suppression (there is no fat signal left to measure): ScanOptions FS, SFS or WE, an
+   inversion recovery with a STIR's short inversion time, or a description, protocol or sequence
+   name that says so (``rules.fat_suppressed_patterns``). Headers can hide it; the pipeline
+   checks the pixels too (:mod:`inference.input_quality`);
 5. the contrast: a Dixon component (water, fat, in-phase, opposed-phase, fat fraction) from
    ImageType values and vendor descriptions, otherwise T1 or T2 from the enhanced contrast
    attribute, TR and TE, or the description.
@@ -233,11 +236,28 @@ def _check_axial(series: SeriesHeaders, rules: Rules) -> tuple[str | None, str]:
     return None, detail
 
 
+#: ScanOptions (0018,0022) values that suppress fat: FS (fat saturation, PS3.3 C.8.3.1.1.4's
+#: defined term, written by Siemens, Philips and GE), SFS (spectral fat saturation, Siemens), and
+#: WE (water excitation, Siemens), which excites water alone.
+FAT_SUPPRESSING_SCAN_OPTIONS = frozenset({"FS", "FAT SAT", "FATSAT", "SFS", "WE"})
+
+#: An inversion-recovery series (ScanningSequence IR) with an inversion time at most this (ms) is
+#: a STIR: fat's null point is at TI = ln 2 x T1 of fat, about 150 ms at 1.5 T and 170-230 ms at
+#: 3 T as scanners set it; T1-FLAIR and other inversion-recovery T1 use 700 ms or more.
+STIR_MAX_INVERSION_TIME_MS = 300.0
+
+
 def _check_fat_suppression(series: SeriesHeaders, rules: Rules) -> str | None:
-    options = set(series.first("ScanOptions", []))
-    if options & {"FS", "FAT SAT", "FATSAT", "SFS"}:
-        return "fat-suppressed (ScanOptions FS): no fat signal left to measure"
-    found = _search(rules.fat_suppressed_patterns, [series.first("SeriesDescription"), series.first("ProtocolName")])
+    options = set(series.first("ScanOptions", [])) & FAT_SUPPRESSING_SCAN_OPTIONS
+    if options:
+        return f"fat-suppressed (ScanOptions {', '.join(sorted(options))}): no fat signal left to measure"
+    inversion = series.first("InversionTime", None)
+    if "IR" in series.first("ScanningSequence", []) and inversion is not None \
+            and 0 < float(inversion) <= STIR_MAX_INVERSION_TIME_MS:
+        return (f"fat-suppressed (inversion recovery with TI {float(inversion):g} ms, a STIR): no fat signal left "
+                "to measure")
+    found = _search(rules.fat_suppressed_patterns, [series.first("SeriesDescription"), series.first("ProtocolName"),
+                                                    series.first("SequenceName")])
     if found:
         return f"fat-suppressed (description {found[1]!r}): no fat signal left to measure"
     return None
