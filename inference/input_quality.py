@@ -254,7 +254,7 @@ def measure_series(series: SeriesImage) -> list[SliceQuality]:
     return [measure_slice(pixels, geometry.pixel_spacing) for pixels, geometry in zip(series.frames, series.geometry)]
 
 
-def set_aside_unusable(series: SeriesImage) -> SeriesImage:
+def set_aside_unusable(series: SeriesImage) -> tuple[SeriesImage, list[SliceQuality]]:
     """Set aside the blank and noise-only frames of a series (:func:`slice_problem`).
 
     Returns
@@ -262,6 +262,9 @@ def set_aside_unusable(series: SeriesImage) -> SeriesImage:
     SeriesImage
         The series less those frames (``series`` itself when every frame holds anatomy), each
         set aside with its kind and detail.
+    list of SliceQuality
+        What :func:`measure_slice` measured on each frame kept, in the series' order, so that
+        the series-level checks need not measure them again.
 
     Raises
     ------
@@ -269,8 +272,11 @@ def set_aside_unusable(series: SeriesImage) -> SeriesImage:
         When every frame is blank or noise.
     """
     drop = {}
+    kept: list[SliceQuality] = []
     for index, quality in enumerate(measure_series(series)):
         problem = slice_problem(quality)
-        if problem is not None:
+        if problem is None:
+            kept.append(quality)
+        else:
             drop[index] = series.set_aside_record(index, problem[0], problem[1])
-    return series.without(drop)
+    return series.without(drop), kept

@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 from inference.geometry import (MAX_OBLIQUE_DEGREES, GeometryError, LabelMap, SeriesImage, pair_components,
                                 read_series, set_aside_off_plane)
-from inference.input_quality import (fat_suppression_problem, measure_series, resolution_problem,
+from inference.input_quality import (SliceQuality, fat_suppression_problem, measure_series, resolution_problem,
                                      set_aside_unusable)
 from inference.patient import PatientContext, from_dataset
 from inference.runtime import Segmenter
@@ -131,7 +131,15 @@ def _fat_source(kind: str, images: Mapping[str, SeriesImage], settings: Pipeline
 
 
 def read_inputs(item: WorkItem, settings: PipelineSettings = PipelineSettings()) -> dict[str, SeriesImage]:
-    """Read a work item's series, with what cannot be used set aside.
+    """Read a work item's series, with what cannot be used set aside (:func:`read_and_measure`)."""
+    return read_and_measure(item, settings)[0]
+
+
+def read_and_measure(item: WorkItem, settings: PipelineSettings = PipelineSettings(),
+                     ) -> tuple[dict[str, SeriesImage], dict[str, list[SliceQuality]]]:
+    """Read a work item's series, with what cannot be used set aside, and what
+    :func:`inference.input_quality.measure_slice` measured on the frames each series kept (not for
+    a fat-fraction map, and not for Dixon components, whose pairing may drop more frames).
 
     Every series loses the images :func:`inference.geometry.read_series` cannot use, its
     off-plane frames (:func:`inference.geometry.set_aside_off_plane`) and its blank and
@@ -147,6 +155,7 @@ def read_inputs(item: WorkItem, settings: PipelineSettings = PipelineSettings())
         fewer than :data:`inference.set_aside.MIN_FRAMES` frames remain.
     """
     images: dict[str, SeriesImage] = {}
+    qualities: dict[str, list[SliceQuality]] = {}
     for role, files in item.series_files.items():
         try:
             series = read_series(files)
@@ -163,7 +172,7 @@ def read_inputs(item: WorkItem, settings: PipelineSettings = PipelineSettings())
             images[role] = series
             continue
         try:
-            images[role] = set_aside_unusable(series)
+            images[role], qualities[role] = set_aside_unusable(series)
         except GeometryError as exc:
             raise PipelineError(f"the {role} series holds no anatomy to measure: {exc}") from exc
     if item.kind == "dixon" and len(images) > 1:
@@ -171,11 +180,12 @@ def read_inputs(item: WorkItem, settings: PipelineSettings = PipelineSettings())
             images = pair_components(images)
         except GeometryError as exc:
             raise PipelineError(f"the Dixon series cannot be paired: {exc}") from exc
+        qualities = {}  # frames of the components' own measurements may have gone unpaired
     for role, series in images.items():
         reason = too_few_frames(len(series), series.set_aside, f"the {role} series")
         if reason is not None:
             raise PipelineError(reason)
-    return images
+    return images, qualities
 
 
 #: Kinds of work item whose segmented image must carry fat signal: a weighted series measured by
@@ -184,8 +194,12 @@ def read_inputs(item: WorkItem, settings: PipelineSettings = PipelineSettings())
 FAT_SIGNAL_KINDS = ("t1", "t2", Contrast.FAT)
 
 
-def check_inputs(item: WorkItem, images: Mapping[str, SeriesImage]) -> None:
+def check_inputs(item: WorkItem, images: Mapping[str, SeriesImage],
+                 qualities: Mapping[str, Sequence[SliceQuality]] | None = None) -> None:
     """Refuse, before inference, series that cannot be measured (:mod:`inference.input_quality`).
+
+    ``qualities`` are the measurements :func:`read_and_measure` already made of a series' frames;
+    a series without them is measured here.
 
     Every series must have in-plane pixels no coarser than
     :data:`inference.input_quality.MAX_PIXEL_SPACING_MM`; the image of a kind in
@@ -202,7 +216,8 @@ def check_inputs(item: WorkItem, images: Mapping[str, SeriesImage]) -> None:
         if reason is not None:
             raise PipelineError(f"the {role} series cannot be measured: {reason}")
     if item.kind in FAT_SIGNAL_KINDS and item.kind in images:
-        reason = fat_suppression_problem(measure_series(images[item.kind]))
+        measured = (qualities or {}).get(item.kind)
+        reason = fat_suppression_problem(measured if measured is not None else measure_series(images[item.kind]))
         if reason is not None:
             raise PipelineError(f"the {item.kind} series cannot be measured: {reason}")
 
@@ -227,8 +242,8 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    images = read_inputs(item, settings)
-    check_inputs(item, images)
+    images, qualities = read_and_measure(item, settings)
+    check_inputs(item, images, qualities)
     set_aside = tuple(dict.fromkeys(entry for series in images.values() for entry in series.set_aside))
     if set_aside:
         log.info("%d image(s) set aside: %s", len(set_aside), "; ".join(sorted({str(e.kind) for e in set_aside})))
