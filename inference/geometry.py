@@ -446,6 +446,10 @@ class LabelMap:
     set_aside : tuple of SetAside
         Images of the acquisition that have no labels here, and why: those of ``series`` and of
         the other series it was segmented or measured with (Dixon components).
+    uncertainty : tuple of dict of int to float
+        Per frame, label value -> the model's mean normalised softmax entropy inside that
+        label's mask (0 certain, 1 no idea; :func:`inference.runtime.mask_uncertainty`). Empty
+        when unknown (labels read from a SEG, drawn by hand).
     """
 
     series: SeriesImage
@@ -455,8 +459,11 @@ class LabelMap:
     model_version: str = ""
     findings: tuple[LateralityFinding, ...] = ()
     set_aside: tuple[SetAside, ...] = ()
+    uncertainty: tuple[dict[int, float], ...] = ()
 
     def __post_init__(self) -> None:
+        if self.uncertainty and len(self.uncertainty) != len(self.series.frames):
+            raise GeometryError(f"{len(self.uncertainty)} uncertainty frames for a series of {len(self.series)} frames")
         if len(self.labels) != len(self.series.frames):
             raise GeometryError(f"{len(self.labels)} label frames for a series of {len(self.series)} frames")
         if 0 in self.meaning or any(not 0 < v < 256 for v in self.meaning):
@@ -476,6 +483,7 @@ class LabelMap:
         object.__setattr__(self, "meaning", dict(sorted(self.meaning.items())))
         object.__setattr__(self, "findings", tuple(self.findings))
         object.__setattr__(self, "set_aside", tuple(self.set_aside))
+        object.__setattr__(self, "uncertainty", tuple(dict(u) for u in self.uncertainty))
 
     def values_present(self) -> list[int]:
         """Label values that occur in at least one frame, ascending."""

@@ -69,7 +69,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -83,6 +83,7 @@ from .vocabulary import Side
 
 __all__ = [
     "CPU",
+    "mask_uncertainty",
     "CUDA",
     "InputError",
     "Segmenter",
@@ -609,6 +610,37 @@ _RING = 2
 class _SliceResult:
     labels: np.ndarray
     findings: list[LateralityFinding]
+    uncertainty: dict[int, float] = field(default_factory=dict)
+
+
+def mask_uncertainty(probabilities: np.ndarray, labels: np.ndarray) -> dict[int, float]:
+    """Mean normalised entropy of the class probabilities inside each label's mask.
+
+    The entropy of a pixel's class distribution divided by its maximum, log(classes): 0 where
+    the model gave one class all the probability, 1 where it spread it evenly. Its mean inside a
+    mask is the model's own doubt about that outline (used by
+    :mod:`inference.segmentation_quality`; mean softmax entropy as in Mehrtash et al., IEEE TMI
+    2020;39:3868-78).
+
+    Parameters
+    ----------
+    probabilities : numpy.ndarray
+        ``(classes, rows, columns)``, summing to 1 over the classes.
+    labels : numpy.ndarray
+        ``(rows, columns)`` label values on the same grid.
+
+    Returns
+    -------
+    dict of int to float
+        Label value (not 0) -> mean normalised entropy in [0, 1].
+    """
+    labelled = labels != 0
+    if not labelled.any() or probabilities.shape[0] < 2:
+        return {}
+    inside = probabilities[:, labelled].astype(np.float64)
+    entropy = -(inside * np.log(np.clip(inside, 1e-12, 1.0))).sum(axis=0) / np.log(probabilities.shape[0])
+    values = labels[labelled]
+    return {int(v): float(entropy[values == v].mean()) for v in np.unique(values)}
 
 
 class Segmenter:
@@ -714,13 +746,16 @@ class Segmenter:
         scores = sliding_window(padded, self._predict, card.window, card.overlap, self._weights, self.batch_size)
         return scores[(slice(None),) + inner]
 
-    def _finish(self, on_frame: np.ndarray, frame: FrameGeometry, frame_index: int) -> _SliceResult:
-        """Class scores on the frame's grid to checked label values."""
+    def _finish(self, on_frame: np.ndarray, frame: FrameGeometry, frame_index: int,
+                probabilities: bool = True) -> _SliceResult:
+        """Class scores (``probabilities`` False) or probabilities on the frame's grid to checked
+        label values, with each label's :func:`mask_uncertainty`."""
         labels = self._lookup[np.argmax(on_frame, axis=0)]
         if self.card.largest_component:
             labels = keep_largest_components(labels)
         labels, findings = check_laterality(labels, frame, self.meaning, frame_index)
-        return _SliceResult(labels, findings)
+        return _SliceResult(labels, findings,
+                            mask_uncertainty(on_frame if probabilities else _softmax(on_frame), labels))
 
     def _segment(self, image: np.ndarray, frame: FrameGeometry, frame_index: int) -> _SliceResult:
         card = self.card
@@ -807,7 +842,7 @@ class Segmenter:
             # Scores, zero outside the crop, resampled as they are: what MONAI's Invertd does.
             scores = np.zeros((card.classes,) + grid.shape, dtype=np.float32)
             scores[(slice(None),) + box[1:]] = self._windows(normalised[:, k], box[1:])
-            results.append(self._finish(resample(scores, grid, frame), frame, frame_index))
+            results.append(self._finish(resample(scores, grid, frame), frame, frame_index, probabilities=False))
         return results
 
     def segment_slice(self, image: np.ndarray, frame: FrameGeometry) -> np.ndarray:
@@ -865,10 +900,11 @@ class Segmenter:
         else:
             for index, frame in enumerate(reference.geometry):
                 results[index] = self._segment(image(index), frame, index)
-        labels, findings = [], []
+        labels, findings, uncertainty = [], [], []
         for index in range(len(reference)):
             labels.append(results[index].labels)
             findings.extend(results[index].findings)
+            uncertainty.append(results[index].uncertainty)
         if findings:
             swapped = sum(f.action == "swapped" for f in findings)
             # No UIDs: logs stay free of anything that links to a patient.
@@ -877,7 +913,7 @@ class Segmenter:
         set_aside = tuple(dict.fromkeys(item for channel in channels for item in channel.set_aside))
         return LabelMap(series=reference, labels=tuple(labels), meaning=dict(self.meaning),
                         model_name=self.card.name, model_version=self.card.version, findings=tuple(findings),
-                        set_aside=set_aside)
+                        set_aside=set_aside, uncertainty=tuple(uncertainty))
 
     def segment_components(self, components: Mapping[str, SeriesImage]) -> LabelMap:
         """Segment one acquisition given as role -> series (``"water"``, ``"fat"``, ...)."""

@@ -75,6 +75,17 @@ def _when(timestamp: float | None) -> str:
     return "-" if timestamp is None else datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _print_quality(quality: dict | None) -> None:
+    """A job's segmentation quality verdict and the images it excluded (at most five named)."""
+    if not quality:
+        return
+    print(f"      quality: {quality['verdict']}" + (f" - {quality['reason']}" if quality.get("reason") else ""))
+    for item in quality.get("excluded", [])[:5]:
+        print(f"        excluded {item['where']}: {'; '.join(item['problems'])}")
+    if len(quality.get("excluded", [])) > 5:
+        print(f"        ... and {len(quality['excluded']) - 5} more (musclenode status --json)")
+
+
 def _status(args: argparse.Namespace) -> int:
     from .operations.state import NodeState
 
@@ -111,6 +122,7 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  job {job['id']} {job['kind']} ({roles}): {job['state']}, attempt {job['attempts']},"
               f" queued {_when(job['created'])}" + (f" - {job['reason']}" if job["reason"] else ""))
         _print_set_aside((job.get("result") or {}).get("set_aside") or [])
+        _print_quality((job.get("result") or {}).get("quality"))
         by_destination: dict[str, list[dict]] = {}
         for delivery in job["deliveries"]:
             by_destination.setdefault(delivery["destination"], []).append(delivery)

@@ -89,6 +89,17 @@ COMMENT = codes.DCM.Comment  # 121106
 SET_ASIDE = Code("SETASIDE", PRIVATE_SCHEME, "Image set aside")
 ALGORITHM_FAMILY = codes.DCM.ArtificialIntelligence  # 123110, CID 7162
 
+#: The segmentation's quality verdict (inference.segmentation_quality.Verdict) as a coded
+#: qualitative evaluation, and a TEXT naming each image it excluded from the measurements: no
+#: DICOM concept says "segmentation quality control", so the private scheme does.
+SEGMENTATION_QUALITY = Code("SEGQC", PRIVATE_SCHEME, "Segmentation quality control")
+EXCLUDED_IMAGE = Code("SEGQCEXCL", PRIVATE_SCHEME, "Image excluded by segmentation quality control")
+_VERDICTS = {
+    "pass": Code("SEGQCPASS", PRIVATE_SCHEME, "Passed: every image measured"),
+    "limited": Code("SEGQCLIMITED", PRIVATE_SCHEME, "Limited: images excluded from the measurements"),
+    "not measured": Code("SEGQCNOTMEASURED", PRIVATE_SCHEME, "Not measured: segmentation failed quality control"),
+}
+
 #: Qualitative evaluations. The citation is in the concept's meaning (CodeMeaning is LO, 64
 #: characters) and in full in a TEXT item beside it.
 FAT_GRADE = Code("KJAERGRADE", PRIVATE_SCHEME, "Fat infiltration grade (Kjaer 2007)")
@@ -107,6 +118,14 @@ def grade_value(value: int) -> Code:
         return _GRADES[value]
     except KeyError:
         raise ValueError(f"fat infiltration grade must be 0, 1 or 2, not {value!r}") from None
+
+
+def verdict_value(verdict: str) -> Code:
+    """The coded value of a segmentation quality verdict ("pass", "limited", "not measured")."""
+    try:
+        return _VERDICTS[str(verdict)]
+    except KeyError:
+        raise ValueError(f"no code for the quality verdict {verdict!r}") from None
 
 
 def yes_no(flag: bool) -> Code:

@@ -24,7 +24,7 @@ of the label map and images.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -184,6 +184,16 @@ def _stack_spacing(series: SeriesImage) -> dict[int, float | None]:
     return spacing
 
 
+def _interrupted(series: SeriesImage, measured: Collection[int], excluded: Collection[int]) -> bool:
+    """Whether an excluded frame lies between two measured frames of the same stack."""
+    for stack in series.stacks:
+        order = list(stack)
+        positions = [k for k, index in enumerate(order) if index in measured]
+        if len(positions) > 1 and any(order[k] in excluded for k in range(positions[0], positions[-1])):
+            return True
+    return False
+
+
 def _fraction_frames(label_map: LabelMap, source: FatSource) -> list[np.ndarray] | None:
     """Per label-map frame, the voxel fat fraction on the same grid (None for clustering)."""
     series = label_map.series
@@ -218,6 +228,7 @@ def _group_metrics(
     spacing: Mapping[int, float | None],
     fractions: list[np.ndarray] | None,
     source: FatSource | None,
+    excluded: Collection[int] = (),
 ) -> MuscleMetrics | None:
     series = label_map.series
     slices: list[SliceArea] = []
@@ -253,6 +264,8 @@ def _group_metrics(
             volume += area * spacing[index]
     if not slices:
         return None
+    if excluded and _interrupted(series, {s.frame_index for s in slices}, excluded):
+        volume_known = False
     mean_csa = float(np.mean([s.area_mm2 for s in slices]))
     fat = _fat_result(muscle, fat_values, intensities, source)
     fat_percent = fat.mean_percent if fat is not None else None
@@ -318,6 +331,7 @@ def measure(
     label_map: LabelMap,
     fat: FatSource | None = None,
     level_of: LevelAssigner | None = None,
+    exclude: Collection[int] = (),
 ) -> list[MuscleMetrics]:
     """Metrics of every muscle in a label map, per side and both sides, overall and per level.
 
@@ -329,6 +343,10 @@ def measure(
         Where fat comes from; without it, no fat metrics.
     level_of : callable, optional
         Vertebral level of a frame; without it, only the group ``"all"``.
+    exclude : collection of int
+        Frames that enter no metric (excluded by :mod:`inference.segmentation_quality`). A
+        volume whose range of frames has an excluded frame inside it is not given (None): the
+        gap would be counted as no muscle.
 
     Returns
     -------
@@ -339,9 +357,10 @@ def measure(
     spacing = _stack_spacing(series)
     levels = {i: (level_of(g) if level_of else None) for i, g in enumerate(series.geometry)}
     fractions = _fraction_frames(label_map, fat) if fat is not None else None
-    groups: dict[str, list[int]] = {ALL_LEVELS: list(range(len(series)))}
+    excluded = set(exclude)
+    groups: dict[str, list[int]] = {ALL_LEVELS: [i for i in range(len(series)) if i not in excluded]}
     for index, level in levels.items():
-        if level:
+        if level and index not in excluded:
             groups.setdefault(level, []).append(index)
 
     results: list[MuscleMetrics] = []
@@ -357,7 +376,7 @@ def measure(
             for side, values in sides.items():
                 if values:
                     metrics = _group_metrics(label_map, muscle, side, values, frames, level, levels, spacing,
-                                             fractions, fat)
+                                             fractions, fat, excluded)
                     if metrics is not None:
                         found[side] = metrics
             if all(side in found for side in Laterality):

@@ -23,6 +23,7 @@ from inference.input_quality import (SliceQuality, fat_suppression_problem, meas
                                      set_aside_unusable)
 from inference.patient import PatientContext, from_dataset
 from inference.runtime import Segmenter
+from inference.segmentation_quality import SegmentationQuality, Verdict, check_segmentation
 from inference.set_aside import SetAside, too_few_frames
 from inference.vocabulary import DIXON_COMPONENTS, Contrast, FatMethod
 from reports.assessment import Assessment, assess
@@ -80,6 +81,8 @@ class Results:
 
     ``segmentations`` holds one SEG per orientation group of the series (one for a single
     stack; one per slab for angled slabs, see :func:`reports.seg.build_segmentations`).
+    ``quality`` is the segmentation's verdict (:mod:`inference.segmentation_quality`): when it is
+    "not measured", ``metrics`` and ``assessments`` are empty and the SR and summary say why.
     """
 
     label_map: LabelMap
@@ -90,6 +93,7 @@ class Results:
     report: Dataset
     summary: list[Dataset]
     seconds: dict[str, float] = field(default_factory=dict)
+    quality: SegmentationQuality | None = None
 
     @property
     def segmentation(self) -> Dataset:
@@ -266,11 +270,20 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
                             "series: there is nothing to measure")
 
     started = time.perf_counter()
+    quality = check_segmentation(label_map)
+    if quality.verdict is not Verdict.PASS:
+        log.warning("segmentation quality %s: %s", quality.verdict, quality.reason)
+    seconds["quality"] = time.perf_counter() - started
+
+    started = time.perf_counter()
     source = next(iter(label_map.series.source_paths.values()), None)
     source_dataset = dcmread(source, stop_before_pixels=True) if source else None
     patient = item.patient or (from_dataset(source_dataset) if source_dataset is not None else from_dataset(Dataset()))
-    metrics = measure(label_map, _fat_source(item.kind, images, settings))
-    assessments = assess(metrics, patient, assume_levels=settings.assume_levels, site=settings.site_reference)
+    if quality.measured:
+        metrics = measure(label_map, _fat_source(item.kind, images, settings), exclude=quality.excluded_frames)
+        assessments = assess(metrics, patient, assume_levels=settings.assume_levels, site=settings.site_reference)
+    else:  # no number leaves the node: the SR and summary say "not measured" and why
+        metrics, assessments = [], []
     seconds["measure"] = time.perf_counter() - started
 
     started = time.perf_counter()
@@ -281,11 +294,11 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
     except ValueError as exc:  # highdicom's and our checks of what a SEG can reference
         raise PipelineError(f"cannot make a DICOM SEG on these images: {exc}") from exc
     report = build_report(label_map, segmentations, assessments, identity, card.name, card.version,
-                          software_version, patient=patient)
+                          software_version, patient=patient, quality=quality)
     summary = build_summary(label_map, assessments, patient, identity, card.name, card.version, software_version,
-                            source_dataset)
+                            source_dataset, quality=quality)
     seconds["results"] = time.perf_counter() - started
-    return Results(label_map, metrics, assessments, patient, segmentations, report, summary, seconds)
+    return Results(label_map, metrics, assessments, patient, segmentations, report, summary, seconds, quality)
 
 
 #: The columns of :func:`cohort_rows`, in order: a cohort table without rows still has them.
@@ -293,6 +306,7 @@ COHORT_COLUMNS = (
     "study", "series", "model", "age", "sex", "bmi", "muscle", "side", "level", "slices", "mean_csa_mm2",
     "volume_cm3", "fat_method", "fat_percent", "fat_median_percent", "functional_csa_mm2", "asymmetry_percent",
     "fat_z", "fat_percentile", "reference", "no_reference_reason", "grade", "range_min_mm", "range_max_mm",
+    "quality", "excluded_images",
 )
 
 
@@ -301,9 +315,15 @@ def cohort_rows(results: Results, study: str) -> list[dict[str, Any]]:
 
     ``age`` is in completed years, as the field reports ages (and as the reference's age bands
     count them); ``sex`` and ``bmi`` are the values the comparisons used, empty when missing.
+    ``quality`` is the segmentation's verdict ("pass" or "limited"; a series "not measured" has
+    no rows, and the study record lists it with its reason) and ``excluded_images`` how many of
+    the series' images it excluded from the numbers.
     """
     rows = []
     patient = results.patient
+    quality = results.quality
+    verdict = None if quality is None else str(quality.verdict)
+    excluded = None if quality is None else len(quality.excluded)
     for assessment in results.assessments:
         m = assessment.metrics
         fat = m.fat
@@ -324,6 +344,7 @@ def cohort_rows(results: Results, study: str) -> list[dict[str, Any]]:
             "fat_z": None, "fat_percentile": None, "reference": None, "no_reference_reason": None,
             "grade": None if assessment.grade is None else assessment.grade.value,
             "range_min_mm": round(m.range_mm[0], 1), "range_max_mm": round(m.range_mm[1], 1),
+            "quality": verdict, "excluded_images": excluded,
         }
         comparison = assessment.fat
         if comparison is not None:

@@ -35,6 +35,7 @@ import numpy as np
 
 from inference.geometry import LabelMap, SeriesImage
 from inference.patient import PatientContext
+from inference.segmentation_quality import SegmentationQuality
 from inference.set_aside import describe_counts
 from inference.vocabulary import FatQuantity, Laterality, Muscle, Side
 
@@ -439,7 +440,7 @@ def _window_levels(image: np.ndarray) -> tuple[float, float]:
     return float(low), float(max(high, low + 1e-6))
 
 
-def _draw_slice(figure, rect, item: DisplaySlice, window, meaning, title: str) -> None:
+def _draw_slice(figure, rect, item: DisplaySlice, window, meaning, title: str, alert: bool = False) -> None:
     ax = figure.add_axes(rect)
     ax.set_facecolor(_BACKGROUND)
     width, height = item.extent_mm
@@ -477,7 +478,12 @@ def _draw_slice(figure, rect, item: DisplaySlice, window, meaning, title: str) -
             path_effects=_halo(6))
     ax.text(left + bar / 2, base - 0.015 * (y1 - y0), f"{bar / 10:g} cm", ha="center", va="bottom",
             color="white", fontsize=13, path_effects=_halo(3))
-    ax.set_title(title, color=_TEXT, fontsize=14, pad=5)
+    ax.set_title(title, color=_ALERT if alert else _TEXT, fontsize=14, pad=5,
+                 fontweight="bold" if alert else "normal")
+    if alert:  # an excluded image: framed in the alert colour as well as titled
+        for spine in ax.spines.values():
+            spine.set_color(_ALERT)
+            spine.set_linewidth(3)
 
 
 def _slice_title(series: SeriesImage, index: int, levels: dict[int, str]) -> str:
@@ -495,9 +501,22 @@ def _frame_levels(assessments: Sequence[Assessment]) -> dict[int, str]:
     return levels
 
 
-def _key_slice_page(figure, label_map: LabelMap, assessments: Sequence[Assessment]) -> None:
-    series = label_map.series
+def _shown_frames(label_map: LabelMap, quality: SegmentationQuality | None) -> list[int]:
+    """The key frames (:func:`key_frames`), with one excluded frame among them when there is one,
+    so that the page shows what the quality control set aside."""
     frames = key_frames(label_map, 4)
+    excluded = sorted(quality.excluded_frames) if quality is not None else []
+    if excluded and not set(frames) & set(excluded):
+        frames = frames[:3] + [excluded[len(excluded) // 2]]
+    heights = [g.centre[2] for g in label_map.series.geometry]
+    return sorted(frames, key=lambda i: (-heights[i], i))
+
+
+def _key_slice_page(figure, label_map: LabelMap, assessments: Sequence[Assessment],
+                    quality: SegmentationQuality | None = None) -> None:
+    series = label_map.series
+    frames = _shown_frames(label_map, quality)
+    excluded = quality.excluded_frames if quality is not None else frozenset()
     slices = [display_slice(series, label_map.labels[i], i) for i in frames]
     windows = _crop(slices, list(label_map.meaning))
     levels = _frame_levels(assessments)
@@ -505,11 +524,30 @@ def _key_slice_page(figure, label_map: LabelMap, assessments: Sequence[Assessmen
     size, title, top, gap = 372, 30, 134, 20
     cells = [(16 + column * (size + gap), top + row * (size + title + 10)) for row in (0, 1) for column in (0, 1)]
     for (left, cell_top), item, window in zip(cells, slices, windows):
-        _draw_slice(figure, _rect(left, cell_top + title, size, size), item, window, label_map.meaning,
-                    _slice_title(series, item.frame_index, levels))
+        shown = (f"Image {item.frame_index + 1} of {len(series)} \u00b7 EXCLUDED" if item.frame_index in excluded
+                 else _slice_title(series, item.frame_index, levels))
+        _draw_slice(figure, _rect(left, cell_top + title, size, size), item, window, label_map.meaning, shown,
+                    alert=item.frame_index in excluded)
     column = 16 + 2 * (size + gap) + 14
     bottom = _legend_block(figure, label_map, column, top + 14)
-    _glance_block(figure, label_map, assessments, column, bottom + 26)
+    if quality is not None and not quality.measured:
+        _not_measured_block(figure, quality, column, bottom + 26)
+    else:
+        _glance_block(figure, label_map, assessments, column, bottom + 26, quality)
+
+
+def _not_measured_block(figure, quality: SegmentationQuality, left: float, top: float) -> None:
+    """In place of the numbers: that the series was tried, and why it gives none."""
+    _text_px(figure, left, top, "Not measured", fontsize=19, fontweight="bold", color=_ALERT)
+    width = PAGE_SHAPE[1] - left - 16
+    y = top + 36
+    for text in (f"The segmentation failed quality control: {quality.reason}.",
+                 "No muscle size or fat is reported for this series. Outlines are shown as the model drew them; "
+                 "images marked EXCLUDED failed the checks, and the structured report names each image with "
+                 "its problems."):
+        wrapped = _wrap(text, 14, width, indent="")
+        _text_px(figure, left, y, wrapped, fontsize=14, color=_TEXT, linespacing=1.3)
+        y += 25.5 * (wrapped.count("\n") + 1) + 12
 
 
 def _legend_block(figure, label_map: LabelMap, left: float, top: float) -> float:
@@ -550,7 +588,7 @@ def _legend_block(figure, label_map: LabelMap, left: float, top: float) -> float
 
 
 def _glance_block(figure, label_map: LabelMap, assessments: Sequence[Assessment], left: float,
-                  top: float) -> None:
+                  top: float, quality: SegmentationQuality | None = None) -> None:
     lines = []
     overall = [a for a in assessments if a.metrics.level == ALL_LEVELS and a.metrics.side is not Laterality.BOTH]
     for item in sorted(overall, key=lambda a: (a.metrics.muscle.index, a.metrics.side is not Laterality.RIGHT)):
@@ -575,14 +613,18 @@ def _glance_block(figure, label_map: LabelMap, assessments: Sequence[Assessment]
                  fontweight="bold" if alert else "normal")
         y += 27
     y += 10
-    for note in _page1_notes(label_map, assessments):
+    for note in _page1_notes(label_map, assessments, quality):
         wrapped = _wrap(note, 13, PAGE_SHAPE[1] - left - 16, indent="")
         _text_px(figure, left, y, wrapped, fontsize=13, color=_MUTED, linespacing=1.3)
-        y += 21 * (wrapped.count("\n") + 1) + 8
+        y += 23.5 * (wrapped.count("\n") + 1) + 8
 
 
-def _page1_notes(label_map: LabelMap, assessments: Sequence[Assessment]) -> list[str]:
+def _page1_notes(label_map: LabelMap, assessments: Sequence[Assessment],
+                 quality: SegmentationQuality | None = None) -> list[str]:
     notes = ["Full measurements, reference bands and grades: next pages."]
+    if quality is not None and quality.excluded:
+        notes.append(f"Quality control: {quality.verdict}. {quality.reason}. Excluded images enter no number "
+                     "(marked EXCLUDED where shown).")
     kind = next((a.metrics.fat for a in assessments if a.metrics.fat is not None), None)
     if kind is not None:
         notes.insert(0, f"Fat: {kind.method.description}.")
@@ -1170,6 +1212,7 @@ def render_pages(
     model_name: str,
     model_version: str,
     software_version: str,
+    quality: SegmentationQuality | None = None,
 ) -> list[Page]:
     """Draw the summary pages.
 
@@ -1185,6 +1228,10 @@ def render_pages(
         The segmentation model (from its card).
     software_version : str
         musclenode's version.
+    quality : SegmentationQuality, optional
+        The segmentation's verdict: excluded images are marked on the key-slice page and named
+        in its notes; a series "not measured" gets that one page, saying so and why, and no
+        numbers.
 
     Returns
     -------
@@ -1194,14 +1241,18 @@ def render_pages(
     """
     import matplotlib
 
-    tables = _table_pages(assessments)
-    plan: list[tuple[str, str, object]] = [("slices", "Key slices with muscle outlines", None)]
-    for number, entries in enumerate(tables, start=1):
-        suffix = f" ({number} of {len(tables)})" if len(tables) > 1 else ""
-        plan.append(("table", f"Measurements and reference{suffix}", entries))
-    plan.append(("charts", "Charts: fat and area against the reference", None))
-    if _centile_panels(assessments):
-        plan.append(("centiles", "Centile charts: the site reference's curves", None))
+    if quality is not None and not quality.measured:
+        plan: list[tuple[str, str, object]] = [("slices", "Not measured: the segmentation failed quality control",
+                                                None)]
+    else:
+        tables = _table_pages(assessments)
+        plan = [("slices", "Key slices with muscle outlines", None)]
+        for number, entries in enumerate(tables, start=1):
+            suffix = f" ({number} of {len(tables)})" if len(tables) > 1 else ""
+            plan.append(("table", f"Measurements and reference{suffix}", entries))
+        plan.append(("charts", "Charts: fat and area against the reference", None))
+        if _centile_panels(assessments):
+            plan.append(("centiles", "Centile charts: the site reference's curves", None))
     context = _Context(
         patient_line=_patient_line(patient),
         study_line=_study_line(label_map.series),
@@ -1218,7 +1269,7 @@ def render_pages(
             figure = _figure()
             _header(figure, context, number, title)
             if kind == "slices":
-                _key_slice_page(figure, label_map, assessments)
+                _key_slice_page(figure, label_map, assessments, quality)
             elif kind == "table":
                 _table_page(figure, entries, assessments)
             elif kind == "charts":

@@ -65,6 +65,7 @@ from pydicom.sr.coding import Code
 
 from inference.geometry import LabelMap
 from inference.patient import PatientContext, result_header
+from inference.segmentation_quality import SegmentationQuality
 from inference.set_aside import SetAside, describe_counts
 from inference.vocabulary import FatQuantity, Laterality, Muscle
 
@@ -319,8 +320,36 @@ def _set_aside_notes(items: Sequence[SetAside]) -> list[TextContentItem]:
     return notes
 
 
+def _quality_items(quality: SegmentationQuality | None) -> list:
+    """The verdict (CODE), its reason and one TEXT per excluded image with its problems."""
+    if quality is None:
+        return []
+    context = RelationshipTypeValues.CONTAINS
+    items: list = [CodeContentItem(name=mn.SEGMENTATION_QUALITY, value=mn.verdict_value(quality.verdict),
+                                   relationship_type=context)]
+    if quality.reason:
+        items.append(_text(mn.COMMENT, f"Segmentation quality control: {quality.verdict}. {quality.reason}."))
+    for check in quality.excluded:
+        items.append(_text(mn.EXCLUDED_IMAGE, f"instance {check.sop_instance_uid} ({check.where}): "
+                                              + "; ".join(check.problems)))
+    return items
+
+
+def _not_measured_group(quality: SegmentationQuality, identity: ResultIdentity) -> MeasurementsAndQualitativeEvaluations:
+    """TID 1501 without measurements: the lumbar paraspinal muscles, tried and not measured."""
+    return MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(uid=identity.uid("sr", "group", "not measured"),
+                                               identifier="Lumbar paraspinal muscles: not measured"),
+        finding_type=mn.ANATOMICAL_STRUCTURE,
+        finding_sites=[FindingSite(anatomic_location=mn.LUMBAR_SPINE)],
+        qualitative_evaluations=[QualitativeEvaluation(name=mn.SEGMENTATION_QUALITY,
+                                                       value=mn.verdict_value(quality.verdict))],
+    )
+
+
 def _document_notes(assessments: Sequence[Assessment], patient: PatientContext | None, card_name: str,
-                    card_version: str, set_aside: Sequence[SetAside] = ()) -> ContainerContentItem:
+                    card_version: str, set_aside: Sequence[SetAside] = (),
+                    quality: SegmentationQuality | None = None) -> ContainerContentItem:
     """TID 1500 row 12: the research-use statement, the patient values, the fat method in words,
     each group's sources, and the images set aside.
 
@@ -330,6 +359,7 @@ def _document_notes(assessments: Sequence[Assessment], patient: PatientContext |
     container = ContainerContentItem(name=_QUALITATIVE_EVALUATIONS,
                                      relationship_type=RelationshipTypeValues.CONTAINS)
     items = [_text(mn.COMMENT, f"{RESEARCH_STATEMENT} Segmentation model: {card_name} {card_version}.")]
+    items.extend(_quality_items(quality))
     if patient is not None:
         known = []
         if patient.age_years is not None:
@@ -375,6 +405,7 @@ def build_report(
     *,
     source_datasets: Sequence[Dataset] | None = None,
     device_serial_number: str = MANUFACTURER,
+    quality: SegmentationQuality | None = None,
 ) -> Comprehensive3DSR:
     """The TID 1500 Measurement Report of one label map's assessments.
 
@@ -400,6 +431,10 @@ def build_report(
         given.
     device_serial_number : str
         The installation, as in the SEG.
+    quality : SegmentationQuality, optional
+        The segmentation's verdict: coded in the document's qualitative evaluations with one
+        TEXT per excluded image; when it is "not measured" (and ``assessments`` is empty) the
+        report's only group is the lumbar paraspinal muscles with that verdict, and no number.
 
     Returns
     -------
@@ -409,10 +444,13 @@ def build_report(
     ------
     ValueError
         When an assessment of one side has no segment in the SEG, a slice has no SEG frame, or
-        there is nothing to report.
+        there is nothing to report (no assessment and no "not measured" verdict).
     """
-    if not assessments:
+    not_measured = quality is not None and not quality.measured
+    if not assessments and not not_measured:
         raise ValueError("no assessments: there is nothing to report")
+    if assessments and not_measured:
+        raise ValueError("a series that was not measured has no assessments to report")
     segmentations = [segmentation] if isinstance(segmentation, Dataset) else list(segmentation)
     if not segmentations:
         raise ValueError("no SEG: the report measures segments")
@@ -434,7 +472,7 @@ def build_report(
                 frames[(*key, uid, frame)] = (seg, seg_frame, ref)
     multiframe = len({g.sop_instance_uid for g in series.geometry}) < len(series.geometry)
 
-    groups: list = []
+    groups: list = [_not_measured_group(quality, identity)] if not_measured else []
     planar: list = []
     for assessment in assessments:
         metrics = assessment.metrics
@@ -477,7 +515,7 @@ def build_report(
         imaging_measurements=groups + planar,
     )
     report[0].ContentSequence.append(_document_notes(assessments, patient, card_name, card_version,
-                                                     label_map.set_aside))
+                                                     label_map.set_aside, quality))
     return Comprehensive3DSR(
         evidence=[*sources, *segmentations],
         content=report[0],

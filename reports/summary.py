@@ -46,6 +46,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from inference.geometry import LabelMap
 from inference.patient import PatientContext, result_header
+from inference.segmentation_quality import SegmentationQuality
 
 from .assessment import Assessment
 from .equipment import MANUFACTURER, Equipment, ResultSeries
@@ -142,6 +143,8 @@ def encode_pages(
         Defaults to :meth:`ResultSeries.number` of the source series.
     device_serial_number : str
         The installation, as in the SEG and the SR.
+    quality : SegmentationQuality, optional
+        The segmentation's verdict (see :func:`reports.render.render_pages`).
 
     Returns
     -------
@@ -223,6 +226,7 @@ def build_summary(
     created: datetime | None = None,
     series_number: int | None = None,
     device_serial_number: str = MANUFACTURER,
+    quality: SegmentationQuality | None = None,
 ) -> list[SCImage]:
     """Render the summary pages and encode them as a Secondary Capture series.
 
@@ -257,7 +261,7 @@ def build_summary(
         charts.
     """
     pages = render_pages(label_map, assessments, patient, model_name=card_name, model_version=card_version,
-                         software_version=software_version)
+                         software_version=software_version, quality=quality)
     return encode_pages(pages, label_map, identity, source_dataset, model_name=card_name, model_version=card_version,
                         software_version=software_version, created=created, series_number=series_number,
                         device_serial_number=device_serial_number)

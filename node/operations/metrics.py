@@ -49,6 +49,12 @@ class NodeCollector:
         for state, number in self.state.jobs.counts().items():
             jobs.add_metric([state], number)
         yield jobs
+        quality = GaugeMetricFamily("musclenode_segmentation_quality",
+                                    "Done jobs by their segmentation quality verdict (pass, limited: images "
+                                    "excluded, not measured).", labels=["verdict"])
+        for verdict, number in self.state.jobs.quality_counts().items():
+            quality.add_metric([verdict], number)
+        yield quality
         yield CounterMetricFamily("musclenode_inference_seconds", "Seconds spent segmenting.",
                                   value=self.inference_seconds())
         yield CounterMetricFamily("musclenode_export_failures", "Failed deliveries of results (each is retried).",

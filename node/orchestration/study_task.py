@@ -160,7 +160,7 @@ def run_study(task: StudyTask) -> dict[str, Any]:
     The record: ``study``, ``status`` (``done``, ``partial``, ``failed`` or ``nothing
     selected``), ``model``, ``software_version``, ``inputs``, ``groups`` (each with its
     ``outcome``, ``reason`` and result files), ``results``, ``rows`` (the cohort rows),
-    ``problems`` (skipped and failed series with reasons), ``tracebacks``, ``started`` and
+    ``problems`` (skipped, failed and not-measured series with reasons), ``tracebacks``, ``started`` and
     ``finished`` (Unix time), ``seconds``, ``cpu_seconds`` (of the whole worker process while it
     ran the study), ``worker`` (host and process) and ``segmenter_loads`` (in that process, so
     far).
@@ -244,6 +244,12 @@ def _process(task: StudyTask, record: dict[str, Any]) -> None:
                 group["results"].append(name)
             record["rows"].extend(cohort_rows(results, study))
             group["outcome"] = "done"
+            if results.quality is not None:
+                group["quality"] = results.quality.as_dict()
+                if not results.quality.measured:  # tried, results written, no numbers: listed with its reason
+                    for d in members:
+                        record["problems"].append(_problem(study, d.series_uid, descriptions.get(d.series_uid, ""),
+                                                           "not measured", f"{label}: {results.quality.reason}"))
         except PipelineError as exc:
             group["reason"] = str(exc)
         except Exception as exc:

@@ -209,6 +209,8 @@ class Workers:
             "segmentations": len(results.segmentations),
             # Images of the input that were not processed, each with its reason (inference.set_aside).
             "set_aside": [item.as_dict() for item in results.set_aside],
+            # The segmentation's verdict and the images it excluded (inference.segmentation_quality).
+            "quality": None if results.quality is None else results.quality.as_dict(),
             # The cohort rows of ``musclenode process`` (no patient identifiers): the dashboard's
             # measurement table and its CSV download.
             "measurements": [_plain(row) for row in cohort_rows(results, job.study_uid)],

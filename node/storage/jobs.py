@@ -231,6 +231,13 @@ class JobQueue:
         rows = self._db.query("SELECT state, COUNT(*) FROM jobs GROUP BY state")
         return {state: 0 for state in STATES} | {r[0]: r[1] for r in rows}
 
+    def quality_counts(self) -> dict[str, int]:
+        """Done jobs by their segmentation quality verdict (``pass``, ``limited``, ``not measured``)."""
+        rows = self._db.query("SELECT json_extract(result, '$.quality.verdict'), COUNT(*) FROM jobs "
+                              "WHERE state = 'done' AND json_extract(result, '$.quality.verdict') IS NOT NULL "
+                              "GROUP BY 1")
+        return {"pass": 0, "limited": 0, "not measured": 0} | {r[0]: r[1] for r in rows}
+
     def next_due(self) -> float | None:
         """When the next queued job becomes due (for a worker deciding how long to sleep)."""
         return self._db.query("SELECT MIN(not_before) FROM jobs WHERE state = 'queued'")[0][0]
