@@ -33,6 +33,7 @@ from inference.training.data import Case, SliceLayout  # noqa: E402
 from inference.training.finetune import (  # noqa: E402
     FinetuneError,
     SegCase,
+    finetune,
     map_segments,
     network_from_onnx,
     next_version,
@@ -333,6 +334,14 @@ def test_split_holds_out_whole_patients() -> None:
     assert "NOT across patients" in single.note
     with pytest.raises(FinetuneError, match="at least 2"):
         split_cases([_fake_case("y", "Y", slices=1)])
+
+
+def test_an_existing_or_malformed_version_is_refused(tmp_path: Path) -> None:
+    base = load_model(BASE)
+    with pytest.raises(FinetuneError, match=r"model musclenode-lumbar-dixon 1\.0\.0 exists already"):
+        finetune(base, [tmp_path], tmp_path, lambda series, header: "water", version="1.0.0")
+    with pytest.raises(FinetuneError, match="use letters, digits"):
+        finetune(base, [tmp_path], tmp_path, lambda series, header: "water", version="1.0 site")
 
 
 def test_onnx_weights_map_exactly_onto_the_cards_network() -> None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import platform
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -410,7 +411,8 @@ def case_from_seg(seg_path: str | Path, index: DicomIndex, labels: Mapping[int, 
         if layout.slice_axis != 2:
             raise FinetuneError(f"{where}: its frames are not cut across the card's {'/'.join(array_axes)} plane "
                                 "(not axial for an axial model)")
-        name = f"{seg_path.stem}" + (f"-stack{number + 1}" if len(series.stacks) > 1 else "")
+        # The SEG's UID ends the name: two SEGs of one file name (in two folders) stay apart.
+        name = f"{seg_path.stem}-{str(seg.SOPInstanceUID)[-8:]}" + (f"-stack{number + 1}" if len(series.stacks) > 1 else "")
         case = Case(name, images, label_volume, affine, layout, {"labels": seg_path})
         _check_sides(case, labels, where)
         if not labelled_slices(case):
@@ -447,6 +449,7 @@ def load_seg_cases(paths: Iterable[str | Path], labels: Mapping[int, LabelInfo],
     FinetuneError
         When there is no SEG, or any SEG cannot be used (all problems named at once).
     """
+    paths = list(paths)
     index = find_dicom(paths)
     if not index.segs:
         raise FinetuneError(f"no DICOM SEG among {len(index.instances)} DICOM files in {', '.join(map(str, paths))}")
@@ -745,6 +748,12 @@ def finetune(base: ModelCard, seg_paths: Sequence[str | Path], out: str | Path, 
     from .augment import training_transforms
     from .train import _augmentation_summary, _cpu_name, _version, fit, training_items
 
+    existing = list(existing)
+    if version is not None and not re.fullmatch(r"[A-Za-z0-9_.+!-]{1,64}", version):
+        raise FinetuneError(f"version {version!r}: use letters, digits and . _ + ! - (as model.name's @VERSION)")
+    taken = [c for c in [base, *existing] if c.name == base.name and c.version == version]
+    if taken:
+        raise FinetuneError(f"model {base.name} {version} exists already ({taken[0].path}); choose another --version")
     started = datetime.now(timezone.utc)
     clock = time.monotonic()
     torch.set_num_threads(threads)
