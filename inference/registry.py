@@ -3,13 +3,20 @@
 A model is a card ``NAME.json`` beside its ONNX file (see :mod:`inference.card`). The bundled
 models live in ``inference/models/``; a site adds folders of its own. Folders are searched in
 the order given and the bundled folder last, so a site can replace a bundled model by placing a
-card of the same name in its own folder; the card that is shadowed is reported, not used.
+card of the same name in its own folder; the card that is shadowed is reported.
+
+Several versions of one name may exist (a site's fine-tuned versions beside the bundled one, see
+:mod:`inference.training.finetune`). A plain name selects the version of the first folder that
+holds that name, the highest version (:func:`version_key`) where that folder holds several;
+``NAME@VERSION`` selects one version wherever it lies. A card of the same name and version in a
+later folder is shadowed entirely.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -26,6 +33,8 @@ __all__ = [
     "list_models",
     "load_model",
     "scan_models",
+    "split_name",
+    "version_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,14 +64,38 @@ class Scan:
     Attributes
     ----------
     cards : list of ModelCard
-        Usable cards, one per name, sorted by name.
+        The card a plain name selects, one per name, sorted by name.
     problems : list of str
         Cards that could not be read, folders that do not exist, cards shadowed by a card of the
         same name in an earlier folder.
+    versions : list of ModelCard
+        Every usable card, one per name and version (those a plain name does not select too),
+        sorted by name and then by :func:`version_key`.
     """
 
     cards: list[ModelCard] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    versions: list[ModelCard] = field(default_factory=list)
+
+    def selected(self, card: ModelCard) -> bool:
+        """Whether a plain name selects this card (rather than only ``NAME@VERSION``)."""
+        return any(c.name == card.name and c.version == card.version and c.path == card.path for c in self.cards)
+
+
+def version_key(version: str) -> tuple:
+    """Sort key of a version: numbers compare as numbers, ``1.0.0 < 1.0.0+site.2 < 1.0.0+site.10 < 1.1.0``."""
+    public, _, local = version.partition("+")
+
+    def parts(text: str) -> tuple:
+        return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[.\-_]", text) if p)
+
+    return (parts(public), bool(local), parts(local))
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """``"NAME@VERSION"`` to ``("NAME", "VERSION")``; a plain name to ``(name, None)``."""
+    base, at, version = name.partition("@")
+    return base, (version if at and version else None)
 
 
 def _folders(extra_dirs: Iterable[str | Path]) -> list[Path]:
@@ -83,23 +116,34 @@ def scan_models(extra_dirs: Iterable[str | Path] = ()) -> Scan:
     Scan
     """
     found: dict[str, ModelCard] = {}
+    versions: dict[tuple[str, str], ModelCard] = {}
     problems: list[str] = []
     for folder in _folders(extra_dirs):
         if not folder.is_dir():
             if folder != bundled_dir():
                 problems.append(f"{folder}: model folder does not exist")
             continue
+        here: dict[str, ModelCard] = {}
         for path in sorted(folder.glob("*.json")):
             try:
                 card = ModelCard.load(path)
             except CardError as exc:
                 problems.append(str(exc))
                 continue
-            if card.name in found:
-                problems.append(f"{path}: model {card.name} is shadowed by {found[card.name].path}")
+            key = (card.name, card.version)
+            if key in versions:
+                problems.append(f"{path}: model {card.name} {card.version} is shadowed by {versions[key].path}")
                 continue
-            found[card.name] = card
-    return Scan(cards=[found[name] for name in sorted(found)], problems=problems)
+            versions[key] = card
+            if card.name in found:
+                problems.append(f"{path}: model {card.name} is shadowed by {found[card.name].path}"
+                                f" (select it as {card.name}@{card.version})")
+                continue
+            if card.name not in here or version_key(card.version) > version_key(here[card.name].version):
+                here[card.name] = card
+        found.update(here)
+    ordered = sorted(versions.values(), key=lambda c: (c.name, version_key(c.version)))
+    return Scan(cards=[found[name] for name in sorted(found)], problems=problems, versions=ordered)
 
 
 def list_models(extra_dirs: Iterable[str | Path] = ()) -> list[ModelCard]:
@@ -116,7 +160,8 @@ def load_model(name: str, extra_dirs: Iterable[str | Path] = (), verify: bool = 
     Parameters
     ----------
     name : str
-        Model name (the card's ``name``, not its file name).
+        Model name (the card's ``name``, not its file name), or ``NAME@VERSION`` for one version
+        (see the module's docstring for which version a plain name selects).
     extra_dirs : iterable of path-like
         Site folders, searched before the bundled one.
     verify : bool
@@ -131,14 +176,18 @@ def load_model(name: str, extra_dirs: Iterable[str | Path] = (), verify: bool = 
         When the ONNX file does not match the card.
     """
     scan = scan_models(extra_dirs)
-    for card in scan.cards:
-        if card.name == name:
+    base, version = split_name(name)
+    for card in scan.cards if version is None else scan.versions:
+        if card.name == base and (version is None or card.version == version):
             if verify:
                 card.verify()
             return card
-    known = ", ".join(c.name for c in scan.cards) or "none"
     where = ", ".join(str(f) for f in _folders(extra_dirs))
-    raise ModelNotFound(f"no model named {name!r} in {where} (available: {known})")
+    if version is not None and any(c.name == base for c in scan.versions):
+        known = ", ".join(c.version for c in scan.versions if c.name == base)
+        raise ModelNotFound(f"no version {version!r} of model {base!r} in {where} (versions: {known})")
+    known = ", ".join(c.name for c in scan.cards) or "none"
+    raise ModelNotFound(f"no model named {base!r} in {where} (available: {known})")
 
 
 def _mean(values: Iterable[Any]) -> float | None:

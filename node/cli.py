@@ -188,7 +188,8 @@ def _process(args: argparse.Namespace) -> int:
     # per core (dask worker --nworkers N --nthreads 1), so one ONNX Runtime thread each unless told.
     local_share = 1 if args.scheduler else max(1, default_workers() // max(1, workers))
     threads = args.threads or config.threads or local_share
-    model = ModelSpec(card.name, tuple(str(d) for d in config.model_dirs), config.device, threads)
+    # The exact version resolved here, so that every worker loads the same card.
+    model = ModelSpec(f"{card.name}@{card.version}", tuple(str(d) for d in config.model_dirs), config.device, threads)
     resources = _resources(args.resources)
     executor = (InlineExecutor() if workers == 0 and not args.scheduler
                 else DaskExecutor(model, scheduler=args.scheduler, workers=workers))
@@ -427,20 +428,22 @@ def _models_list(args: argparse.Namespace) -> int:
         print(f"warning: {problem}", file=sys.stderr)
     default = default_model_name()
     if args.json:
-        print(json.dumps([{"name": c.name, "version": c.version, "default": c.name == default,
+        print(json.dumps([{"name": c.name, "version": c.version, "default": c.name == default and scan.selected(c),
+                           "selected_by_name": scan.selected(c), "select": f"{c.name}@{c.version}",
                            "contrasts": c.contrasts, "labels": _label_summary(c),
-                           "accuracy": accuracy_summary(c), "card": str(c.path)} for c in scan.cards], indent=2))
+                           "accuracy": accuracy_summary(c), "card": str(c.path)} for c in scan.versions], indent=2))
         return 0
-    if not scan.cards:
+    if not scan.versions:
         print("no models found")
         return 1
     rows = [("", "name", "version", "contrasts", "labels", "accuracy")]
-    rows += [("*" if c.name == default else "", c.name, c.version, ",".join(c.contrasts), _label_summary(c),
-              accuracy_summary(c)) for c in scan.cards]
+    rows += [("*" if c.name == default and scan.selected(c) else "", c.name, c.version, ",".join(c.contrasts),
+              _label_summary(c), accuracy_summary(c) + ("" if scan.selected(c) else f" (select as {c.name}@{c.version})"))
+             for c in scan.versions]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print(" ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " " + row[-1])
-    print(f"(* default model, {default})")
+    print(f"(* default model, {default}; a plain name selects the version without '(select as ...)')")
     return 0
 
 
@@ -514,6 +517,79 @@ def _models_import_musclemap(args: argparse.Namespace) -> int:
           f" (MuscleMap's default {card.provenance.get('musclemap_defaults', {}).get('overlap')})")
     print(f"use it: add {out} to model.dirs and set model.name = \"{card.name}\","
           f" or try: musclenode models show {card.name} --dir {out}")
+    return 0
+
+
+def _dixon_component(series: Any, header: Any) -> str | None:
+    """The Dixon component of a series as the selection rules read it (water, fat, in_phase...)."""
+    from .orchestration.rules import dixon_role
+
+    def number(value: Any) -> float | None:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None
+
+    role, _ = dixon_role(tuple(str(v) for v in header.get("ImageType", [])), str(header.get("SeriesDescription", "")),
+                         number(header.get("EchoTime")), number(header.get("MagneticFieldStrength")))
+    return str(role) if role is not None else None
+
+
+def _models_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    try:  # torch and MONAI are the train extra: imported here only
+        import monai  # noqa: F401
+        import torch  # noqa: F401
+
+        from inference.training.finetune import FinetuneError, finetune
+    except ImportError as exc:
+        print(f"musclenode: fine-tuning needs torch and MONAI (pip install 'musclenode[train]'): {exc}",
+              file=sys.stderr)
+        return 1
+    from inference.card import CardError
+    from inference.registry import load_model, scan_models
+
+    config = _load(args)
+    dirs = [*(args.dir or ()), *config.model_dirs]
+    out = args.out or (str(config.model_dirs[0]) if config.model_dirs else None)
+    if out is None:
+        print("musclenode: where should the new model go? Pass --out DIR, or set model.dirs (the registry's"
+              " folders) and it goes into the first", file=sys.stderr)
+        return 2
+    name = args.model or config.model_name
+    try:
+        base = load_model(name, dirs)
+    except CardError as exc:
+        print(f"musclenode: model {name}: {exc}", file=sys.stderr)
+        return 1
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    argv = " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
+    try:
+        card = finetune(base, [Path(p) for p in args.from_seg], out, _dixon_component, version=args.version,
+                        existing=scan_models([*dirs, out]).versions, epochs=args.epochs,
+                        samples_per_epoch=args.samples_per_epoch, batch_size=args.batch_size,
+                        learning_rate=args.learning_rate, holdout_fraction=args.holdout_fraction, seed=args.seed,
+                        threads=args.threads, time_limit_min=args.time_limit_min, software_version=__version__,
+                        command=f"musclenode {argv}".strip())
+    except (FinetuneError, CardError, OSError) as exc:
+        print(f"musclenode: {exc}", file=sys.stderr)
+        return 1
+    data = card.provenance["data"]
+    split = card.training["split"]
+    print(f"fine-tuned {card.name} {card.version} from {base.version} on {data['seg_instances']} SEG(s) of "
+          f"{data['source_series']} series, {data['patients']} patient(s): {card.path}")
+    print(f"  held out: {split['note']}")
+    for contrast, groups in card.accuracy["dice"].items():
+        for group, scores in groups.items():
+            before = card.accuracy["base_model_dice"].get(contrast, {}).get(group, {})
+            cells = ", ".join(f"{card.labels[int(v)].name} {d:.3f} (base {before.get(v, float('nan')):.3f})"
+                              for v, d in scores.items())
+            print(f"  Dice {contrast:8} {cells}")
+    folder = Path(out).resolve()
+    listed = any(Path(d).expanduser().resolve() == folder for d in config.model_dirs)
+    print(f"use it: model.name = \"{card.name}@{card.version}\"" + ("" if listed else f" with {folder} in model.dirs")
+          + f"; a plain \"{card.name}\" selects the first folder's highest version (musclenode models list)")
     return 0
 
 
@@ -773,6 +849,25 @@ def build_parser() -> argparse.ArgumentParser:
     models_import.add_argument("--overlap", type=float, default=0.5,
                                help="sliding-window overlap written into the card (default 0.5; MuscleMap's own is 0.9)")
     models_import.set_defaults(run=_models_import_musclemap)
+
+    models_train = models_commands.add_parser(
+        "train", help="fine-tune the current model on a site's DICOM SEGs (corrected or manual) and their series")
+    models_train.add_argument("--from-seg", nargs="+", required=True, metavar="PATH",
+                              help="folders or files holding SEG objects and their source series")
+    models_train.add_argument("--model", help="the model to start from (default: model.name), NAME or NAME@VERSION")
+    models_train.add_argument("--dir", action="append", help=folder_help)
+    models_train.add_argument("--out", help="folder for the new model (default: the first of model.dirs)")
+    models_train.add_argument("--version", help="version of the new model (default: the base's +site.N)")
+    models_train.add_argument("--epochs", type=int, default=10)
+    models_train.add_argument("--samples-per-epoch", type=int, default=128, help="augmented windows per epoch")
+    models_train.add_argument("--batch-size", type=int, default=8)
+    models_train.add_argument("--learning-rate", type=float, default=2e-4)
+    models_train.add_argument("--holdout-fraction", type=float, default=0.2,
+                              help="share of patients held out (with one patient: of each series' slices)")
+    models_train.add_argument("--seed", type=int, default=20240612)
+    models_train.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads")
+    models_train.add_argument("--time-limit-min", type=float, help="stop (annealed) after this many minutes")
+    models_train.set_defaults(run=_models_train, command_line=None)
 
     reference = commands.add_parser("reference", help="the reference standard: published table and site references")
     reference_commands = reference.add_subparsers(dest="reference_command", required=True)

@@ -18,4 +18,7 @@ evaluate
     Command line: Dice per label of an exported ONNX model against manual labels.
 bundled
     The recipe that produced the bundled default model ``musclenode-lumbar-dixon``.
+finetune
+    ``musclenode models train --from-seg``: fine-tune a model from a site's DICOM SEGs and their
+    source series, starting from the weights in its ONNX file (needs highdicom too).
 """
