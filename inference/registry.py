@@ -6,10 +6,13 @@ the order given and the bundled folder last, so a site can replace a bundled mod
 card of the same name in its own folder; the card that is shadowed is reported.
 
 Several versions of one name may exist (a site's fine-tuned versions beside the bundled one, see
-:mod:`inference.training.finetune`). A plain name selects the version of the first folder that
-holds that name, the highest version (:func:`version_key`) where that folder holds several;
-``NAME@VERSION`` selects one version wherever it lies. A card of the same name and version in a
-later folder is shadowed entirely.
+:mod:`inference.training.finetune`). A plain name selects a release version (one without a local
+``+...`` part): that of the first folder holding one, the highest (:func:`version_key`) where
+that folder holds several. A site's fine-tuned versions (``1.0.0+site.1``) are local versions:
+only ``NAME@VERSION`` selects them, so that a briefly trained model never becomes the model in
+use without someone choosing it (a name with local versions only is selected by its plain name,
+as there is nothing else). A card of the same name and version in a later folder is shadowed
+entirely.
 """
 
 from __future__ import annotations
@@ -135,6 +138,8 @@ def scan_models(extra_dirs: Iterable[str | Path] = ()) -> Scan:
                 problems.append(f"{path}: model {card.name} {card.version} is shadowed by {versions[key].path}")
                 continue
             versions[key] = card
+            if "+" in card.version:  # a local version: selected by NAME@VERSION only (module notes)
+                continue
             if card.name in found:
                 problems.append(f"{path}: model {card.name} is shadowed by {found[card.name].path}"
                                 f" (select it as {card.name}@{card.version})")
@@ -143,6 +148,9 @@ def scan_models(extra_dirs: Iterable[str | Path] = ()) -> Scan:
                 here[card.name] = card
         found.update(here)
     ordered = sorted(versions.values(), key=lambda c: (c.name, version_key(c.version)))
+    for card in ordered:  # names with local versions only: the highest, in folder order
+        if card.name not in found:
+            found[card.name] = max((c for c in ordered if c.name == card.name), key=lambda c: version_key(c.version))
     return Scan(cards=[found[name] for name in sorted(found)], problems=problems, versions=ordered)
 
 

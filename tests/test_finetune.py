@@ -160,9 +160,10 @@ def test_registry_lists_and_selects_the_new_version(trained: Trained, capsys: py
     scan = scan_models([trained.models])
     versions = [(c.name, c.version) for c in scan.versions if c.name == BASE]
     assert versions == [(BASE, "1.0.0"), (BASE, "1.0.0+site.1")]
-    # A plain name selects the site folder's version (site folders come before the bundled one);
-    # NAME@VERSION selects either.
-    assert load_model(BASE, [trained.models]).version == "1.0.0+site.1"
+    # A fine-tuned (local) version is used only when chosen: the plain name keeps the release
+    # version; NAME@VERSION selects either.
+    assert load_model(BASE, [trained.models]).version == "1.0.0"
+    assert load_model(f"{BASE}@1.0.0+site.1", [trained.models]).version == "1.0.0+site.1"
     assert load_model(f"{BASE}@1.0.0", [trained.models]).path.parent == load_model(BASE).path.parent
     with pytest.raises(LookupError, match=r"no version '9\.9' of model .*versions: 1\.0\.0, 1\.0\.0\+site\.1"):
         load_model(f"{BASE}@9.9", [trained.models])
@@ -170,12 +171,12 @@ def test_registry_lists_and_selects_the_new_version(trained: Trained, capsys: py
 
     assert main(["models", "list", "--dir", str(trained.models), "--json"]) == 0
     listed = {m["version"]: m for m in json.loads(capsys.readouterr().out) if m["name"] == BASE}
-    assert listed["1.0.0+site.1"]["selected_by_name"] and not listed["1.0.0"]["selected_by_name"]
-    assert listed["1.0.0"]["select"] == f"{BASE}@1.0.0"
+    assert listed["1.0.0"]["selected_by_name"] and not listed["1.0.0+site.1"]["selected_by_name"]
+    assert listed["1.0.0+site.1"]["select"] == f"{BASE}@1.0.0+site.1"
     assert listed["1.0.0+site.1"]["accuracy"].startswith("Dice water 0.9")
     assert main(["models", "list", "--dir", str(trained.models)]) == 0
     out = capsys.readouterr().out
-    assert f"(select as {BASE}@1.0.0)" in out and "1.0.0+site.1" in out
+    assert f"(select as {BASE}@1.0.0+site.1)" in out
     assert f'model.name = "{BASE}@1.0.0+site.1"' in trained.output
 
 
