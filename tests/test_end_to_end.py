@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -108,8 +109,13 @@ def test_dixon_t2_and_non_lumbar_studies_through_orthanc(tmp_path: Path, bundled
         assert head_series and not head_series[0]["decision"]["selected"]
         assert "not lumbar" in head_series[0]["decision"]["reason"]
         assert _results_in(orthanc, head.study_uid) == {}
+        # Both series pass the segmentation quality control: the verdict in the job record, in
+        # status and on the metrics endpoint.
+        assert [job["result"]["quality"]["verdict"] for job in status["jobs"]] == ["pass", "pass"]
         text = node.cli("status").stdout
-        assert "acknowledged" in text and "not lumbar" in text
+        assert "acknowledged" in text and "not lumbar" in text and "quality: pass" in text
+        with urllib.request.urlopen(f"http://127.0.0.1:{node.http_port}/metrics", timeout=30) as response:
+            assert 'musclenode_segmentation_quality{verdict="pass"} 2.0' in response.read().decode()
     finally:
         node.stop()
         orthanc.stop()
