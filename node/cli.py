@@ -203,12 +203,14 @@ def _process(args: argparse.Namespace) -> int:
         return EXIT_CLUSTER
     for record in summary.records:
         for problem in record.get("problems", []):
-            if problem["outcome"] == "failed":
-                print(f"failed {problem['study']} {problem['description'] or problem['series']}: {problem['reason']}")
+            if problem["outcome"] in ("failed", "not measured"):
+                print(f"{problem['outcome']} {problem['study']} {problem['description'] or problem['series']}:"
+                      f" {problem['reason']}")
     print(f"{summary.files} files ({summary.not_dicom} not DICOM) in {summary.studies} studies:"
           f" {summary.done} done ({summary.resumed} by an earlier run), {summary.failed} failed,"
           f" {summary.nothing_selected} with nothing selected; {summary.groups - summary.groups_failed} of"
-          f" {summary.groups} selected groups processed, {summary.skipped_series} series skipped")
+          f" {summary.groups} selected groups processed ({summary.groups_not_measured} not measured: their"
+          f" segmentation failed quality control), {summary.skipped_series} series skipped")
     print(f"results, cohort, studies and skipped_and_failed tables (CSV, Parquet) and process.log in {out}")
     if summary.exit_code:
         print(f"exit status {summary.exit_code}: {EXIT_CODES[summary.exit_code]}")

@@ -226,6 +226,35 @@ def test_one_broken_study_among_good_ones(tmp_path: Path) -> None:
     assert _csv(inside / "cohort.csv") == rows
 
 
+def test_a_study_whose_segmentation_fails_quality_control_is_listed_as_not_measured(tmp_path: Path) -> None:
+    """Pixels mirrored front to back under unchanged headers: the study is processed (its SEG, SR
+    and summary say "not measured"), gives no cohort row, and is listed with its reason."""
+    studies.require_data()
+    good = _write_cohort(tmp_path / "in", 1, "qc-good", n_slices=4)[0]
+    flipped = studies.write_cohort_study(tmp_path / "in" / "flipped", seed="qc-flipped", n_slices=4)
+    for series in flipped.series.values():
+        for path in series.files:
+            ds = dcmread(path)
+            ds.PixelData = ds.pixel_array[::-1].copy().tobytes()
+            ds.save_as(path)
+    out = tmp_path / "out"
+    run = _process(str(tmp_path / "in"), "--out", str(out), "--workers", "0")
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "2 of 2 selected groups processed (1 not measured" in run.stdout, run.stdout
+    assert f"not measured {flipped.study_uid}" in run.stdout
+    rows = _csv(out / "cohort.csv")
+    assert {r["study"] for r in rows} == {good.study_uid} and {r["quality"] for r in rows} == {"pass"}
+    listed = _csv(out / "skipped_and_failed.csv")
+    assert {(r["study"], r["outcome"]) for r in listed} == {(flipped.study_uid, "not measured")}
+    assert all("quality control" in r["reason"] for r in listed)
+    by_study = {r["study"]: r for r in _csv(out / "studies.csv")}
+    assert by_study[flipped.study_uid]["groups_not_measured"] == "1"
+    assert by_study[good.study_uid]["groups_not_measured"] == "0"
+    record = json.loads((out / flipped.study_uid / "study.json").read_text())
+    assert record["groups"][0]["quality"]["verdict"] == "not measured"
+    assert any(name.startswith("sr-") for name in record["results"])
+
+
 def test_an_unexpected_error_fails_its_group_only(tmp_path: Path) -> None:
     """An error the pipeline does not expect (here: a cluster method the configuration would have
     refused) fails that group with its reason and traceback; the study's other group is done."""

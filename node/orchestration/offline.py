@@ -60,8 +60,8 @@ EXIT_CODES = {
     EXIT_INTERRUPTED: "interrupted; the tables cover the studies finished so far",
 }
 
-STUDY_COLUMNS = ("study", "status", "resumed", "groups", "groups_failed", "series_skipped", "seconds",
-                 "cpu_seconds", "worker", "reason")
+STUDY_COLUMNS = ("study", "status", "resumed", "groups", "groups_failed", "groups_not_measured", "series_skipped",
+                 "seconds", "cpu_seconds", "worker", "reason")
 PROBLEM_COLUMNS = ("study", "series", "description", "outcome", "reason")
 #: Files per scanning task.
 _SCAN_CHUNK = 500
@@ -80,6 +80,7 @@ class CohortSummary:
     nothing_selected: int = 0
     groups: int = 0
     groups_failed: int = 0
+    groups_not_measured: int = 0
     skipped_series: int = 0
     interrupted: bool = False
     records: list[dict[str, Any]] = field(default_factory=list)
@@ -236,6 +237,7 @@ def _tally(records: dict[str, dict[str, Any]], summary: CohortSummary) -> None:
         groups = record.get("groups", [])
         summary.groups += len(groups)
         summary.groups_failed += sum(g["outcome"] != "done" for g in groups)
+        summary.groups_not_measured += sum(_not_measured(g) for g in groups)
         summary.skipped_series += sum(p["outcome"] == "skipped" for p in record.get("problems", []))
         status = record["status"]
         if status == "nothing selected":
@@ -250,6 +252,11 @@ def _tally(records: dict[str, dict[str, Any]], summary: CohortSummary) -> None:
     summary.records = [records[k] for k in sorted(records)]
 
 
+def _not_measured(group: dict[str, Any]) -> bool:
+    """Whether a processed group's segmentation failed quality control (results without numbers)."""
+    return (group.get("quality") or {}).get("verdict") == "not measured"
+
+
 def _write_tables(out: Path, records: dict[str, dict[str, Any]]) -> None:
     ordered = [records[k] for k in sorted(records)]
     rows = [row for record in ordered for row in record.get("rows", [])]
@@ -261,6 +268,7 @@ def _write_tables(out: Path, records: dict[str, dict[str, Any]]) -> None:
         studies.append({
             "study": record["study"], "status": record["status"], "resumed": bool(record.get("resumed")),
             "groups": len(groups), "groups_failed": sum(g["outcome"] != "done" for g in groups),
+            "groups_not_measured": sum(_not_measured(g) for g in groups),
             "series_skipped": sum(p["outcome"] == "skipped" for p in record.get("problems", [])),
             "seconds": record.get("seconds"), "cpu_seconds": record.get("cpu_seconds"),
             "worker": record.get("worker"), "reason": "; ".join(reasons) or None,
