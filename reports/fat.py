@@ -110,7 +110,15 @@ def erode(mask: np.ndarray) -> np.ndarray:
     still has a fat fraction, only a less protected one.
     """
     mask = np.asarray(mask, dtype=bool)
-    eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1))
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return mask
+    # Eroded over the mask's bounding box and a one-pixel ring only: outside it every pixel and
+    # its neighbours are background, so the result is the whole frame's, pixel for pixel, at a
+    # fraction of the cost (a muscle covers about 1 % of a 400 x 400 frame).
+    box = (slice(max(int(rows[0]) - 1, 0), int(rows[-1]) + 2), slice(max(int(columns[0]) - 1, 0), int(columns[-1]) + 2))
+    eroded = np.zeros_like(mask)
+    eroded[box] = ndimage.binary_erosion(mask[box], structure=ndimage.generate_binary_structure(2, 1))
     return eroded if eroded.any() else mask
 
 

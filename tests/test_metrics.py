@@ -236,3 +236,20 @@ def test_real_metrics_are_assessed_against_the_reference(tum01) -> None:
     none = {(a.metrics.muscle, a.metrics.side): a for a in assess(results, nobody)}
     assert none[("multifidus", "left")].fat.z is None and none[("multifidus", "left")].fat.reason
     assert again[("multifidus", "left")].fat is not None
+
+
+def test_erosion_over_the_bounding_box_equals_the_whole_frames() -> None:
+    """reports.fat.erode works on the mask's bounding box: the same pixels as eroding the frame,
+    masks at the frame's edges included."""
+    from scipy import ndimage
+
+    from reports.fat import erode
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        mask = np.zeros((60, 70), bool)
+        r, c = rng.integers(0, 60), rng.integers(0, 70)
+        mask[max(0, r - rng.integers(0, 20)):r + rng.integers(1, 20), max(0, c - rng.integers(0, 20)):c + rng.integers(1, 20)] = True
+        mask &= rng.random(mask.shape) > 0.1
+        whole = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1))
+        assert np.array_equal(erode(mask), whole if whole.any() else mask)
