@@ -144,6 +144,10 @@ class ModelCard:
         What the model segments (:data:`KINDS`): ``"muscles"`` (labels are :class:`LabelInfo`;
         the default, so cards written before kinds existed keep their meaning) or
         ``"vertebrae"`` (labels are :class:`VertebraLabel`).
+    postprocess : dict
+        Settings of a kind's own post-processing, measured with the model: for a level model
+        ``{"naming": "consensus", "end_plate_offset_mm": [superior, inferior]}`` (see
+        :mod:`inference.vertebrae`). Empty for muscle models.
     """
 
     name: str
@@ -168,6 +172,7 @@ class ModelCard:
     accuracy: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
     kind: str = KIND_MUSCLES
+    postprocess: dict[str, Any] = field(default_factory=dict)
     path: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:

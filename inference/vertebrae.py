@@ -30,7 +30,7 @@ L5's inferior end plate and the median height of the other discs found.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -54,8 +54,10 @@ __all__ = [
     "is_sagittal",
     "level_of",
     "model_grid",
+    "move_end_plates",
     "name_candidates",
     "plane_crossing",
+    "upsample2",
 ]
 
 #: How candidate bodies get their names (see :func:`name_candidates`).
@@ -70,6 +72,12 @@ MIN_BODY_ML = 1.0
 #: Pieces of body voxels whose centroids lie closer than this are one body (mm): a body is
 #: 25-35 mm high, so neighbouring bodies' centroids lie farther apart.
 MERGE_MM = 15.0
+#: ... if they also lie within this distance left-right (mm).
+LATERAL_MM = 30.0
+#: A candidate body taller than this many times the median one is two bodies joined (split).
+TALL_RATIO = 1.5
+#: A cut needs a waist: at most this share of the median count of voxels per millimetre.
+WAIST_SHARE = 0.6
 #: Disc height used for L5-S1 when no other disc was measured (mm).
 DEFAULT_DISC_MM = 10.0
 #: Half-width of the mid-sagittal band used for end plates (mm, along the series normal).
@@ -235,6 +243,22 @@ def resample_to_grid(image: np.ndarray, frame: FrameGeometry, grid: FrameGeometr
     pixel = frame.lps_to_pixel(grid.pixel_to_lps(rows, columns))
     return ndimage.map_coordinates(np.asarray(source, dtype=np.float32), [pixel[..., 0], pixel[..., 1]],
                                    order=1, cval=0.0, mode="constant").astype(np.float32)
+
+
+def upsample2(scores: np.ndarray) -> np.ndarray:
+    """Bilinear interpolation onto the grid of half the spacing over the same extent.
+
+    ``(channels, rows, columns)`` -> ``(channels, 2 rows - 1, 2 columns - 1)``: output pixel
+    ``(i, j)`` lies at input pixel ``(i / 2, j / 2)``.
+    """
+    channels, rows, columns = scores.shape
+    tall = np.empty((channels, 2 * rows - 1, columns), dtype=scores.dtype)
+    tall[:, ::2] = scores
+    tall[:, 1::2] = (scores[:, :-1] + scores[:, 1:]) / 2
+    out = np.empty((channels, 2 * rows - 1, 2 * columns - 1), dtype=scores.dtype)
+    out[:, :, ::2] = tall
+    out[:, :, 1::2] = (tall[:, :, :-1] + tall[:, :, 1:]) / 2
+    return out
 
 
 def end_plate(points: np.ndarray, axis: np.ndarray, across: np.ndarray, superior: bool,
@@ -433,6 +457,60 @@ def name_candidates(votes: Sequence[np.ndarray], naming: str = NAMING) -> tuple[
     return names, problems
 
 
+def _height(points: np.ndarray, axis: np.ndarray) -> float:
+    t = points @ axis
+    return float(np.percentile(t, 98) - np.percentile(t, 2))
+
+
+def _split_tall(candidates: list[_Candidate], classes: np.ndarray, normal: np.ndarray,
+                voxel_ml: float) -> tuple[list[_Candidate], int]:
+    """Split candidates more than :data:`TALL_RATIO` times as tall as the median candidate at
+    their narrowest point along the spine (a disc the model bridged), up to twice each.
+
+    Heights are measured along the spine's overall direction (the line through the highest and
+    lowest candidates' centroids, in the sagittal plane); the cut is where the fewest voxels of
+    the mid-sagittal band lie, in the middle half of the candidate, if there are fewer than
+    :data:`WAIST_SHARE` times the median count there.
+    """
+    if len(candidates) < 3:
+        return candidates, 0
+    centroids = np.array([c.points.mean(axis=0) for c in candidates])
+    ordered = centroids[np.argsort(-centroids[:, 2])]
+    axis = ordered[0] - ordered[-1]
+    axis = axis - normal * (axis @ normal)
+    axis = _unit(axis) if np.linalg.norm(axis) > 0 else np.array([0.0, 0.0, 1.0])
+    heights = [_height(c.points, axis) for c in candidates]
+    typical = float(np.median(heights))
+    out: list[_Candidate] = []
+    split = 0
+    queue = [(c, 0) for c in candidates]
+    while queue:
+        candidate, depth = queue.pop()
+        centroid = candidate.points.mean(axis=0)
+        if depth >= 2 or _height(candidate.points, axis) <= TALL_RATIO * typical:
+            out.append(candidate)
+            continue
+        t = (candidate.points - centroid) @ axis
+        band = np.abs((candidate.points - centroid) @ normal) <= MIDLINE_HALF_WIDTH_MM
+        low, high = np.percentile(t, 2), np.percentile(t, 98)
+        bins = np.arange(low, high + 1.0, 1.0)
+        counts, _ = np.histogram(t[band], bins)
+        counts = np.convolve(counts, np.ones(3) / 3, mode="same")
+        middle = slice(len(counts) // 4, max(len(counts) // 4 + 1, 3 * len(counts) // 4))
+        if counts[middle].size == 0 or counts[middle].min() >= WAIST_SHARE * np.median(counts):
+            out.append(candidate)
+            continue
+        cut = bins[middle.start + int(np.argmin(counts[middle]))] + 0.5
+        flat_classes = classes.reshape(-1)
+        for part in (t > cut, t <= cut):
+            flat = candidate.flat[part]
+            votes = np.bincount(flat_classes[flat], minlength=len(candidate.votes)).astype(np.float64)
+            votes[0] = 0
+            queue.append((_Candidate(flat, candidate.points[part], votes, float(len(flat)) * voxel_ml), depth + 1))
+        split += 1
+    return out, split
+
+
 def bodies_from_labels(classes: np.ndarray, positions: np.ndarray, voxel_ml: float, normal: np.ndarray,
                        naming: str = NAMING, named: np.ndarray | None = None) -> tuple[list[Body], list[str]]:
     """Named bodies from per-voxel model classes on a stack of sagittal grids.
@@ -488,9 +566,16 @@ def bodies_from_labels(classes: np.ndarray, positions: np.ndarray, voxel_ml: flo
 
     # Large pieces closer than MERGE_MM are one body; each small piece joins the nearest large
     # piece if that lies within MERGE_MM, else it is dropped (a fragment).
+    def near(i: int, j: int) -> bool:
+        # Close in the sagittal plane (a body is 25-35 mm high, 30-40 mm deep) and within a body's
+        # width left-right (its halves may come apart on slices where the model missed it).
+        offset = centres[i] - centres[j]
+        across = float(offset @ normal)
+        return bool(np.linalg.norm(offset - across * normal) < MERGE_MM and abs(across) < LATERAL_MM)
+
     for a, i in enumerate(big):
         for j in big[a + 1:]:
-            if np.linalg.norm(centres[i] - centres[j]) < MERGE_MM and root(i) != root(j):
+            if near(i, j) and root(i) != root(j):
                 group[root(i)] = root(j)
     members: dict[int, list[int]] = {}
     for i in big:
@@ -499,7 +584,7 @@ def bodies_from_labels(classes: np.ndarray, positions: np.ndarray, voxel_ml: flo
         if i in group or not big:
             continue
         nearest = min(big, key=lambda j: np.linalg.norm(centres[i] - centres[j]))
-        if np.linalg.norm(centres[i] - centres[nearest]) < MERGE_MM:
+        if near(i, nearest):
             members[root(nearest)].append(i)
     candidates: list[_Candidate] = []
     for indices in members.values():
@@ -514,6 +599,11 @@ def bodies_from_labels(classes: np.ndarray, positions: np.ndarray, voxel_ml: flo
     candidates = [c for c in candidates if c.volume_ml >= max(MIN_BODY_ML, MIN_BODY_SHARE * median)]
     if not candidates:
         return [], ["only fragments of vertebral bodies were found on the sagittal series"]
+    candidates, split = _split_tall(candidates, classes, normal, voxel_ml)
+    if split:
+        problems.append(f"{split} bodies much taller than the others were split at their narrowest "
+                        "point (two bodies joined across a disc)")
+        candidates = [c for c in candidates if c.volume_ml >= max(MIN_BODY_ML, MIN_BODY_SHARE * median)]
     centroids = np.array([c.points.mean(axis=0) for c in candidates])
     # Order along the spine: head to foot (LPS z decreasing), which holds for any lumbar spine
     # imaged in a sagittal plane (lordosis bends the axis by far less than 90 degrees per body).
@@ -603,7 +693,7 @@ def _normalise(image: np.ndarray, normalisation: Mapping[str, object]) -> np.nda
     return normalise(image[None], normalisation)[0]
 
 
-def find_bodies(series: SeriesImage, card: ModelCard, naming: str = NAMING, threads: int | None = None,
+def find_bodies(series: SeriesImage, card: ModelCard, naming: str | None = None, threads: int | None = None,
                 batch: int = 4) -> LevelReference:
     """Find and name the vertebral bodies on a sagittal series.
 
@@ -614,8 +704,8 @@ def find_bodies(series: SeriesImage, card: ModelCard, naming: str = NAMING, thre
         its largest stack is used.
     card : ModelCard
         A level model (kind ``vertebrae``).
-    naming : str
-        See :func:`name_candidates`.
+    naming : str, optional
+        See :func:`name_candidates`; default the card's ``postprocess.naming``, else :data:`NAMING`.
     threads : int, optional
         ONNX Runtime threads (default 2).
     batch : int
@@ -630,10 +720,22 @@ def find_bodies(series: SeriesImage, card: ModelCard, naming: str = NAMING, thre
     prediction = predict(series, card, threads, batch)
     if prediction.problem:
         return LevelReference(**prediction.info, bodies=(), problems=(prediction.problem,))
+    naming = naming or card.postprocess.get("naming", NAMING)
     bodies, problems = bodies_from_labels(prediction.classes, prediction.positions, prediction.voxel_ml,
                                           prediction.normal, naming)
+    offsets = card.postprocess.get("end_plate_offset_mm") or (0.0, 0.0)
+    bodies = [move_end_plates(b, *offsets) for b in bodies]
     return LevelReference(**prediction.info, bodies=tuple(bodies), problems=tuple(problems),
                           disc_mm=_disc_height(bodies))
+
+
+def move_end_plates(body: Body, superior_mm: float, inferior_mm: float) -> Body:
+    """The body with its end-plate centres moved along their normals: the superior one by
+    ``-superior_mm`` and the inferior one by ``+inferior_mm`` (positive values move both into the
+    body). The level model's card gives the offsets measured on training subjects
+    (``postprocess.end_plate_offset_mm``): how far its end plates lie outside the manual ones."""
+    return replace(body, superior=body.superior - superior_mm * body.superior_normal,
+                   inferior=body.inferior + inferior_mm * body.inferior_normal)
 
 
 @dataclass(frozen=True)
@@ -643,8 +745,8 @@ class Prediction:
     Attributes
     ----------
     classes : numpy.ndarray
-        ``(slices, rows, columns)`` vertebra index per voxel of the model grids (0 background,
-        T11 = 1 ... L5 = 7).
+        ``(slices, rows, columns)`` vertebra index per voxel (0 background, T11 = 1 ... L5 = 7)
+        on the model grids refined to half their spacing (class scores interpolated bilinearly).
     positions : numpy.ndarray
         ``(slices, rows, columns, 3)`` LPS mm.
     normal : numpy.ndarray
@@ -686,22 +788,26 @@ def predict(series: SeriesImage, card: ModelCard, threads: int | None = None, ba
                        for i, f, g in zip(stack, frames, grids)])
     session = _Session.get(card, threads)
     name = session.get_inputs()[0].name
-    classes = np.empty(images.shape, dtype=np.int64)
+    # Class scores are interpolated (bilinear) onto a grid of half the spacing before the argmax:
+    # end plates then fall between the model's 2 mm pixels rather than on them.
+    fine = (2 * shape[0] - 1, 2 * shape[1] - 1)
+    classes = np.empty((len(images),) + fine, dtype=np.int64)
     for first in range(0, len(images), batch):
         logits = session.run(None, {name: images[first:first + batch, None]})[0]
-        classes[first:first + batch] = logits.argmax(axis=1)
+        for j, scores in enumerate(logits):
+            classes[first + j] = upsample2(scores).argmax(axis=0)
     # Model class k -> vertebra index (T11 = 1 ... L5 = 7) through the card's labels.
     lookup = np.zeros(card.classes, dtype=np.int64)
     for k, value in enumerate(card.output_labels, 1):
         if value in card.labels:
             lookup[k] = card.labels[value].vertebra.index
     classes = lookup[classes]
-    rows, columns = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
+    rows, columns = np.meshgrid(np.arange(fine[0]) / 2.0, np.arange(fine[1]) / 2.0, indexing="ij")
     positions = np.stack([g.pixel_to_lps(rows, columns) for g in grids])
     normal = frames[0].normal
     gaps = np.diff(sorted(float(f.centre @ normal) for f in frames))
     step = float(np.median(gaps)) if len(gaps) else float(frames[0].slice_thickness or spacing)
-    voxel_ml = spacing * spacing * step / 1000.0
+    voxel_ml = (spacing / 2) * (spacing / 2) * step / 1000.0
     return Prediction(classes, positions, normal, voxel_ml, info)
 
 

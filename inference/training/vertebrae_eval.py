@@ -38,15 +38,7 @@ from scipy import ndimage
 
 from inference.card import KIND_VERTEBRAE, ModelCard, VertebraLabel, file_sha256
 from inference.geometry import FrameGeometry, SeriesImage, StudyInfo
-from inference.vertebrae import (
-    assign_levels,
-    bodies_from_labels,
-    find_bodies,
-    level_of,
-    plane_crossing,
-    predict,
-    _disc_height,
-)
+from inference.vertebrae import bodies_from_labels, find_bodies, level_of, plane_crossing, predict
 from inference.vocabulary import Level, Vertebra
 
 from .vertebrae import (
@@ -105,8 +97,9 @@ class Volume:
         if not hasattr(self, "_bodies"):
             vertebrae = list(Vertebra)
             values = np.arange(1, 8)
-            index = ndimage.center_of_mass(np.ones(self.labels.shape), self.labels, values)
             counts = ndimage.sum_labels(np.ones(self.labels.shape), self.labels, values)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                index = ndimage.center_of_mass(np.ones(self.labels.shape), self.labels, values)
             self._bodies = {vertebrae[v]: self.affine[:3, :3] @ np.asarray(c) + self.affine[:3, 3]
                             for v, c, n in zip(values, index, counts) if n > 0}
         return self._bodies
@@ -220,6 +213,11 @@ def axial_geometries(volume: Volume, spacing: float = 4.0, pixel: float = 1.0, m
 
 
 def true_level(volume: Volume, frame: FrameGeometry) -> tuple[str | None, bool]:
+    """See :func:`true_level_and_share`, without the share."""
+    return true_level_and_share(volume, frame)[:2]
+
+
+def true_level_and_share(volume: Volume, frame: FrameGeometry) -> tuple[str | None, bool, float]:
     """The level of an axial frame from the labels: ``(level or None, known)``.
 
     The spine's true axis is the polyline through the labelled bodies' centroids (extended 40 mm
@@ -227,8 +225,9 @@ def true_level(volume: Volume, frame: FrameGeometry) -> tuple[str | None, bool]:
     labels are sampled in the plane within :data:`TRUTH_RADIUS_MM`; a body holding at least half
     of the samples is the level; otherwise the disc between the bodies whose centroids bracket the
     cut. ``known`` is False where the labels cannot say (above the highest labelled body's
-    centroid without that body in the samples, or below L5 farther than 8 mm from L5's voxels):
-    such frames are not counted.
+    centroid without that body in the samples, or more than 8 mm below where L5 ends on the line):
+    such frames are not counted. The third value is the share of the samples in the most
+    frequent body: between 0.2 and 0.8 the plane lies on an end plate (an ambiguous slice).
     """
     bodies = volume.bodies()
     names = list(bodies)
@@ -238,7 +237,7 @@ def true_level(volume: Volume, frame: FrameGeometry) -> tuple[str | None, bool]:
     line = np.vstack([head, centroids, foot])
     crossings = plane_crossing(line, frame.centre, frame.normal)
     if not crossings:
-        return None, False
+        return None, False, 0.0
     segment, fraction = min(crossings, key=lambda c: np.linalg.norm(
         line[c[0]] + c[1] * (line[c[0] + 1] - line[c[0]]) - frame.centre))
     point = line[segment] + fraction * (line[segment + 1] - line[segment])
@@ -250,21 +249,25 @@ def true_level(volume: Volume, frame: FrameGeometry) -> tuple[str | None, bool]:
     counts = np.bincount(samples, minlength=8)
     vertebrae = list(Vertebra)
     best = int(np.argmax(counts[1:]) + 1)
+    share = float(counts[best] / len(samples))
     if counts[best] >= 0.5 * len(samples):
-        return vertebrae[best].value, True
+        return vertebrae[best].value, True, share
     # Disc: between the centroids that bracket the cut (segment 1..n-1 of the line).
     if segment == 0:  # above the highest labelled body's centroid
-        return None, False
+        return None, False, 0.0
     if segment == len(line) - 2:  # below L5's centroid
         lowest = names[-1]
         if lowest is not Vertebra.L5:
-            return None, False
-        l5_lps = volume.voxels_lps(7)
-        axis = (centroids[-2] - centroids[-1]) / np.linalg.norm(centroids[-2] - centroids[-1])
-        below = float((point - centroids[-1]) @ -axis) - float(((l5_lps - centroids[-1]) @ -axis).max())
-        return ("L5-S1", True) if below <= 8.0 else (None, False)
+            return None, False, 0.0
+        # Where L5 ends on the axis: labels sampled every 0.5 mm along the line below its centroid.
+        direction = (foot - centroids[-1]) / np.linalg.norm(foot - centroids[-1])
+        steps = np.arange(0.0, 40.0, 0.5)
+        on_line = volume.sample(centroids[-1] + steps[:, None] * direction, "labels")
+        end = steps[on_line == 7].max() if (on_line == 7).any() else 0.0
+        below = float((point - centroids[-1]) @ direction) - float(end)
+        return ("L5-S1", True, share) if below <= 8.0 else (None, False, share)
     upper = names[segment - 1]
-    return Level(upper, disc=True).name, True
+    return Level(upper, disc=True).name, True, share
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,13 +310,16 @@ def evaluate_subject(volume: Volume, card: ModelCard, namings: Sequence[str] = (
 
 
 def axial_accuracy(volume: Volume, reference) -> dict:
+    """Axial slices at the right level, per geometry: ``slices``, ``right``, ``within_half_level``
+    (the right level or the neighbouring body or disc), ``clear_slices`` and ``right_clear``
+    (slices not on an end plate: the labelled body holds under 20 % or over 80 % of the samples)."""
     assign = level_of(reference)
     out = {}
     for name, frames in axial_geometries(volume).items():
-        right = total = tolerant = 0
+        right = total = tolerant = clear = right_clear = 0
         wrong = []
         for frame in frames:
-            truth, known = true_level(volume, frame)
+            truth, known, share = true_level_and_share(volume, frame)
             if not known:
                 continue
             predicted = assign(frame)
@@ -321,9 +327,13 @@ def axial_accuracy(volume: Volume, reference) -> dict:
             right += predicted == truth
             near = predicted is not None and truth is not None and abs(Level.parse(predicted).order - Level.parse(truth).order) <= 0.5
             tolerant += predicted == truth or near
+            if share <= 0.2 or share >= 0.8:
+                clear += 1
+                right_clear += predicted == truth
             if predicted != truth:
-                wrong.append(f"{predicted} for {truth}")
-        out[name] = {"slices": total, "right": right, "within_half_level": tolerant, "wrong": wrong}
+                wrong.append(f"{predicted} for {truth} (share {share:.2f})")
+        out[name] = {"slices": total, "right": right, "within_half_level": tolerant, "clear_slices": clear,
+                     "right_clear": right_clear, "wrong": wrong}
     return out
 
 
@@ -333,8 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--onnx", required=True)
     parser.add_argument("--training", required=True, help="training.json written by inference.training.vertebrae")
     parser.add_argument("--out", required=True, help="folder for the card (the ONNX file is copied there)")
-    parser.add_argument("--naming", default=None, help="naming method for the card (default: best on held-out)")
     parser.add_argument("--version", default="1.0.0")
+    parser.add_argument("--limit", type=int, help="at most this many subjects per set (a quick check, not for a card)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -346,7 +356,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     card = make_card(out / f"{name}.json", onnx, args.version, training, accuracy={})
 
     found = find_subjects(args.data)
-    _, held = split_subjects([f[0] for f in found])
+    trained, held = split_subjects([f[0] for f in found])
+    per_set = min(4, args.limit or 4)
+    chosen_for_calibration = ([n for n in trained if n.startswith("myosegmentum")][:per_set]
+                              + [n for n in trained if n.startswith("zukic")][:per_set])
+    if args.limit:
+        held = [n for n in held if n.startswith("myosegmentum")][:args.limit] + \
+               [n for n in held if n.startswith("zukic")][:args.limit]
+    postprocess = calibrate(card, [Volume(*f) for f in found if f[0] in chosen_for_calibration])
+    print("calibration on training subjects:", json.dumps(postprocess), flush=True)
+    card = make_card(out / f"{name}.json", onnx, args.version, training, accuracy={}, postprocess=postprocess)
     results = []
     for subject in found:
         if subject[0] not in held:
@@ -362,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return sum(hits), len(hits)
 
     namings = ("consensus", "direct", "order")
-    chosen = args.naming or max(namings, key=lambda n: (share(n)[0], n == "consensus"))
+    chosen = card.postprocess["naming"]
     dice: dict[str, dict[str, float]] = {}
     for dataset in ("myosegmentum", "zukic", None):
         per_body: dict[str, list[float]] = {}
@@ -374,22 +393,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     axial: dict[str, dict[str, int]] = {}
     wrong = {}
     for volume, result in results:
-        reference = find_bodies(sagittal_series(volume), card, naming=chosen)
+        reference = find_bodies(sagittal_series(volume), card)
         for geometry, counts in axial_accuracy(volume, reference).items():
-            total = axial.setdefault(geometry, {"slices": 0, "right": 0, "within_half_level": 0})
+            total = axial.setdefault(geometry, {"slices": 0, "right": 0, "within_half_level": 0,
+                                                "clear_slices": 0, "right_clear": 0})
             for key in total:
                 total[key] += counts[key]
             if counts["wrong"]:
                 wrong[f"{volume.name} {geometry}"] = counts["wrong"]
     all_slices = sum(a["slices"] for a in axial.values())
     all_right = sum(a["right"] for a in axial.values())
+    all_near = sum(a["within_half_level"] for a in axial.values())
+    all_clear = sum(a["clear_slices"] for a in axial.values())
+    all_right_clear = sum(a["right_clear"] for a in axial.values())
     naming_shares = {n: {"all": "%d/%d" % share(n), "myosegmentum": "%d/%d" % share(n, "myosegmentum"),
                          "zukic": "%d/%d" % share(n, "zukic")} for n in namings}
     right, total = share(chosen)
     mean_dice = float(np.mean(list(dice["all"].values())))
     accuracy = {
         "summary": (f"held-out: mean Dice {mean_dice:.2f} over T11-L5, {right}/{total} bodies named right, "
-                    f"{all_right}/{all_slices} axial slices at the right level"),
+                    f"{all_right}/{all_slices} axial slices at the right level ({all_right_clear}/{all_clear} of those "
+                    f"not on an end plate; {all_near}/{all_slices} within half a level)"),
         "metric": "Dice per body; share of bodies named right; share of axial slices at the right level",
         "held_out_subjects": [v.name for v, _ in results],
         "description": (
@@ -403,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "slabs (+12 degrees at L2-L3, -10 degrees at L4-L5), true level from the labels around the point "
             "where the slice cuts the line through the labelled bodies' centroids (inference.training."
             "vertebrae_eval.true_level); slices whose level the labels cannot give are not counted. The naming "
-            f"method of the runtime is {chosen!r}, chosen here as the best share of bodies named right."),
+            f"method ({chosen!r}) and the end-plate offsets of the card's postprocess were measured on 8 "
+            "training subjects (calibrate), never on these."),
         "dice": dice,
         "naming": naming_shares,
         "naming_method": chosen,
@@ -412,19 +437,71 @@ def main(argv: Sequence[str] | None = None) -> int:
         "per_subject": [r for _, r in results],
         "model_seconds_per_series": round(float(np.mean([r["model_seconds"] for _, r in results])), 2),
     }
-    card = make_card(out / f"{name}.json", onnx, args.version, training, accuracy=accuracy)
+    card = make_card(out / f"{name}.json", onnx, args.version, training, accuracy=accuracy, postprocess=postprocess)
     print(json.dumps({k: v for k, v in accuracy.items() if k not in ("per_subject",)}, indent=1))
     return 0
 
 
-def make_card(path: Path, onnx: Path, version: str, training: dict, accuracy: dict) -> ModelCard:
+def calibrate(card: ModelCard, volumes: Sequence[Volume]) -> dict:
+    """End-plate offsets and the naming method, measured on TRAINING subjects.
+
+    For every body found and labelled, the distance along the manual end plate's normal from the
+    manual end-plate centre (:func:`inference.vertebrae.end_plate` on the labelled voxels within
+    8 mm of the body's mid-sagittal plane) to the model's: superior positive when the model's
+    lies above, inferior positive when it lies below (the model's body is taller). The medians
+    become ``postprocess.end_plate_offset_mm``; bodies more than 6 mm off (a wrong body) are left
+    out. The naming method is the one that names most bodies right on these subjects (ties:
+    ``consensus``).
+    """
+    from inference.vertebrae import end_plate
+
+    superior, inferior = [], []
+    hits = {n: 0 for n in ("consensus", "direct", "order")}
+    for volume in volumes:
+        series = sagittal_series(volume)
+        reference = find_bodies(series, card, naming="consensus")
+        truth = volume.bodies()
+        normal = series.geometry[0].normal
+        for body in reference.bodies:
+            if body.vertebra not in truth:
+                continue
+            points = volume.voxels_lps(body.vertebra.index)
+            mid = points[np.abs((points - truth[body.vertebra]) @ normal) <= 8.0]
+            axis = body.superior_normal
+            across = np.cross(axis, normal)
+            across /= np.linalg.norm(across)
+            top, top_normal = end_plate(mid, axis, across, True)
+            bottom, bottom_normal = end_plate(mid, axis, across, False)
+            up, down = float((body.superior - top) @ top_normal), float((bottom - body.inferior) @ bottom_normal)
+            if abs(up) <= 6 and abs(down) <= 6:
+                superior.append(up)
+                inferior.append(down)
+        result = evaluate_subject(volume, card)
+        for naming in hits:
+            hits[naming] += sum(result[naming]["named_right"].values())
+    naming = max(hits, key=lambda n: (hits[n], n == "consensus"))
+    return {"naming": naming, "end_plate_offset_mm": [round(float(np.median(superior)), 2),
+                                                      round(float(np.median(inferior)), 2)],
+            "calibration": {"subjects": [v.name for v in volumes], "bodies": len(superior),
+                            "bodies_named_right": hits,
+                            "note": ("measured on training subjects only (see inference.training.vertebrae_eval."
+                                     "calibrate); superior and inferior end-plate offsets are medians over bodies")}}
+
+
+def make_card(path: Path, onnx: Path, version: str, training: dict, accuracy: dict,
+              postprocess: dict | None = None) -> ModelCard:
     labels = {k: VertebraLabel(v) for k, v in enumerate(CLASS_NAMES, 1)}
+    history = training.get("history") or []
+    training = {k: v for k, v in training.items() if k != "history"}
+    if history:
+        training["loss_last_500_steps"] = round(float(np.mean([h["loss"] for h in history[-10:]])), 4)
     card = ModelCard(
         name=path.stem, version=version, onnx=onnx.name, sha256=file_sha256(onnx), labels=labels,
         output_labels=sorted(labels), contrasts=["t2", "t1", "water"], channels=1,
         array_axes=list(ARRAY_AXES), spacing_mm=[SPACING_MM, SPACING_MM], normalisation=dict(NORMALISATION),
         window=list(WINDOW), overlap=0.0, blend="constant", largest_component=False, crop_foreground=False,
         kind=KIND_VERTEBRAE,
+        postprocess=dict(postprocess or {}),
         licence=("Model weights and card: Apache-2.0, as the musclenode project. Training data: the vertebrae "
                  "volumes of MyoSegmenTUM spine and of Zukic et al. as redistributed (1 mm, 8 bit) in the public "
                  "repository JonathanRamos/fastcleverseg; the terms of the original data sets were not verified "
