@@ -267,8 +267,8 @@ def end_plate(points: np.ndarray, axis: np.ndarray, across: np.ndarray, superior
 
     The body's edge towards the head (``superior``) or the feet is traced per ``bin_mm`` strip
     along ``across`` (the anterior-posterior direction in the sagittal plane, perpendicular to
-    ``axis``), a line is fitted through the central 70 % of the strips, and its middle is the
-    centre.
+    ``axis``); a line fitted through the central 70 % of the strips gives the normal, and the
+    edge in the middle third of the strips (end plates are concave) gives the centre.
 
     Parameters
     ----------
@@ -300,12 +300,16 @@ def end_plate(points: np.ndarray, axis: np.ndarray, across: np.ndarray, superior
     order = np.argsort(edges_w)
     w, a = edges_w[order][keep], edges_a[order][keep]
     if len(w) >= 3 and np.ptp(w) > 0:
-        slope, intercept = np.polyfit(w, a, 1)
+        slope, _ = np.polyfit(w, a, 1)
         slope = float(np.clip(slope, -1.0, 1.0))  # end plates tilt less than 45 degrees to the axis
     else:
-        slope, intercept = 0.0, float(np.median(a))
+        slope = 0.0
+    # The centre: end plates are concave, so the edge is taken in the middle third of the strips
+    # (where a slice through the spine's axis meets it), not from the line through the rims.
     middle = float(np.median(w))
-    centre = origin + middle * across + (intercept + slope * middle) * axis
+    centre_strips = np.abs(w - middle) <= max(np.ptp(w) / 6, bin_mm)
+    height = float(np.median(a[centre_strips] - slope * (w[centre_strips] - middle)))
+    centre = origin + middle * across + height * axis
     normal = _unit(axis - slope * across)
     return centre, normal
 

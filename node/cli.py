@@ -478,9 +478,12 @@ def _models_show(args: argparse.Namespace) -> int:
         f"  array axes     rows towards {card.array_axes[0]}, columns towards {card.array_axes[1]}",
         f"  spacing        {card.spacing_mm[0]} x {card.spacing_mm[1]} mm",
         f"  normalisation  {json.dumps(card.normalisation)}",
-        f"  windows        {card.window[0]} x {card.window[1]}, overlap {card.overlap}, {card.blend} blending{sigma}",
-        f"  post-process   largest component {'yes' if card.largest_component else 'no'},"
-        f" crop foreground {'yes' if card.crop_foreground else 'no'}",
+        (f"  windows        {card.window[0]} x {card.window[1]}, overlap {card.overlap}, {card.blend} blending{sigma}"
+         if card.kind == "muscles" else
+         f"  windows        the whole slice at once, at least {card.window[0]} x {card.window[1]}"),
+        (f"  post-process   largest component {'yes' if card.largest_component else 'no'},"
+         f" crop foreground {'yes' if card.crop_foreground else 'no'}" if card.kind == "muscles" else
+         f"  post-process   {json.dumps({k: v for k, v in card.postprocess.items() if k != 'calibration'})}"),
         "  labels         " + "; ".join(
             f"{v} {card.labels[v].name}" if v in card.labels else f"{v} (not described)" for v in card.output_labels),
         f"  accuracy       {accuracy_summary(card)}",
