@@ -33,8 +33,9 @@ from tests.studies import require_data, vertebrae_files, write_vertebrae_study
 
 #: Held-out subjects the data tests use: two of each set.
 SUBJECTS = ("myosegmentum-07", "myosegmentum-34", "zukic-10", "zukic-19")
-#: Share of axial slices that must get the right level (measured: see README "Vertebral levels").
-MIN_LEVEL_ACCURACY = 0.90
+#: Share of axial slices that must get the right level: 420/465 = 0.903 measured with model 1.0.0
+#: (README "Vertebral levels"); the 95 % aimed at is not reached (boundary slices, see there).
+MIN_LEVEL_ACCURACY = 0.88
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,8 @@ the runtime (:mod:`inference.vertebrae`, ONNX Runtime, no torch):
   :func:`inference.vertebrae.name_candidates`;
 - the level of every axial slice against the truth from the labels (:func:`true_level`).
 
+``--robustness`` measures the card in ``--out`` on variants of the held-out sagittal series
+(field of view cut, contrast inverted, other slice thickness and pixel size: :func:`robustness`).
 The same reslicing helpers make the DICOM test studies (``tests/test_levels.py``).
 """
 
@@ -337,6 +339,60 @@ def axial_accuracy(volume: Volume, reference) -> dict:
     return out
 
 
+def _cropped(frames: Sequence[FrameGeometry], images: Sequence[np.ndarray], point: np.ndarray, keep_below: bool):
+    """Frames and pixels cut at the row of ``point``: the part below (towards the feet) or above."""
+    out_frames, out_images = [], []
+    for frame, image in zip(frames, images):
+        row = int(np.clip(frame.lps_to_pixel(point)[0], 1, frame.rows - 1))
+        rows = slice(row, frame.rows) if keep_below else slice(0, row)
+        sub = frame.crop(rows, slice(0, frame.columns))
+        out_frames.append(FrameGeometry(sub.position, sub.row_cosine, sub.column_cosine, sub.pixel_spacing,
+                                        sub.rows, sub.columns, frame.sop_instance_uid, 1, frame.slice_thickness))
+        out_images.append(image[rows])
+    return out_frames, out_images
+
+
+def robustness(card: ModelCard, volumes: Sequence[Volume]) -> dict[str, dict[str, list[int]]]:
+    """Bodies named right (of those whose labelled centroid lies in the field of view) on
+    variants of the held-out sagittal series: the field of view cut through the middle of the
+    second labelled body (L2 in MyoSegmenTUM, T12 in Zukic) or through the middle of L5,
+    contrast inverted inside the body, 3 mm slices with 1.2 mm pixels, 5 mm slices with 0.5 mm
+    pixels. ``{variant: {dataset: [right, bodies]}}``."""
+    from inference.vertebrae import find_bodies as find
+
+    out: dict[str, dict[str, list[int]]] = {}
+
+    def count(variant: str, volume: Volume, frames, images) -> None:
+        reference = find(series_of(frames, images, "1.2.3.4.1", "1.2.3.4", "sag"), card)
+        middle = frames[len(frames) // 2]
+        tally = out.setdefault(variant, {}).setdefault(volume.dataset, [0, 0])
+        for vertebra, centroid in volume.bodies().items():
+            if not 0 <= middle.lps_to_pixel(centroid)[0] <= middle.rows - 1:
+                continue
+            body = reference.body(vertebra)
+            tally[1] += 1
+            tally[0] += bool(body is not None and np.linalg.norm(body.centroid - centroid) <= NAME_TOLERANCE_MM)
+
+    for volume in volumes:
+        frames = sagittal_frames(volume)
+        images = render(volume, frames, 4.0)
+        bodies = list(volume.bodies().values())
+        count("field of view from the middle of the 2nd labelled body down", volume,
+              *_cropped(frames, images, bodies[1], keep_below=True))
+        count("field of view down to the middle of L5", volume,
+              *_cropped(frames, images, volume.bodies()[Vertebra.L5], keep_below=False))
+        inverted = []
+        for image in images:
+            top = np.percentile(image, 99)
+            body = ndimage.gaussian_filter(image, 3) > 0.1 * top
+            inverted.append(np.where(body, top - image, image).clip(0).astype(np.float32))
+        count("contrast inverted inside the body", volume, frames, inverted)
+        for thickness, pixel, n in ((3.0, 1.2, 17), (5.0, 0.5, 11)):
+            thin = sagittal_frames(volume, n_slices=n, spacing_between=thickness * 1.1, thickness=thickness, pixel=pixel)
+            count(f"{thickness:g} mm slices, {pixel:g} mm pixels", volume, thin, render(volume, thin, thickness))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m inference.training.vertebrae_eval")
     parser.add_argument("--data", required=True)
@@ -344,11 +400,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--training", required=True, help="training.json written by inference.training.vertebrae")
     parser.add_argument("--out", required=True, help="folder for the card (the ONNX file is copied there)")
     parser.add_argument("--version", default="1.0.0")
+    parser.add_argument("--robustness", action="store_true",
+                        help="only measure the card in --out on variants of the held-out series (see robustness)")
     parser.add_argument("--limit", type=int, help="at most this many subjects per set (a quick check, not for a card)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "musclenode-lumbar-vertebrae"
+    if args.robustness:
+        card = ModelCard.load(out / f"{name}.json")
+        found = find_subjects(args.data)
+        _, held = split_subjects([f[0] for f in found])
+        result = robustness(card, [Volume(*f) for f in found if f[0] in held][:args.limit or None])
+        for variant, sets in result.items():
+            print(f"{variant}: " + ", ".join(f"{d} {r}/{t}" for d, (r, t) in sets.items()))
+        return 0
     onnx = out / f"{name}.onnx"
     if Path(args.onnx).resolve() != onnx.resolve():
         onnx.write_bytes(Path(args.onnx).read_bytes())
