@@ -300,3 +300,24 @@ def test_cli_without_sagittal_says_why(tmp_path, capsys):
     assert rows and all(r["level"] is None and "no sagittal series" in r["reason"] for r in rows)
     assert main(["levels", str(tmp_path)]) == 0
     assert "no levels: no sagittal series" in capsys.readouterr().out
+
+
+def test_reference_prefers_sagittal_t2_then_t1():
+    from node.levels import _Series, choose_reference
+    from node.orchestration.rules import SeriesHeaders
+
+    def series(uid, orientation, tr, te, description, count=15):
+        header = {"frames": [{"orientation": orientation}], "RepetitionTime": tr, "EchoTime": te,
+                  "SeriesDescription": description}
+        return _Series(SeriesHeaders(uid, "1", 1, (header,) * count), [f"{uid}.{i}" for i in range(count)])
+
+    sagittal, axial = [0, 1, 0, 0, 0, -1], [1, 0, 0, 0, 1, 0]
+    t1 = series("t1", sagittal, 600, 10, "t1_tse_sag")
+    t2 = series("t2", sagittal, 3500, 95, "t2_tse_sag")
+    stir = series("stir", sagittal, 4000, 40, "stir_sag")
+    tra = series("tra", axial, 3500, 95, "t2_tse_tra")
+    assert choose_reference([t1, stir, t2, tra])[:2] == (t2, "t2")
+    assert choose_reference([stir, t1, tra])[:2] == (t1, "t1")
+    assert choose_reference([stir, tra])[0] is stir
+    none, _, reason = choose_reference([tra])
+    assert none is None and "no sagittal series" in reason
