@@ -20,9 +20,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .vocabulary import Contrast, Muscle, Side
+from .vocabulary import Contrast, Muscle, Side, Vertebra
 
-__all__ = ["CardError", "LabelInfo", "ModelCard"]
+__all__ = ["KIND_MUSCLES", "KIND_VERTEBRAE", "KINDS", "CardError", "LabelInfo", "ModelCard", "VertebraLabel"]
+
+#: What a model segments. ``muscles``: paraspinal muscles on axial slices, labels are
+#: :class:`LabelInfo` (the node's muscle segmentation; every card without ``kind`` is one).
+#: ``vertebrae``: vertebral bodies named by level on sagittal slices, labels are
+#: :class:`VertebraLabel` (the level model, :mod:`inference.vertebrae`). The registry selects a
+#: model of the kind asked for, so a level model can never be picked as the muscle model.
+KIND_MUSCLES = "muscles"
+KIND_VERTEBRAE = "vertebrae"
+KINDS = (KIND_MUSCLES, KIND_VERTEBRAE)
 
 #: Patient directions (DICOM LPS letters and their opposites) for the axes of a 2D input array.
 _DIRECTIONS = set("LRAPSI")
@@ -51,6 +60,24 @@ class LabelInfo:
     def name(self) -> str:
         """``"left erector spinae"``: the SEG's segment label."""
         return f"{self.side} {self.muscle.words}"
+
+
+@dataclass(frozen=True)
+class VertebraLabel:
+    """What one output label value of a level model means: a vertebral body of the vocabulary.
+
+    A plain string (as a card's JSON gives it) is parsed into :class:`Vertebra`.
+    """
+
+    vertebra: Vertebra
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vertebra", _member(Vertebra, self.vertebra, "label vertebra"))
+
+    @property
+    def name(self) -> str:
+        """``"L3 vertebral body"``."""
+        return f"{self.vertebra.value} vertebral body"
 
 
 def _member(kind: type, value: Any, what: str) -> Any:
@@ -113,6 +140,14 @@ class ModelCard:
     provenance, licence, accuracy, training : dict or str
         For people: where it came from, the licence, what was measured on which data, how it was
         trained.
+    kind : str
+        What the model segments (:data:`KINDS`): ``"muscles"`` (labels are :class:`LabelInfo`;
+        the default, so cards written before kinds existed keep their meaning) or
+        ``"vertebrae"`` (labels are :class:`VertebraLabel`).
+    postprocess : dict
+        Settings of a kind's own post-processing, measured with the model: for a level model
+        ``{"naming": "consensus", "end_plate_offset_mm": [superior, inferior]}`` (see
+        :mod:`inference.vertebrae`). Empty for muscle models.
     """
 
     name: str
@@ -136,12 +171,20 @@ class ModelCard:
     provenance: dict[str, Any] = field(default_factory=dict)
     accuracy: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    kind: str = KIND_MUSCLES
+    postprocess: dict[str, Any] = field(default_factory=dict)
     path: Path | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         problems = []
         if not self.name or not self.version:
             problems.append("name and version are required")
+        if self.kind not in KINDS:
+            problems.append(f"kind must be one of {', '.join(KINDS)}")
+        else:
+            expected = LabelInfo if self.kind == KIND_MUSCLES else VertebraLabel
+            if any(not isinstance(info, expected) for info in self.labels.values()):
+                problems.append(f"labels of a {self.kind} model must be {expected.__name__}")
         used = [v for v in self.output_labels if v != 0]
         if len(used) != len(set(used)):
             problems.append("output_labels repeats a label value")
@@ -191,7 +234,8 @@ class ModelCard:
     def from_dict(cls, data: dict[str, Any], path: Path | None = None) -> "ModelCard":
         try:
             values = dict(data)
-            values["labels"] = {int(k): LabelInfo(**v) for k, v in data["labels"].items()}
+            label_type = VertebraLabel if data.get("kind") == KIND_VERTEBRAE else LabelInfo
+            values["labels"] = {int(k): label_type(**v) for k, v in data["labels"].items()}
             values["output_labels"] = [int(v) for v in data["output_labels"]]
             values.pop("schema", None)
             return cls(**values, path=path)

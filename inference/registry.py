@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .card import CardError, ModelCard
+from .card import KIND_MUSCLES, CardError, ModelCard
 
 __all__ = [
+    "DEFAULT_LEVEL_MODEL",
     "DEFAULT_MODEL",
     "ModelNotFound",
     "Scan",
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 #: Name of the bundled model the node uses unless configured otherwise.
 DEFAULT_MODEL = "musclenode-lumbar-dixon"
+#: Name of the bundled level model (kind ``vertebrae``): vertebral bodies on sagittal series.
+DEFAULT_LEVEL_MODEL = "musclenode-lumbar-vertebrae"
 
 
 class ModelNotFound(CardError, LookupError):
@@ -162,7 +165,8 @@ def list_models(extra_dirs: Iterable[str | Path] = ()) -> list[ModelCard]:
     return scan.cards
 
 
-def load_model(name: str, extra_dirs: Iterable[str | Path] = (), verify: bool = True) -> ModelCard:
+def load_model(name: str, extra_dirs: Iterable[str | Path] = (), verify: bool = True,
+               kind: str | None = KIND_MUSCLES) -> ModelCard:
     """The card of a model by name, its ONNX file checked against the card's checksum.
 
     Parameters
@@ -175,18 +179,26 @@ def load_model(name: str, extra_dirs: Iterable[str | Path] = (), verify: bool = 
     verify : bool
         Check the ONNX file's sha256 now, so that a damaged model fails when the node starts
         rather than at the first series.
+    kind : str or None
+        The kind of model wanted (:data:`inference.card.KINDS`): by default a muscle model, so a
+        level model (kind ``vertebrae``) named as the muscle model is refused, not run; None
+        accepts any kind (``musclenode models show``).
 
     Raises
     ------
     ModelNotFound
         With the names that do exist.
     CardError
-        When the ONNX file does not match the card.
+        When the ONNX file does not match the card, or the model is not of ``kind``.
     """
     scan = scan_models(extra_dirs)
     base, version = split_name(name)
     for card in scan.cards if version is None else scan.versions:
         if card.name == base and (version is None or card.version == version):
+            if kind is not None and card.kind != kind:
+                raise CardError(f"model {card.name} segments {card.kind}, not {kind}: "
+                                + ("name a muscle model (musclenode models list)" if kind == KIND_MUSCLES
+                                   else f"name a {kind} model (musclenode models list)"))
             if verify:
                 card.verify()
             return card
@@ -194,7 +206,7 @@ def load_model(name: str, extra_dirs: Iterable[str | Path] = (), verify: bool = 
     if version is not None and any(c.name == base for c in scan.versions):
         known = ", ".join(c.version for c in scan.versions if c.name == base)
         raise ModelNotFound(f"no version {version!r} of model {base!r} in {where} (versions: {known})")
-    known = ", ".join(c.name for c in scan.cards) or "none"
+    known = ", ".join(c.name for c in scan.cards if kind is None or c.kind == kind) or "none"
     raise ModelNotFound(f"no model named {base!r} in {where} (available: {known})")
 
 

@@ -413,7 +413,11 @@ def _dashboard_hash_password(args: argparse.Namespace) -> int:
 
 
 def _label_summary(card: Any) -> str:
-    """Muscles with their sides, e.g. ``multifidus L/R, erector spinae L/R``."""
+    """Muscles with their sides, e.g. ``multifidus L/R, erector spinae L/R``; for a level model
+    the vertebral bodies, e.g. ``bodies T11-L5``."""
+    if card.kind != "muscles":
+        names = [card.labels[v].vertebra.value for v in card.output_labels if v in card.labels]
+        return f"bodies {names[0]}-{names[-1]}" if names else "-"
     sides: dict[str, list[str]] = {}
     for value in card.output_labels:
         info = card.labels.get(value)
@@ -430,7 +434,8 @@ def _models_list(args: argparse.Namespace) -> int:
         print(f"warning: {problem}", file=sys.stderr)
     default = default_model_name()
     if args.json:
-        print(json.dumps([{"name": c.name, "version": c.version, "default": c.name == default and scan.selected(c),
+        print(json.dumps([{"name": c.name, "version": c.version, "kind": c.kind,
+                           "default": c.name == default and scan.selected(c),
                            "selected_by_name": scan.selected(c), "select": f"{c.name}@{c.version}",
                            "contrasts": c.contrasts, "labels": _label_summary(c),
                            "accuracy": accuracy_summary(c), "card": str(c.path)} for c in scan.versions], indent=2))
@@ -438,14 +443,15 @@ def _models_list(args: argparse.Namespace) -> int:
     if not scan.versions:
         print("no models found")
         return 1
-    rows = [("", "name", "version", "contrasts", "labels", "accuracy")]
-    rows += [("*" if c.name == default and scan.selected(c) else "", c.name, c.version, ",".join(c.contrasts),
+    rows = [("", "name", "version", "kind", "contrasts", "labels", "accuracy")]
+    rows += [("*" if c.name == default and scan.selected(c) else "", c.name, c.version, c.kind, ",".join(c.contrasts),
               _label_summary(c), accuracy_summary(c) + ("" if scan.selected(c) else f" (select as {c.name}@{c.version})"))
              for c in scan.versions]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for row in rows:
         print(" ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " " + row[-1])
-    print(f"(* default model, {default}; a plain name selects the version without '(select as ...)')")
+    print(f"(* default muscle model, {default}; a plain name selects the version without '(select as ...)';"
+          " kind vertebrae: the level model of musclenode levels, never used to segment muscles)")
     return 0
 
 
@@ -454,7 +460,7 @@ def _models_show(args: argparse.Namespace) -> int:
     from inference.registry import accuracy_summary, default_model_name, load_model
 
     try:
-        card = load_model(args.name, args.dir or (), verify=False)
+        card = load_model(args.name, args.dir or (), verify=False, kind=None)
     except CardError as exc:
         print(f"musclenode: {exc}", file=sys.stderr)
         return 1
@@ -466,6 +472,7 @@ def _models_show(args: argparse.Namespace) -> int:
     sigma = f" (sigma {card.sigma_scale} x window)" if card.blend == "gaussian" else ""
     lines = [
         f"{card.name} {card.version}" + ("  (default model)" if card.name == default_model_name() else ""),
+        f"  kind           {card.kind}",
         f"  card           {card.path}",
         f"  model          {onnx.name}, {onnx.stat().st_size / 1e6:.1f} MB, sha256 {card.sha256[:16]}... {intact}",
         f"  licence        {card.licence or '-'}",
@@ -473,9 +480,12 @@ def _models_show(args: argparse.Namespace) -> int:
         f"  array axes     rows towards {card.array_axes[0]}, columns towards {card.array_axes[1]}",
         f"  spacing        {card.spacing_mm[0]} x {card.spacing_mm[1]} mm",
         f"  normalisation  {json.dumps(card.normalisation)}",
-        f"  windows        {card.window[0]} x {card.window[1]}, overlap {card.overlap}, {card.blend} blending{sigma}",
-        f"  post-process   largest component {'yes' if card.largest_component else 'no'},"
-        f" crop foreground {'yes' if card.crop_foreground else 'no'}",
+        (f"  windows        {card.window[0]} x {card.window[1]}, overlap {card.overlap}, {card.blend} blending{sigma}"
+         if card.kind == "muscles" else
+         f"  windows        the whole slice at once, at least {card.window[0]} x {card.window[1]}"),
+        (f"  post-process   largest component {'yes' if card.largest_component else 'no'},"
+         f" crop foreground {'yes' if card.crop_foreground else 'no'}" if card.kind == "muscles" else
+         f"  post-process   {json.dumps({k: v for k, v in card.postprocess.items() if k != 'calibration'})}"),
         "  labels         " + "; ".join(
             f"{v} {card.labels[v].name}" if v in card.labels else f"{v} (not described)" for v in card.output_labels),
         f"  accuracy       {accuracy_summary(card)}",
@@ -519,6 +529,56 @@ def _models_import_musclemap(args: argparse.Namespace) -> int:
           f" (MuscleMap's default {card.provenance.get('musclemap_defaults', {}).get('overlap')})")
     print(f"use it: add {out} to model.dirs and set model.name = \"{card.name}\","
           f" or try: musclenode models show {card.name} --dir {out}")
+    return 0
+
+
+def _levels(args: argparse.Namespace) -> int:
+    from inference.card import KIND_VERTEBRAE, CardError
+    from inference.registry import DEFAULT_LEVEL_MODEL, load_model
+
+    from .levels import levels_as_rows, study_levels
+
+    name = args.model or DEFAULT_LEVEL_MODEL
+    try:
+        card = load_model(name, args.dir or (), kind=KIND_VERTEBRAE)
+    except CardError as exc:
+        print(f"musclenode: level model {name}: {exc}", file=sys.stderr)
+        return 1
+    results = study_levels(args.paths, card)
+    if args.json:
+        print(json.dumps(levels_as_rows(results), indent=1))
+        return 0
+    if not results:
+        print("no DICOM images found")
+        return 1
+    for study in results:
+        print(f"study {study.study_instance_uid}")
+        reference = study.reference
+        if reference is None:
+            print(f"  no levels: {study.reason}")
+        else:
+            weighting = study.reference_weighting.upper() or "weighting unknown"
+            print(f"  reference: sagittal series {reference.series_instance_uid} "
+                  f"{reference.series_description!r} ({weighting}), model {reference.model}")
+            found = ", ".join(reference.names) or "none"
+            print(f"  bodies found: {found}" + (f"; L5-S1 disc {reference.disc_mm:.0f} mm high (derived)"
+                                                if "L5" in reference.names else ""))
+            for body in reference.bodies:
+                c, s_, i = body.centroid, body.superior, body.inferior
+                print(f"    {body.name:4s} centroid ({c[0]:.1f}, {c[1]:.1f}, {c[2]:.1f}) superior end plate "
+                      f"({s_[0]:.1f}, {s_[1]:.1f}, {s_[2]:.1f}) inferior ({i[0]:.1f}, {i[1]:.1f}, {i[2]:.1f}) mm LPS")
+            for problem in reference.problems:
+                print(f"  problem: {problem}")
+        if not study.series:
+            print("  no axial series")
+        for levels, frames, description in study.series:
+            print(f"  axial series {levels.series_instance_uid} {description!r}: {len(frames)} slices")
+            if levels.reason:
+                print(f"    no levels: {levels.reason}")
+                continue
+            for index, ((sop, frame_number), level) in enumerate(zip(frames, levels.levels), 1):
+                frame = f" frame {frame_number}" if frame_number > 1 else ""
+                print(f"    {index:3d} {sop}{frame}  {level or '-'}")
     return 0
 
 
@@ -870,6 +930,15 @@ def build_parser() -> argparse.ArgumentParser:
     models_train.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads")
     models_train.add_argument("--time-limit-min", type=float, help="stop (annealed) after this many minutes")
     models_train.set_defaults(run=_models_train, command_line=None)
+
+    levels = commands.add_parser(
+        "levels", help="vertebral level of every axial slice, from the study's sagittal series (level model)")
+    levels.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files or folders (one or more studies)")
+    levels.add_argument("--json", action="store_true",
+                        help="one object per axial slice: series_instance_uid, sop_instance_uid, level (or null)")
+    levels.add_argument("--model", help="level model, NAME or NAME@VERSION (default: musclenode-lumbar-vertebrae)")
+    levels.add_argument("--dir", action="append", help=folder_help)
+    levels.set_defaults(run=_levels)
 
     reference = commands.add_parser("reference", help="the reference standard: published table and site references")
     reference_commands = reference.add_subparsers(dest="reference_command", required=True)

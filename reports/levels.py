@@ -4,6 +4,8 @@ Metrics can be grouped by level when the level of a slice is known. Today a leve
 assignment of head-foot ranges (from the configuration or a research sidecar); a level model
 (vertebra or disc labels) plugs in as another function with the same signature, a
 :data:`reports.metrics.LevelAssigner`: frame geometry in, level name or ``None`` out.
+:func:`inference.vertebrae.level_of` is such a function, built from the bodies the level model
+found on the study's sagittal series (``musclenode levels`` uses it; the pipeline does not yet).
 """
 
 from __future__ import annotations

@@ -72,7 +72,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -118,6 +118,9 @@ __all__ = [
     "write_t2_study",
     "write_sagittal_series",
     "write_non_lumbar_study",
+    "write_vertebrae_study",
+    "vertebrae_files",
+    "VERTEBRAE_DIR",
     "write_copies",
     "write_cohort_study",
     "main",
@@ -1126,17 +1129,20 @@ def _mr_image_attributes(ds: Dataset, spec: _SeriesSpec, stack: StackGeometry) -
 
 
 def _write_classic_series(study: Study, spec: _SeriesSpec, stacks: Sequence[StackGeometry] | None,
-                          transfer_syntax: UID, uids: _Uids, uid_key: str) -> SeriesInfo:
+                          transfer_syntax: UID, uids: _Uids, uid_key: str,
+                          values_of: Callable[[StackGeometry], np.ndarray] | None = None) -> SeriesInfo:
     """Write one classic MR Image Storage series and register it in ``study``.
 
     ``stacks=None`` writes the NIfTI grid unchanged; otherwise each stack is resampled and the
-    stacks follow each other in instance order (the two-slab case).
+    stacks follow each other in instance order (the two-slab case). ``values_of`` gives a
+    stack's pixel values ``(n_slices, rows, columns)`` from another source than the MyoSegmenTUM
+    contrast volumes (the vertebrae volumes of :func:`write_vertebrae_study`).
     """
     if spec.role in study.series:
         raise ValueError(f"study already has a series with role {spec.role!r}")
-    volumes = load_volumes()
     number = study.next_series_number()
     if stacks is None:
+        volumes = load_volumes()
         native = StackGeometry.from_voxel_affine(volumes.affine, volumes.water.shape)
         stored, encoded = _native_pixels(spec.source)
         resampled = False
@@ -1145,7 +1151,7 @@ def _write_classic_series(study: Study, spec: _SeriesSpec, stacks: Sequence[Stac
     else:
         stack_list = list(stacks)
         # One rescale for the whole series: encode all stacks together.
-        values = [_resample(spec.source, stack) for stack in stack_list]
+        values = [(values_of or (lambda st: _resample(spec.source, st)))(stack) for stack in stack_list]
         encoded = encode_uint16(np.concatenate([v.reshape(-1) for v in values]))
         offset = 0
         frames = []
@@ -1580,6 +1586,90 @@ def write_sagittal_series(
     _write_classic_series(study, _t2_spec("sagittal", "t2_tse_sag", 120), [stack], syntax, uids,
                           uid_key="sagittal")
     return study
+
+
+VERTEBRAE_DIR: Path = DATA_DIR / "vertebrae"
+"""The vertebrae volumes (``myosegmentum/``, ``zukic/``; see ``../shared/data/README.md``)."""
+
+
+def vertebrae_files(subject: str) -> list[Path]:
+    """Image and labels of one vertebrae subject, e.g. ``"zukic-10"`` (for :func:`require_data`)."""
+    dataset = subject.rsplit("-", 1)[0]
+    return [VERTEBRAE_DIR / dataset / f"{subject}_image.nii.gz", VERTEBRAE_DIR / dataset / f"{subject}_vertebrae.nii.gz"]
+
+
+def _stack_of(frames: Sequence, thickness: float) -> StackGeometry:
+    """The :class:`StackGeometry` of equally spaced parallel frames (FrameGeometry)."""
+    first = frames[0]
+    step = (np.subtract(frames[1].position, first.position) if len(frames) > 1
+            else np.asarray(first.normal) * thickness)
+    return StackGeometry(origin=tuple(first.position), row_cosine=tuple(first.row_cosine),
+                         column_cosine=tuple(first.column_cosine), pixel_spacing=tuple(first.pixel_spacing),
+                         slice_step=tuple(float(v) for v in step), rows=first.rows, columns=first.columns,
+                         n_slices=len(frames), slice_thickness=thickness)
+
+
+def write_vertebrae_study(
+    out_dir: str | os.PathLike,
+    subject: str,
+    seed: str | None = None,
+    axial: Sequence[str] = ("straight", "tilted", "slabs"),
+    sagittal: bool = True,
+    sagittal_frame_of_reference: str | None = None,
+    patient: Patient = DEFAULT_PATIENT,
+    transfer_syntax: str = ExplicitVRLittleEndian,
+) -> tuple[Study, object]:
+    """A lumbar study resliced from one vertebrae volume: a sagittal T2 TSE series and axial series.
+
+    The geometry is that of the level model's held-out measurement
+    (:mod:`inference.training.vertebrae_eval`): sagittal 13 slices, 4 mm thick and 4.4 mm apart,
+    0.9 mm pixels over the volume's field of view, centred left-right on the labelled bodies; axial
+    series ``straight`` (4 mm slices 4 mm apart), ``tilted`` (15 degrees about left-right) and
+    ``slabs`` (one series of two angled slabs, +12 degrees at L2-L3 and -10 degrees at L4-L5),
+    256 x 256 1 mm pixels centred 40 mm behind the bodies. All in one frame of reference unless
+    ``sagittal_frame_of_reference`` gives the sagittal series another.
+
+    Returns
+    -------
+    Study, Volume
+        ``series`` keyed ``"sagittal"``, ``"axial_straight"``, ``"axial_tilted"``, ``"axial_slabs"``;
+        the :class:`inference.training.vertebrae_eval.Volume` it came from (labels for the truth).
+    """
+    from inference.training.vertebrae_eval import Volume, axial_geometries, render, sagittal_frames
+
+    files = vertebrae_files(subject)
+    volume = Volume(subject, subject.rsplit("-", 1)[0], files[0], files[1])
+    syntax = _check_transfer_syntax(transfer_syntax)
+    study = _new_study(Path(out_dir), patient, seed, "MR LUMBAR SPINE", "LSPINE")
+    uids = _Uids(seed if seed is not None else study.seed)
+    frames_of: dict[int, list] = {}
+
+    def stacks_of(frame_lists: Sequence[Sequence], thickness: float) -> list[StackGeometry]:
+        stacks = []
+        for frames in frame_lists:
+            stack = _stack_of(frames, thickness)
+            frames_of[id(stack)] = (list(frames), thickness)
+            stacks.append(stack)
+        return stacks
+
+    def values_of(stack: StackGeometry) -> np.ndarray:
+        frames, thickness = frames_of[id(stack)]
+        return np.stack(render(volume, frames, thickness)).astype(np.float64)
+
+    if sagittal:
+        shared = study.frame_of_reference_uid
+        if sagittal_frame_of_reference:
+            study.frame_of_reference_uid = sagittal_frame_of_reference
+        _write_classic_series(study, _t2_spec("sagittal", "t2_tse_sag", 120),
+                              stacks_of([sagittal_frames(volume)], 4.0), syntax, uids, "sagittal", values_of)
+        study.frame_of_reference_uid = shared
+    geometries = axial_geometries(volume)
+    for offset, name in enumerate(axial):
+        frames = geometries[name]
+        parts = [frames[:8], frames[8:]] if name == "slabs" else [frames]
+        _write_classic_series(study, _t2_spec(f"axial_{name}", f"t2_tse_tra_{name}", 300 + 60 * offset),
+                              stacks_of(parts, 4.0), syntax, uids, f"axial/{name}", values_of)
+    return study, volume
 
 
 def write_non_lumbar_study(

@@ -47,7 +47,7 @@ from inference.vocabulary import Contrast
 
 from ..config import Rules
 
-__all__ = ["Decision", "SeriesHeaders", "decide_study", "dixon_role", "echo_phase", "orientation_name"]
+__all__ = ["Decision", "SeriesHeaders", "decide_study", "dixon_role", "echo_phase", "orientation_name", "series_weighting"]
 
 MR_IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
@@ -340,6 +340,12 @@ def _weighting(series: SeriesHeaders) -> tuple[Contrast | None, str]:
         return Contrast(f"t{match.group(1)}"), f"description {description!r}"
     shown = f"TR {tr:g} ms, TE {te:g} ms" if tr is not None and te is not None else "no TR/TE"
     return None, shown
+
+
+def series_weighting(series: SeriesHeaders) -> tuple[Contrast | None, str]:
+    """T1 or T2 weighting of a series and the evidence (the rule the selection uses), or
+    ``(None, what was seen)``: used to prefer a T2 sagittal reference for vertebral levels."""
+    return _weighting(series)
 
 
 #: Share of the smaller set of slice positions two Dixon components must have in common to be
