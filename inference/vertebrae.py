@@ -838,6 +838,16 @@ class SeriesLevels:
     reason: str | None = None
     reference: LevelReference | None = field(default=None, repr=False)
 
+    def as_dict(self) -> dict:
+        """A JSON-compatible summary (job record, study record): the reference series, the
+        frames per level in head-to-foot order of first appearance, and the reason for none."""
+        counts: dict[str, int] = {}
+        for level in self.levels:
+            key = level or "none"
+            counts[key] = counts.get(key, 0) + 1
+        return {"reference": None if self.reference is None else self.reference.series_instance_uid,
+                "reason": self.reason, "frames": counts}
+
 
 def assign_levels(reference: LevelReference | None, series: SeriesImage, reason: str | None = None) -> SeriesLevels:
     """The level of every frame of ``series`` from a sagittal reference.

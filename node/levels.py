@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pydicom
@@ -28,7 +28,7 @@ from inference.vertebrae import LevelReference, SeriesLevels, assign_levels, fin
 from .orchestration.headers import summarise
 from .orchestration.rules import SeriesHeaders, series_weighting
 
-__all__ = ["StudyLevels", "choose_reference", "find_series", "levels_as_rows", "study_levels"]
+__all__ = ["StudyLevels", "choose_reference", "find_series", "levels_as_rows", "reference_series", "study_levels"]
 
 #: Preference among sagittal series by weighting: T2 first, then T1, then anything else.
 _PREFERENCE = {"t2": 0, "t1": 1}
@@ -118,6 +118,20 @@ def choose_reference(series: Sequence[_Series]) -> tuple[_Series | None, str, st
         return None, "", "no sagittal series in the study (slice normal along the patient's left-right axis)"
     best = min(sagittal, key=lambda s: s[:3])
     return best[3], best[4], ""
+
+
+def reference_series(headers: Sequence[SeriesHeaders], files: Mapping[str, Sequence[Path]]
+                     ) -> tuple[str | None, list[Path], str | None]:
+    """A study's level reference, as :func:`choose_reference` picks it, from its series' headers.
+
+    Returns
+    -------
+    (series UID or None, its files, the reason there is none or None)
+    """
+    chosen, weighting, reason = choose_reference([_Series(h, list(files.get(h.series_uid, ()))) for h in headers])
+    if chosen is None:
+        return None, [], reason
+    return chosen.headers.series_uid, list(chosen.files), None
 
 
 def _is_axial(item: _Series, max_tilt_degrees: float) -> bool:

@@ -39,15 +39,17 @@ class Assessment:
     levels_note: str | None
 
 
-def _levels(metrics: MuscleMetrics, assume_levels: str | None, levels_known: bool) -> tuple[str | None, str | None]:
+def _levels(metrics: MuscleMetrics, assume_levels: str | None, levels_known: bool,
+            levels_reason: str | None = None) -> tuple[str | None, str | None]:
     if metrics.level != ALL_LEVELS:
         return metrics.level, None
     if assume_levels is None:
         return None, None
     if levels_known:
         return assume_levels, f"all slices together, compared with the {assume_levels} reference"
+    why = f" ({levels_reason})" if levels_reason else ""
     return assume_levels, (
-        f"vertebral levels of the slices were not identified; the whole series is compared with the "
+        f"vertebral levels of the slices were not identified{why}; the whole series is compared with the "
         f"{assume_levels} reference"
     )
 
@@ -59,6 +61,7 @@ def assess(
     assume_levels: str | None = "L1-L5",
     table: ReferenceTable | None = None,
     site: SiteReference | None = None,
+    levels_reason: str | None = None,
 ) -> list[Assessment]:
     """Compare every muscle group's fat and area with the reference, and grade its fat.
 
@@ -74,11 +77,14 @@ def assess(
     table, site : optional
         The published table (default: the shipped version) and a site reference (preferred when
         it has a model for the measurement).
+    levels_reason : str, optional
+        Why the slices have no levels (no sagittal series, another frame of reference), stated
+        in the note of the whole-series comparison.
     """
     assessments = []
     levels_known = any(item.level != ALL_LEVELS for item in metrics)
     for item in metrics:
-        levels, note = _levels(item, assume_levels, levels_known)
+        levels, note = _levels(item, assume_levels, levels_known, levels_reason)
         fat_comparison = grade = severe = None
         if item.fat is not None and item.fat.mean_percent is not None:
             fat_comparison = compare(

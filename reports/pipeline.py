@@ -8,6 +8,7 @@ README ("Architecture"): series -> segment -> measure -> assess -> SEG + SR + su
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -17,21 +18,25 @@ from typing import Any, Mapping, Sequence
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from inference.card import KIND_VERTEBRAE, CardError, ModelCard
 from inference.geometry import (MAX_OBLIQUE_DEGREES, GeometryError, LabelMap, SeriesImage, pair_components,
                                 read_series, set_aside_off_plane)
 from inference.input_quality import (SliceQuality, fat_suppression_problem, measure_series, resolution_problem,
                                      set_aside_unusable)
 from inference.patient import PatientContext, from_dataset
+from inference.registry import DEFAULT_LEVEL_MODEL, load_model
 from inference.runtime import Segmenter
 from inference.segmentation_quality import SegmentationQuality, Verdict, check_segmentation
 from inference.set_aside import SetAside, too_few_frames
-from inference.vocabulary import DIXON_COMPONENTS, Contrast, FatMethod
+from inference.vertebrae import SeriesLevels, assign_levels, find_bodies
+from inference.vocabulary import DIXON_COMPONENTS, Contrast, FatMethod, Laterality
 from reports.assessment import Assessment, assess
-from reports.metrics import FatSource, MuscleMetrics, measure
+from reports.metrics import ALL_LEVELS, FatSource, MuscleMetrics, measure
 from reports.reference import SiteReference
 from reports.uids import ResultIdentity
 
-__all__ = ["COHORT_COLUMNS", "FAT_SIGNAL_KINDS", "PipelineError", "PipelineSettings", "Results", "WorkItem", "check_inputs", "run", "cohort_rows"]
+__all__ = ["COHORT_COLUMNS", "FAT_SIGNAL_KINDS", "SLICE_COLUMNS", "PipelineError", "PipelineSettings", "Results", "WorkItem",
+           "check_inputs", "cohort_rows", "run", "series_levels", "slice_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +58,17 @@ class WorkItem:
     fat by clustering; an in-phase image without its partners comes as ``"t1"``), or
     ``"water"`` or ``"fat"`` (one Dixon component without its partners: areas and volumes, no
     fat, since neither image alone holds a fat fraction). A single series' role is its kind.
+
+    ``level_reference`` are the files of the study's sagittal series that gives the slices their
+    vertebral levels (:mod:`inference.vertebrae`); without one, ``level_reason`` says why (it
+    is stated wherever levels would appear).
     """
 
     kind: str
     series_files: Mapping[str, Sequence[Path]]
     patient: PatientContext | None = None
+    level_reference: Sequence[Path] = ()
+    level_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,8 @@ class Results:
     stack; one per slab for angled slabs, see :func:`reports.seg.build_segmentations`).
     ``quality`` is the segmentation's verdict (:mod:`inference.segmentation_quality`): when it is
     "not measured", ``metrics`` and ``assessments`` are empty and the SR and summary say why.
+    ``levels`` is the vertebral level of each frame of the label map's series, or the reason
+    there are none.
     """
 
     label_map: LabelMap
@@ -94,6 +107,7 @@ class Results:
     summary: list[Dataset]
     seconds: dict[str, float] = field(default_factory=dict)
     quality: SegmentationQuality | None = None
+    levels: SeriesLevels | None = None
 
     @property
     def segmentation(self) -> Dataset:
@@ -132,6 +146,28 @@ def _fat_source(kind: str, images: Mapping[str, SeriesImage], settings: Pipeline
     if kind in LONE_COMPONENT_KINDS:
         return None
     return FatSource(cluster=settings.cluster_method)
+
+
+@functools.lru_cache(maxsize=1)
+def _level_card() -> ModelCard:
+    """The bundled level model (checked against its checksum once per process)."""
+    return load_model(DEFAULT_LEVEL_MODEL, kind=KIND_VERTEBRAE)
+
+
+def series_levels(item: WorkItem, series: SeriesImage) -> SeriesLevels:
+    """The vertebral level of every frame of ``series`` from the work item's sagittal reference.
+
+    No frame has a level, with the reason, when the item has no reference, the reference cannot
+    be read or the level model finds no body on it, or the two series do not share a frame of
+    reference (:func:`inference.vertebrae.assign_levels`).
+    """
+    if not item.level_reference:
+        return assign_levels(None, series, item.level_reason or "no sagittal series in the study")
+    try:
+        reference = find_bodies(read_series(item.level_reference), _level_card(), threads=1)
+    except (OSError, ValueError, CardError) as exc:
+        return assign_levels(None, series, f"the sagittal reference series cannot be used: {exc}")
+    return assign_levels(reference, series)
 
 
 def read_inputs(item: WorkItem, settings: PipelineSettings = PipelineSettings()) -> dict[str, SeriesImage]:
@@ -279,9 +315,17 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
     source = next(iter(label_map.series.source_paths.values()), None)
     source_dataset = dcmread(source, stop_before_pixels=True) if source else None
     patient = item.patient or (from_dataset(source_dataset) if source_dataset is not None else from_dataset(Dataset()))
+    levels = series_levels(item, label_map.series)
+    if levels.reason:
+        log.info("no vertebral levels: %s", levels.reason)
+    by_frame = {(g.sop_instance_uid, g.frame_number): level
+                for g, level in zip(label_map.series.geometry, levels.levels) if level}
+    level_of = (lambda frame: by_frame.get((frame.sop_instance_uid, frame.frame_number))) if by_frame else None
     if quality.measured:
-        metrics = measure(label_map, _fat_source(item.kind, images, settings), exclude=quality.excluded_frames)
-        assessments = assess(metrics, patient, assume_levels=settings.assume_levels, site=settings.site_reference)
+        metrics = measure(label_map, _fat_source(item.kind, images, settings), level_of=level_of,
+                          exclude=quality.excluded_frames)
+        assessments = assess(metrics, patient, assume_levels=settings.assume_levels, site=settings.site_reference,
+                             levels_reason=levels.reason)
     else:  # no number leaves the node: the SR and summary say "not measured" and why
         metrics, assessments = [], []
     seconds["measure"] = time.perf_counter() - started
@@ -298,7 +342,7 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
     summary = build_summary(label_map, assessments, patient, identity, card.name, card.version, software_version,
                             source_dataset, quality=quality)
     seconds["results"] = time.perf_counter() - started
-    return Results(label_map, metrics, assessments, patient, segmentations, report, summary, seconds, quality)
+    return Results(label_map, metrics, assessments, patient, segmentations, report, summary, seconds, quality, levels)
 
 
 #: The columns of :func:`cohort_rows`, in order: a cohort table without rows still has them.
@@ -308,6 +352,35 @@ COHORT_COLUMNS = (
     "fat_z", "fat_percentile", "reference", "no_reference_reason", "grade", "range_min_mm", "range_max_mm",
     "quality", "excluded_images",
 )
+
+
+#: The columns of :func:`slice_rows` (``slices.csv`` of ``musclenode process``), in order.
+SLICE_COLUMNS = ("study", "series", "sop_instance_uid", "frame", "position_mm", "level", "muscle", "side",
+                 "csa_mm2", "fat_percent")
+
+
+def slice_rows(results: Results, study: str) -> list[dict[str, Any]]:
+    """Rows of the per-slice table: one per measured slice x muscle x side.
+
+    ``position_mm`` is the slice centre's height along the patient's head-foot axis (LPS z, mm,
+    +z towards the head); ``level`` the slice's vertebral level (``L3``, ``L3-L4``) or empty;
+    ``fat_percent`` the slice's fat (fat fraction or fat infiltration, as the series' method;
+    empty for clustering, which is measured per muscle, not per slice). Excluded slices are not
+    in it.
+    """
+    series = results.label_map.series
+    rows = []
+    for m in results.metrics:
+        if m.level != ALL_LEVELS or m.side is Laterality.BOTH:
+            continue
+        for area in m.slices:
+            rows.append({
+                "study": study, "series": series.series_instance_uid, "sop_instance_uid": area.sop_instance_uid,
+                "frame": area.frame_number, "position_mm": round(float(series.geometry[area.frame_index].centre[2]), 2),
+                "level": area.level, "muscle": m.muscle, "side": m.side, "csa_mm2": round(area.area_mm2, 2),
+                "fat_percent": None if area.fat_percent is None else round(area.fat_percent, 2),
+            })
+    return sorted(rows, key=lambda r: (-r["position_mm"], r["muscle"], r["side"]))
 
 
 def cohort_rows(results: Results, study: str) -> list[dict[str, Any]]:

@@ -67,7 +67,7 @@ from inference.geometry import LabelMap
 from inference.patient import PatientContext, result_header
 from inference.segmentation_quality import SegmentationQuality
 from inference.set_aside import SetAside, describe_counts
-from inference.vocabulary import FatQuantity, Laterality, Muscle
+from inference.vocabulary import FatQuantity, Laterality, Level, Muscle
 
 from . import codes as mn
 from .assessment import Assessment
@@ -203,9 +203,16 @@ def _standard_meanings(group):
 
 
 def _sites(muscle: Muscle, side: Laterality, levels: str | None = None) -> list[FindingSite]:
+    """The muscle with its side, and the level: a slice level (a vertebral body such as ``L3``, or
+    the intervertebral disc ``L3-L4``, CID 7304) by its own code, a range of bodies (``L1-L5``, as
+    published references state theirs) by each body's code."""
     sites = [FindingSite(anatomic_location=muscle.code, laterality=side.code)]
     if levels:
-        sites.extend(FindingSite(anatomic_location=vertebra) for vertebra in mn.level_sites(levels))
+        try:
+            codes_ = [Level.parse(levels).code]
+        except (ValueError, KeyError):  # not a single body or disc: a range of bodies
+            codes_ = mn.level_sites(levels)
+        sites.extend(FindingSite(anatomic_location=code) for code in codes_)
     return sites
 
 

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 
 from inference.geometry import LabelMap, read_series
 from inference.patient import from_dataset
-from inference.vocabulary import PRIVATE_SCHEME, FatMethod, Laterality, Muscle
+from inference.vocabulary import PRIVATE_SCHEME, FatMethod, Laterality, Muscle, vertebra_range
 from reports import codes
 from reports.assessment import Assessment, assess
 from reports.equipment import ResultSeries
@@ -346,3 +346,17 @@ def test_enhanced_multiframe_source(tmp_path: Path) -> None:
     sources = [i for g in planar for i in g[0].ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "121233"]
     assert {int(s.ReferencedSOPSequence[0].ReferencedFrameNumber) for s in sources} == set(range(1, len(water) + 1))
     assert {s.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for s in sources} == {source_uid}
+
+
+def test_slice_levels_are_coded_as_the_body_or_the_disc() -> None:
+    """A slice level from the level model names one body (L3) or one disc (L5-S1: CID 7304's
+    SCT 715056000, as no S1 vertebra code is verified); a reference range names its bodies."""
+    from reports.sr import _sites
+
+    def located(level: str) -> list[str]:
+        return [site.value.value for site in _sites(Muscle.MULTIFIDUS, Laterality.LEFT, level)[1:]]
+
+    assert located("L5-S1") == ["715056000"]
+    assert located("L3-L4") == ["62551000"]
+    assert located("L3") == ["36470004"]
+    assert located("L1-L5") == [v.code.value for v in vertebra_range("L1-L5")]

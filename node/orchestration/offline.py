@@ -30,7 +30,7 @@ from typing import Any, Iterable, Sequence, TextIO
 
 from pydicom import dcmread
 
-from reports.pipeline import COHORT_COLUMNS
+from reports.pipeline import COHORT_COLUMNS, SLICE_COLUMNS
 
 from .. import __version__
 from ..config import Config
@@ -274,6 +274,7 @@ def _write_tables(out: Path, records: dict[str, dict[str, Any]]) -> None:
             "worker": record.get("worker"), "reason": "; ".join(reasons) or None,
         })
     write_table(out, "cohort", rows, COHORT_COLUMNS)
+    write_table(out, "slices", [r for record in ordered for r in record.get("slices", [])], SLICE_COLUMNS)
     write_table(out, "studies", studies, STUDY_COLUMNS)
     write_table(out, "skipped_and_failed", problems, PROBLEM_COLUMNS)
 

@@ -32,9 +32,10 @@ from typing import Any, Mapping
 
 from pydicom import dcmread
 
-from reports.pipeline import PipelineError, PipelineSettings, WorkItem, cohort_rows, run
+from reports.pipeline import PipelineError, PipelineSettings, WorkItem, cohort_rows, run, slice_rows
 
 from ..config import Rules
+from ..levels import reference_series
 from .headers import summarise
 from .rules import Decision, SeriesHeaders, decide_study
 
@@ -227,8 +228,12 @@ def _process(task: StudyTask, record: dict[str, Any]) -> None:
     folder = Path(task.out) / study
     folder.mkdir(parents=True, exist_ok=True)
     segmenter = segmenter_for(task.model)
+    # The sagittal series that gives the axial slices their vertebral levels (node.levels).
+    reference_uid, reference_files, no_reference = reference_series(series, files)
+    record["level_reference"] = {"series": reference_uid, "reason": no_reference}
     for members in groups.values():
-        item = WorkItem(kind=members[0].kind, series_files={d.role: files[d.series_uid] for d in members})
+        item = WorkItem(kind=members[0].kind, series_files={d.role: files[d.series_uid] for d in members},
+                        level_reference=tuple(reference_files), level_reason=no_reference)
         label = f"{item.kind} ({', '.join(sorted(item.series_files))})"
         group = {"label": label, "series": sorted(d.series_uid for d in members), "outcome": "failed",
                  "reason": None, "results": []}
@@ -243,6 +248,8 @@ def _process(task: StudyTask, record: dict[str, Any]) -> None:
                 os.replace(temporary, folder / name)
                 group["results"].append(name)
             record["rows"].extend(cohort_rows(results, study))
+            record.setdefault("slices", []).extend(slice_rows(results, study))
+            group["levels"] = None if results.levels is None else results.levels.as_dict()
             group["outcome"] = "done"
             if results.quality is not None:
                 group["quality"] = results.quality.as_dict()

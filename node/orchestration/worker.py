@@ -34,7 +34,8 @@ from .pipeline_settings import pipeline_settings
 from .routing import destinations_for
 from ..storage.index import Index
 from ..storage.jobs import Job, JobQueue
-from .rules import Decision
+from ..levels import reference_series
+from .rules import Decision, SeriesHeaders
 from ..storage.store import InstanceStore
 
 __all__ = ["Workers", "submit_selected", "unexpected_reason"]
@@ -171,7 +172,23 @@ class Workers:
             if series.version != job.versions[series_uid]:
                 raise _Superseded()
             files[role] = [self.store.root / i["path"] for i in self.index.instances(series_uid)]
-        return WorkItem(kind=job.kind, series_files=files)
+        reference, reason = self._level_reference(job.study_uid)
+        return WorkItem(kind=job.kind, series_files=files, level_reference=tuple(reference), level_reason=reason)
+
+    def _level_reference(self, study_uid: str) -> tuple[list[Path], str | None]:
+        """The study's sagittal level reference among its ready series (:func:`node.levels.reference_series`):
+        its files, or none and the reason."""
+        headers, files = [], {}
+        for series in self.index.study_series(study_uid):
+            if series.state != "ready":
+                continue
+            instances = self.index.instances(series.series_uid)
+            summaries = tuple(i["header"] for i in instances if i.get("header"))
+            if summaries:
+                headers.append(SeriesHeaders(series.series_uid, series.study_uid, series.version, summaries))
+                files[series.series_uid] = [self.store.root / i["path"] for i in instances]
+        _, paths, reason = reference_series(headers, files)
+        return paths, reason
 
     def _process(self, job: Job, segmenter) -> None:
         started = time.perf_counter()
@@ -211,6 +228,8 @@ class Workers:
             "set_aside": [item.as_dict() for item in results.set_aside],
             # The segmentation's verdict and the images it excluded (inference.segmentation_quality).
             "quality": None if results.quality is None else results.quality.as_dict(),
+            # The vertebral levels of the series' frames, or why there are none (inference.vertebrae).
+            "levels": None if results.levels is None else results.levels.as_dict(),
             # The cohort rows of ``musclenode process`` (no patient identifiers): the dashboard's
             # measurement table and its CSV download.
             "measurements": [_plain(row) for row in cohort_rows(results, job.study_uid)],

@@ -1,0 +1,112 @@
+"""Vertebral levels in the pipeline: the study's sagittal series is the level reference of its
+axial series, in ``musclenode process`` and in the node, and the reason is recorded when there is
+none.
+
+The studies are resliced from a held-out vertebrae volume (tests/studies.py
+``write_vertebrae_study``): a sagittal T2 series and an axial series in one frame of reference.
+Their axial images are a 76 mm wide slab without subcutaneous fat, which the pipeline refuses
+before inference (no fat signal), so the choice of the reference and the levels it gives are
+checked with the functions both paths call; the records are checked through ``process`` on a
+study without a sagittal series. Per-level numbers from a muscle series with its own sagittal
+series are not tested: no real study here has both (see README, Vertebral levels).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from reports.pipeline import SLICE_COLUMNS
+from tests import studies
+from tests.peers import REPO
+
+SUBJECT = "zukic-10"  # held out from the level model's training (its card)
+
+
+def _process(folder: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "node", "process", str(folder), "--out", str(out), "--workers", "0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _study_headers(study) -> tuple[list, dict]:
+    from pydicom import dcmread
+
+    from node.orchestration.headers import summarise
+    from node.orchestration.rules import SeriesHeaders
+
+    headers, files = [], {}
+    for info in study.series.values():
+        summaries = tuple(summarise(dcmread(f, stop_before_pixels=True)) for f in info.files)
+        headers.append(SeriesHeaders(info.series_uid, study.study_uid, 1, summaries))
+        files[info.series_uid] = list(info.files)
+    return headers, files
+
+
+def test_the_sagittal_series_is_the_level_reference_of_the_axial_series(tmp_path: Path) -> None:
+    """What ``process`` and the node's worker both do: :func:`node.levels.reference_series` picks the
+    study's sagittal series, :func:`reports.pipeline.series_levels` gives the axial frames their levels."""
+    from inference.geometry import read_series
+    from node.levels import reference_series
+    from reports.pipeline import WorkItem, series_levels
+
+    studies.require_data(list(studies.vertebrae_files(SUBJECT)))
+    study, _ = studies.write_vertebrae_study(tmp_path / "in", SUBJECT, seed="wiring/levels", axial=("straight",))
+    uid, files, reason = reference_series(*_study_headers(study))
+    assert uid == study.series["sagittal"].series_uid and reason is None
+    axial = study.series["axial_straight"].files
+    item = WorkItem("t2", {"t2": axial}, level_reference=tuple(files))
+    levels = series_levels(item, read_series(axial))
+    assert levels.reason is None and levels.as_dict()["reference"] == uid
+    assert {"L2", "L3", "L4", "L3-L4"} <= set(levels.levels), levels.as_dict()
+
+
+def test_a_sagittal_series_in_another_frame_of_reference_gives_no_levels(tmp_path: Path) -> None:
+    from inference.geometry import read_series
+    from node.levels import reference_series
+    from reports.pipeline import WorkItem, series_levels
+
+    studies.require_data(list(studies.vertebrae_files(SUBJECT)))
+    study, _ = studies.write_vertebrae_study(tmp_path / "in", SUBJECT, seed="wiring/other", axial=("straight",),
+                                             sagittal_frame_of_reference="1.2.826.0.1.3680043.8.498.1")
+    _, files, _ = reference_series(*_study_headers(study))
+    axial = study.series["axial_straight"].files
+    levels = series_levels(WorkItem("t2", {"t2": axial}, level_reference=tuple(files)), read_series(axial))
+    assert set(levels.levels) == {None} and "frame of reference" in levels.reason
+
+
+def test_without_a_sagittal_series_the_reason_is_in_the_records_and_the_report(tmp_path: Path) -> None:
+    studies.require_data()
+    study = studies.write_cohort_study(tmp_path / "in", seed="wiring/none", n_slices=4)
+    run = _process(tmp_path / "in", tmp_path / "out")
+    assert run.returncode == 0, run.stdout + run.stderr
+    record = json.loads((tmp_path / "out" / study.study_uid / "study.json").read_text())
+    assert record["level_reference"]["series"] is None
+    assert "no sagittal series" in record["level_reference"]["reason"]
+    (group,) = record["groups"]
+    assert "no sagittal series" in group["levels"]["reason"]
+    # The whole-series comparison says why it is not per level.
+    import pydicom
+
+    sr = next(pydicom.dcmread(tmp_path / "out" / study.study_uid / name) for name in group["results"]
+              if name.startswith("sr-"))
+    texts = []
+
+    def walk(items):
+        for item in items:
+            if item.ValueType == "TEXT":
+                texts.append(item.TextValue)
+            walk(getattr(item, "ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    assert any("levels of the slices were not identified (no sagittal series" in t for t in texts)
+    with open(tmp_path / "out" / "slices.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and tuple(rows[0]) == SLICE_COLUMNS
+    assert {r["study"] for r in rows} == {study.study_uid} and {r["level"] for r in rows} == {""}
+    assert {(r["muscle"], r["side"]) for r in rows} == {(m, s) for m in ("multifidus", "erector_spinae")
+                                                        for s in ("left", "right")}
