@@ -29,10 +29,12 @@ from typing import Sequence
 
 from . import train
 
-__all__ = ["CARD_INFO", "HOLDOUT", "NAME", "VERSION", "main", "train_arguments"]
+__all__ = ["CARD_INFO", "HOLDOUT", "NAME", "PREVIOUS_VERSION", "VERSION", "main", "previous_card", "train_arguments"]
 
 NAME = "musclenode-lumbar-dixon"
-VERSION = "1.0.0"
+VERSION = "2.0.0"
+#: The version 2 starts from, kept beside it in ``inference/models/`` for comparison.
+PREVIOUS_VERSION = "1.0.0"
 HOLDOUT = ("contiguous=12-15", "interleaved=4,8,20,24")
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "myosegmentum"
@@ -85,16 +87,30 @@ CARD_INFO = {
 }
 
 
+def previous_card() -> Path:
+    """The card of version 1.0.0, kept in ``inference/models/`` as ``NAME-1.0.0.json``."""
+    return MODELS_DIR / f"{NAME}-{PREVIOUS_VERSION}.json"
+
+
 def train_arguments(data: Path, work: Path) -> list[str]:
-    """Arguments of :func:`.train.main` that produce the bundled model."""
+    """Arguments of :func:`.train.main` that produce the bundled model (version 2).
+
+    Version 2 starts from version 1's weights (same network) and trains on Dixon input (40 % of
+    samples) and synthetic T1-, T2-, PD-like input (60 %), with simulated slice thickness,
+    in-plane resolution, field of view, noise, bias field, ghosting and Gibbs ringing.
+    Version 1 was trained with ``--epochs 180 --learning-rate 2e-3 --threads 2 --time-limit-min
+    32`` from random weights on Dixon input only (its card holds the full command).
+    """
     return [
         "--data", str(data), "--out", str(work),
         "--epochs", "180", "--samples-per-epoch", "512", "--batch-size", "16",
         "--window", "160", "160",
         "--channels", "16", "32", "64", "128", "256", "--res-units", "2",
         "--contrast-weights", "0.5", "0.25", "0.25",
-        "--learning-rate", "2e-3", "--seed", "20240612", "--threads", "2",
-        "--time-limit-min", "32",
+        "--synthetic-weights", "0.35", "0.4", "0.25", "--synthetic-prob", "0.6", "--degrade",
+        "--init-card", str(previous_card()),
+        "--learning-rate", "1e-3", "--seed", "20240613", "--threads", "1",
+        "--time-limit-min", "45",
         *[a for spec in HOLDOUT for a in ("--holdout", spec)],
         "--name", NAME, "--version", VERSION,
         "--card-info", str(work / "card-info.json"),
