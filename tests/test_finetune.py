@@ -339,8 +339,8 @@ def test_split_holds_out_whole_patients() -> None:
 
 def test_an_existing_or_malformed_version_is_refused(tmp_path: Path) -> None:
     base = load_model(BASE)
-    with pytest.raises(FinetuneError, match=r"model musclenode-lumbar-dixon 1\.0\.0 exists already"):
-        finetune(base, [tmp_path], tmp_path, lambda series, header: "water", version="1.0.0")
+    with pytest.raises(FinetuneError, match=r"model musclenode-lumbar-dixon 2\.0\.0 exists already"):
+        finetune(base, [tmp_path], tmp_path, lambda series, header: "water", version="2.0.0")
     with pytest.raises(FinetuneError, match="use letters, digits"):
         finetune(base, [tmp_path], tmp_path, lambda series, header: "water", version="1.0 site")
 
