@@ -221,7 +221,8 @@ def accuracy_summary(card: ModelCard) -> str:
     A card's ``accuracy`` may carry ``"summary"`` text, which is used as is; otherwise Dice per
     contrast as the training tools write it (``dice -> contrast -> group -> label -> value``) is
     reduced to the mean over labels of the ``"all"`` group (else the last group), e.g.
-    ``"Dice water 0.87, fat 0.80"``.
+    ``"Dice water 0.87, fat 0.80"``; contrasts measured on synthetic images (listed in
+    ``synthetic_inputs``) say so: ``"synthetic t2 0.93"``.
     """
     accuracy: Mapping[str, Any] = card.accuracy or {}
     if isinstance(accuracy.get("summary"), str) and accuracy["summary"]:
@@ -229,6 +230,8 @@ def accuracy_summary(card: ModelCard) -> str:
     dice = accuracy.get("dice")
     if not isinstance(dice, Mapping) or not dice:
         return "not measured"
+    made = accuracy.get("synthetic_inputs")
+    made = made if isinstance(made, Mapping) else {}
     parts = []
     for contrast, groups in dice.items():
         if not isinstance(groups, Mapping) or not groups:
@@ -236,5 +239,5 @@ def accuracy_summary(card: ModelCard) -> str:
         group = groups.get("all", list(groups.values())[-1])
         mean = _mean(group.values()) if isinstance(group, Mapping) else None
         if mean is not None:
-            parts.append(f"{contrast} {mean:.2f}")
+            parts.append(f"{'synthetic ' if contrast in made else ''}{contrast} {mean:.2f}")
     return f"{accuracy.get('metric', 'Dice')} " + ", ".join(parts) if parts else "not measured"

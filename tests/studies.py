@@ -116,6 +116,7 @@ __all__ = [
     "write_enhanced_study",
     "write_two_slab_study",
     "write_t2_study",
+    "SYNTHETIC_SOURCES",
     "write_sagittal_series",
     "write_non_lumbar_study",
     "write_vertebrae_study",
@@ -686,6 +687,12 @@ fat images as ``DERIVED\\PRIMARY\\DIXON\\WATER`` / ``FAT``, with series descript
 append ``_opp``, ``_in``, ``_W``, ``_F`` to the protocol name (here ``t1_vibe_dixon_tra``)."""
 
 
+SYNTHETIC_SOURCES = {"t1_synthetic": "t1", "t2_synthetic": "t2", "pd_synthetic": "pd"}
+"""Pixel sources that are not Dixon components: the fixed synthetic T1-, T2- and PD-like test
+volumes of :func:`inference.training.synthetic.test_volume`, drawn from water and fat (the
+volumes the bundled model's card reports Dice on)."""
+
+
 @functools.lru_cache(maxsize=8)
 def _contrast_values(contrast: str) -> np.ndarray:
     water, fat, _, _ = load_volumes()
@@ -697,8 +704,13 @@ def _contrast_values(contrast: str) -> np.ndarray:
         values = water.astype(np.float64) + fat
     elif contrast == "opposed_phase":
         values = np.abs(water.astype(np.float64) - fat)
+    elif contrast in SYNTHETIC_SOURCES:
+        from inference.training.synthetic import test_volume  # numpy and scipy only
+
+        values = test_volume(water, fat, SYNTHETIC_SOURCES[contrast], slice_axis=2)[0].astype(np.float64)
     else:
-        raise ValueError(f"unknown contrast {contrast!r}; expected one of {list(DIXON_CONTRASTS)}")
+        raise ValueError(f"unknown contrast {contrast!r}; expected one of "
+                         f"{[*DIXON_CONTRASTS, *SYNTHETIC_SOURCES]}")
     values.setflags(write=False)
     return values
 
@@ -708,8 +720,9 @@ def contrast_volume(contrast: str) -> np.ndarray:
 
     Parameters
     ----------
-    contrast : {"water", "fat", "in_phase", "opposed_phase"}
-        In-phase is water + fat, opposed-phase is |water - fat|.
+    contrast : {"water", "fat", "in_phase", "opposed_phase", "t1_synthetic", "t2_synthetic", "pd_synthetic"}
+        In-phase is water + fat, opposed-phase is |water - fat|; the synthetic ones see
+        :data:`SYNTHETIC_SOURCES`.
 
     Returns
     -------
@@ -1405,10 +1418,11 @@ def write_t2_study(
     ----------
     out_dir, patient, seed, transfer_syntax, study
         As for :func:`write_dixon_study`.
-    source : {"in_phase", "water", "fat", "opposed_phase"}
+    source : {"in_phase", "water", "fat", "opposed_phase", "t2_synthetic", ...}
         The contrast whose pixels the series carries (:func:`contrast_volume`); ``"water"`` makes
         a fat-free image behind neutral T2 headers, as a fat-suppressed series exported without
-        its fat-suppression headers looks.
+        its fat-suppression headers looks; ``"t2_synthetic"`` a T2-like image synthesised from
+        water and fat (:data:`SYNTHETIC_SOURCES`).
 
     Returns
     -------

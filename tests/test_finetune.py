@@ -81,7 +81,7 @@ def trained(tum01, tmp_path_factory: pytest.TempPathFactory) -> Trained:
 
 
 def _card(trained: Trained):
-    return load_model(f"{BASE}@1.0.0+site.1", [trained.models])
+    return load_model(f"{BASE}@2.0.0+site.1", [trained.models])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,15 +91,15 @@ def _card(trained: Trained):
 
 def test_new_version_and_provenance(trained: Trained) -> None:
     card = _card(trained)
-    base = load_model(f"{BASE}@1.0.0")
-    assert card.name == BASE and card.version == "1.0.0+site.1"
-    assert card.path.parent == trained.models.resolve() and card.path.name == f"{BASE}-1.0.0+site.1.json"
-    assert sorted(p.name for p in trained.models.iterdir()) == [f"{BASE}-1.0.0+site.1.json", f"{BASE}-1.0.0+site.1.onnx"]
+    base = load_model(f"{BASE}@2.0.0")
+    assert card.name == BASE and card.version == "2.0.0+site.1"
+    assert card.path.parent == trained.models.resolve() and card.path.name == f"{BASE}-2.0.0+site.1.json"
+    assert sorted(p.name for p in trained.models.iterdir()) == [f"{BASE}-2.0.0+site.1.json", f"{BASE}-2.0.0+site.1.onnx"]
     # The layout, labels and windows are the base model's.
     for attribute in ("labels", "output_labels", "contrasts", "array_axes", "spacing_mm", "window", "overlap"):
         assert getattr(card, attribute) == getattr(base, attribute), attribute
     provenance = card.provenance
-    assert provenance["base_model"] == {"name": BASE, "version": "1.0.0", "sha256": base.sha256}
+    assert provenance["base_model"] == {"name": BASE, "version": "2.0.0", "sha256": base.sha256}
     data = provenance["data"]
     water, fat = trained.tum01.water, trained.tum01.fat
     assert data["seg_instances"] == 1 and data["source_series"] == 1 and data["patients"] == 1
@@ -159,31 +159,31 @@ def test_held_out_dice_is_measured_on_held_out_slices_only(trained: Trained) -> 
 def test_registry_lists_and_selects_the_new_version(trained: Trained, capsys: pytest.CaptureFixture[str]) -> None:
     scan = scan_models([trained.models])
     versions = [(c.name, c.version) for c in scan.versions if c.name == BASE]
-    assert versions == [(BASE, "1.0.0"), (BASE, "1.0.0+site.1")]
+    assert versions == [(BASE, "1.0.0"), (BASE, "2.0.0"), (BASE, "2.0.0+site.1")]
     # A fine-tuned (local) version is used only when chosen: the plain name keeps the release
     # version; NAME@VERSION selects either.
-    assert load_model(BASE, [trained.models]).version == "1.0.0"
-    assert load_model(f"{BASE}@1.0.0+site.1", [trained.models]).version == "1.0.0+site.1"
+    assert load_model(BASE, [trained.models]).version == "2.0.0"
+    assert load_model(f"{BASE}@2.0.0+site.1", [trained.models]).version == "2.0.0+site.1"
     assert load_model(f"{BASE}@1.0.0", [trained.models]).path.parent == load_model(BASE).path.parent
-    with pytest.raises(LookupError, match=r"no version '9\.9' of model .*versions: 1\.0\.0, 1\.0\.0\+site\.1"):
+    with pytest.raises(LookupError, match=r"no version '9\.9' of model .*versions: 1\.0\.0, 2\.0\.0, 2\.0\.0\+site\.1"):
         load_model(f"{BASE}@9.9", [trained.models])
-    assert next_version(load_model(BASE), scan.versions) == "1.0.0+site.2"
+    assert next_version(load_model(BASE), scan.versions) == "2.0.0+site.2"
 
     assert main(["models", "list", "--dir", str(trained.models), "--json"]) == 0
     listed = {m["version"]: m for m in json.loads(capsys.readouterr().out) if m["name"] == BASE}
-    assert listed["1.0.0"]["selected_by_name"] and not listed["1.0.0+site.1"]["selected_by_name"]
-    assert listed["1.0.0+site.1"]["select"] == f"{BASE}@1.0.0+site.1"
-    assert listed["1.0.0+site.1"]["accuracy"].startswith("Dice water 0.9")
+    assert listed["2.0.0"]["selected_by_name"] and not listed["1.0.0"]["selected_by_name"] and not listed["2.0.0+site.1"]["selected_by_name"]
+    assert listed["2.0.0+site.1"]["select"] == f"{BASE}@2.0.0+site.1"
+    assert listed["2.0.0+site.1"]["accuracy"].startswith("Dice water 0.9")
     assert main(["models", "list", "--dir", str(trained.models)]) == 0
     out = capsys.readouterr().out
-    assert f"(select as {BASE}@1.0.0+site.1)" in out
-    assert f'model.name = "{BASE}@1.0.0+site.1"' in trained.output
+    assert f"(select as {BASE}@2.0.0+site.1)" in out
+    assert f'model.name = "{BASE}@2.0.0+site.1"' in trained.output
 
 
 def test_the_pipeline_runs_the_new_model_on_the_series(trained: Trained, tmp_path: Path) -> None:
     """``musclenode process`` with model.name NAME@VERSION: the SEG it writes names the new version."""
     config = tmp_path / "musclenode.toml"
-    config.write_text(f'[model]\nname = "{BASE}@1.0.0+site.1"\ndirs = ["{trained.models}"]\n')
+    config.write_text(f'[model]\nname = "{BASE}@2.0.0+site.1"\ndirs = ["{trained.models}"]\n')
     out = tmp_path / "out"
     status = main(["--config", str(config), "process", str(trained.tum01.folder), "--out", str(out),
                    "--workers", "0", "--threads", "1"])
@@ -192,7 +192,7 @@ def test_the_pipeline_runs_the_new_model_on_the_series(trained: Trained, tmp_pat
     assert segs
     seg = pydicom.dcmread(segs[0], stop_before_pixels=True)
     algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
-    assert algorithm.AlgorithmVersion == "1.0.0+site.1"
+    assert algorithm.AlgorithmVersion == "2.0.0+site.1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,8 +339,8 @@ def test_split_holds_out_whole_patients() -> None:
 
 def test_an_existing_or_malformed_version_is_refused(tmp_path: Path) -> None:
     base = load_model(BASE)
-    with pytest.raises(FinetuneError, match=r"model musclenode-lumbar-dixon 1\.0\.0 exists already"):
-        finetune(base, [tmp_path], tmp_path, lambda series, header: "water", version="1.0.0")
+    with pytest.raises(FinetuneError, match=r"model musclenode-lumbar-dixon 2\.0\.0 exists already"):
+        finetune(base, [tmp_path], tmp_path, lambda series, header: "water", version="2.0.0")
     with pytest.raises(FinetuneError, match="use letters, digits"):
         finetune(base, [tmp_path], tmp_path, lambda series, header: "water", version="1.0 site")
 

@@ -186,7 +186,7 @@ def test_two_angled_slabs_give_one_seg_per_orientation_and_one_sr(tmp_path: Path
     # One series each (a viewer shows one SEG per series), deterministic per part, same segments.
     assert len({seg.SeriesInstanceUID for seg in checked.segs}) == 2
     assert [seg.SeriesDescription for seg in checked.segs] == [
-        f"Paraspinal muscles {k}/2 (musclenode-lumbar-dixon 1.0.0)" for k in (1, 2)]
+        f"Paraspinal muscles {k}/2 (musclenode-lumbar-dixon 2.0.0)" for k in (1, 2)]
     assert segments(checked.segs[0]) == segments(checked.segs[1])
     again = run(_item(study), segmenter, software_version=SOFTWARE)
     assert [s.SOPInstanceUID for s in again.segmentations] == [s.SOPInstanceUID for s in checked.segs]

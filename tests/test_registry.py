@@ -95,6 +95,9 @@ def test_accuracy_summary() -> None:
     assert accuracy_summary(write_model_card_only(accuracy={"summary": "Dice 0.9 on TUM02"})) == "Dice 0.9 on TUM02"
     assert accuracy_summary(write_model_card_only(accuracy={})) == "not measured"
     assert accuracy_summary(write_model_card_only(accuracy={"dice": {"water": {}}})) == "not measured"
+    synthetic = {"dice": {"water": {"all": {"1": 0.9}}, "t2": {"all": {"1": 0.8, "2": 0.9}}},
+                 "synthetic_inputs": {"t2": {"seed": 202}}}
+    assert accuracy_summary(write_model_card_only(accuracy=synthetic)) == "Dice water 0.90, synthetic t2 0.85"
 
 
 def write_model_card_only(**overrides) -> ModelCard:

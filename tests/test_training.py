@@ -261,3 +261,144 @@ def test_two_epoch_training_exports_onnx_matching_torch_and_a_loadable_card(tmp_
         torch_out = network(torch.from_numpy(x)).numpy()
     assert onnx_out.shape == (3, 5, 48, 64)
     np.testing.assert_allclose(onnx_out, torch_out, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic contrasts and simulated acquisitions (model version 2)
+# ---------------------------------------------------------------------------------------------
+
+
+def _tissue_slice() -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """A 64 x 64 slice: background, muscle (typical water), fluid (water 2 x typical), fat."""
+    water, fat = np.zeros((64, 64), np.float32), np.zeros((64, 64), np.float32)
+    regions = {"muscle": (slice(8, 56), slice(8, 30)), "fluid": (slice(28, 36), slice(30, 36)),
+               "fat": (slice(8, 56), slice(36, 56))}
+    water[regions["muscle"]] = 400
+    water[regions["fluid"]] = 800
+    fat[regions["muscle"]] = 20
+    fat[regions["fat"]] = 1000
+    water[regions["fat"]] = 30
+    masks = {}
+    for name, box in regions.items():
+        mask = np.zeros((64, 64), bool)
+        mask[box] = True
+        masks[name] = mask
+    masks["background"] = ~(masks["muscle"] | masks["fluid"] | masks["fat"])
+    return water, fat, masks
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_synthetic_contrasts_order_tissues_as_their_weighting_says(seed):
+    from dataclasses import replace
+
+    from inference.training import synthetic
+
+    water, fat, masks = _tissue_slice()
+    rng = np.random.default_rng(seed)
+    for contrast in synthetic.SYNTHETIC_CONTRASTS:
+        tissue = replace(synthetic.draw_intensities(contrast, rng), texture=0.0)
+        image = synthetic.synthesize_slice(water, fat, tissue)
+        # Inner pixels: away from the partial-volume rims of the soft body mask.
+        level = {name: float(np.median(image[ndimage_erode(mask)])) for name, mask in masks.items()}
+        assert level["background"] == 0
+        assert level["fat"] > level["muscle"], (contrast, level)
+        if contrast == "t1":
+            assert level["muscle"] > level["fluid"], level
+        else:
+            assert level["fluid"] > level["muscle"], (contrast, level)
+
+
+def ndimage_erode(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return ndimage.binary_erosion(mask, iterations=2)
+
+
+def test_synthetic_test_volumes_are_reproducible():
+    from inference.training import synthetic
+
+    water, fat, _ = _tissue_slice()
+    water3, fat3 = np.stack([water] * 3, axis=-1), np.stack([fat] * 3, axis=-1)
+    for contrast in synthetic.SYNTHETIC_CONTRASTS:
+        a, tissue_a = synthetic.test_volume(water3, fat3, contrast, slice_axis=2)
+        b, tissue_b = synthetic.test_volume(water3, fat3, contrast, slice_axis=2)
+        assert tissue_a == tissue_b == synthetic.test_intensities(contrast)
+        np.testing.assert_array_equal(a, b)
+        assert a.shape == water3.shape and (a > 0).all()  # Rician noise: no exact zero left
+
+
+def test_coarser_resolution_keeps_the_grid_and_blurs():
+    from inference.training.synthetic import degrade_resolution
+
+    image = np.zeros((40, 40), np.float32)
+    image[:, ::2] = 1.0  # 1 mm stripes vanish at 2 mm pixels
+    out = degrade_resolution(image, (2.0, 2.0))
+    assert out.shape == image.shape
+    assert np.ptp(out[10:30, 10:30]) < 0.3 * np.ptp(image)
+    np.testing.assert_array_equal(degrade_resolution(image, (1.0, 1.0)), image)
+
+
+def test_thick_slice_neighbours_never_come_from_held_out_slices(tmp_path):
+    from inference.training.augment import neighbour_key
+
+    _write_synthetic_case(tmp_path)
+    case = find_cases(tmp_path)[0]
+    items = train.training_items([case], held_out={2, 3}, neighbours=True)
+    by_slice = dict(zip([0, 1, 4, 5], items))
+    assert neighbour_key("water", "prev") not in by_slice[0]  # outside the volume
+    assert neighbour_key("water", "next") in by_slice[0]
+    assert neighbour_key("water", "next") not in by_slice[1]  # slice 2 is held out
+    assert neighbour_key("fat", "prev") not in by_slice[4]  # slice 3 is held out
+    assert neighbour_key("fat", "next") in by_slice[4]
+
+
+def test_v2_augmentation_gives_windows_of_every_kind_with_labels_on_their_side(tmp_path):
+    from inference.training.augment import RandFieldOfViewd, RandSyntheticContrastd, training_transforms
+
+    _write_synthetic_case(tmp_path)
+    case = find_cases(tmp_path)[0]
+    items = train.training_items([case], held_out=set(), neighbours=True)
+    transforms = training_transforms([32, 32], SWAP, {"water": 0.5, "fat": 0.25, "in_phase": 0.25},
+                                     synthetic_weights={"t1": 1, "t2": 1, "pd": 1}, synthetic_prob=0.6,
+                                     degrade=True)
+    transforms.set_random_state(seed=3)
+    synthetic_step = next(t for t in transforms.transforms if isinstance(t, RandSyntheticContrastd))
+    drawn = set()
+    for i in range(40):
+        (sample,) = transforms(items[i % len(items)])
+        drawn.add(synthetic_step.tissue.contrast if synthetic_step.tissue else "dixon")
+        assert tuple(sample["image"].shape) == (1, 32, 32) and tuple(sample["label"].shape) == (1, 32, 32)
+        assert np.isfinite(np.asarray(sample["image"])).all()
+        assert set(np.unique(np.asarray(sample["label"]))) <= {0, 1, 2, 3, 4}
+    assert drawn == {"t1", "t2", "pd", "dixon"}
+
+    fov = RandFieldOfViewd(["water", "label"], prob=1.0)
+    fov.set_random_state(seed=0)
+    item = items[0]
+    for _ in range(10):
+        cut = fov({k: item[k] for k in ("water", "label", "fg", "bg")})
+        assert (np.asarray(cut["label"]) > 0).sum() == (np.asarray(item["label"]) > 0).sum()
+        assert cut["fg"].max() < cut["label"].size
+
+
+def test_training_with_synthetic_contrasts_starts_from_a_card_and_measures_every_contrast(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    _write_synthetic_case(data)
+    common = ["--data", str(data), "--epochs", "1", "--samples-per-epoch", "8", "--batch-size", "4",
+              "--window", "32", "32", "--channels", "4", "8", "16", "--res-units", "1",
+              "--holdout", "block=2-3", "--threads", "1", "--name", "tiny"]
+    assert train.main([*common, "--out", str(tmp_path / "v1"), "--version", "1.0.0"]) == 0
+    status = train.main([*common, "--out", str(tmp_path / "v2"), "--version", "2.0.0",
+                         "--synthetic-weights", "0.35", "0.4", "0.25", "--degrade",
+                         "--init-card", str(tmp_path / "v1" / "tiny.json")])
+    assert status == 0
+    card = ModelCard.load(tmp_path / "v2" / "tiny.json")
+    card.verify()
+    assert card.contrasts == ["water", "fat", "in_phase", "t1", "t2"] and card.channels == 1
+    assert set(card.accuracy["dice"]) == {"water", "fat", "in_phase", "t1", "t2", "pd"}
+    assert set(card.accuracy["synthetic_inputs"]) == {"t1", "t2", "pd"}
+    assert card.training["initial_weights"]["card"] == "tiny 1.0.0"
+    assert card.training["initial_weights"]["onnx_to_torch_max_abs_difference"] < 1e-3
+    assert card.training["synthetic"]["weights"] == {"t1": 0.35, "t2": 0.4, "pd": 0.25}
+    assert any("slice thickness" in line for line in card.training["augmentation"])

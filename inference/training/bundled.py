@@ -29,10 +29,12 @@ from typing import Sequence
 
 from . import train
 
-__all__ = ["CARD_INFO", "HOLDOUT", "NAME", "VERSION", "main", "train_arguments"]
+__all__ = ["CARD_INFO", "HOLDOUT", "NAME", "PREVIOUS_VERSION", "VERSION", "main", "previous_card", "train_arguments"]
 
 NAME = "musclenode-lumbar-dixon"
-VERSION = "1.0.0"
+VERSION = "2.0.0"
+#: The version 2 starts from, kept beside it in ``inference/models/`` for comparison.
+PREVIOUS_VERSION = "1.0.0"
 HOLDOUT = ("contiguous=12-15", "interleaved=4,8,20,24")
 MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
 DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "myosegmentum"
@@ -48,7 +50,8 @@ CARD_INFO = {
     ),
     "provenance": {
         "data": "MyoSegmenTUM spine, subject TUM01 (one healthy adult), chemical-shift-encoded "
-                "water-fat MRI, 400 x 400 x 29 voxels, 1.0185 x 1.0185 x 4 mm axial, cropped to L2-L5",
+                "water-fat MRI, 400 x 400 x 29 voxels, 1.0185 x 1.0185 x 4 mm axial, cropped to L2-L5; "
+                "T1-, T2- and PD-like inputs synthesised from its water and fat images",
         "data_source": "https://github.com/johnnydfci/LPM_Segmentator (Apache-2.0)",
         "reference": "Burian E, et al. Lumbar muscle and vertebral bodies segmentation of chemical "
                      "shift encoding-based water-fat MRI: the reference database MyoSegmenTUM spine. "
@@ -64,37 +67,64 @@ CARD_INFO = {
         "Measured on slices of the training subject that were never trained on: a contiguous "
         "block (slices 12-15, 16 mm; the stricter test, its inner slices 8 mm from any trained "
         "slice) and interleaved single slices (4, 8, 20, 24; optimistic, each between trained "
-        "neighbours 4 mm away). Same subject, scanner and session as the training data: this "
-        "says the model learnt the anatomy of this subject, not how it does on other people; "
-        "that was not measured for this model (the project's field notes report Dice about "
-        "0.84-0.89 on another MyoSegmenTUM subject for a model trained the same way)."
+        "neighbours 4 mm away). Water, fat and in_phase are the real Dixon images; t1, t2 and pd "
+        "are SYNTHETIC images drawn from the same water and fat images with fixed seeds "
+        "(synthetic_inputs; inference.training.synthetic.test_volume), not images from a "
+        "scanner. Same subject, scanner and session as the training data: this says the model "
+        "learnt the anatomy of this subject and copes with contrast changes of the synthetic "
+        "kind, not how it does on other subjects (not measured: only one labelled subject "
+        "exists here; the project's field notes report Dice about 0.84-0.89 on another "
+        "MyoSegmenTUM subject for version 1's recipe) nor on real T1- or T2-weighted TSE "
+        "images (not measured: none with labels exist here)."
     ),
     "training": {
-        "purpose": "default model so that a node works out of the box; retrain on more "
-                   "subjects (python -m inference.training.train) for real use",
+        "purpose": "default model so that a node works out of the box on Dixon, T1- and "
+                   "T2-weighted axial lumbar series; retrain on more subjects "
+                   "(python -m inference.training.train) for real use",
         "limitations": [
-            "one subject: weak on slices beyond L2-L5 (sacrum, iliac crest) and on other anatomy",
+            "one subject: not shown to work on other subjects (only one labelled subject exists "
+            "here); weak on slices beyond L2-L5 (sacrum, iliac crest, thoracolumbar junction), "
+            "not shown to work on other levels than L2-L5",
+            "T1 and T2: trained and measured on synthetic T1-, T2- and PD-like images made from "
+            "Dixon water and fat images (tissue classes with random intensities); not shown to "
+            "work on real T1 or real T2 TSE images from scanners: their chemical-shift and flow "
+            "artefacts, dark cortical bone and ligaments, fat-suppressed variants (STIR, T2 FS) "
+            "and vendor filters were not simulated beyond what the water image shows",
+            "healthy adult only: not shown to work on pathology (fatty atrophy, scoliosis, "
+            "post-operative anatomy, implants)",
             "psoas major and quadratus lumborum are not labelled and are segmented as background",
-            "water input is preferred: on another subject (project field notes) fat and "
-            "in-phase input pulled intermuscular fat into the multifidus; on this subject's "
-            "held-out slices the three contrasts scored within about 0.02 of each other",
-            "stopped by a time limit: a rerun on a machine under another load trains for another "
-            "number of steps, so it reproduces the recipe, not the exact weights",
+            "started from version 1.0.0's weights and stopped by a time limit: a rerun on a "
+            "machine under another load trains for another number of steps, so it reproduces "
+            "the recipe, not the exact weights",
         ],
     },
 }
 
 
+def previous_card() -> Path:
+    """The card of version 1.0.0, kept in ``inference/models/`` as ``NAME-1.0.0.json``."""
+    return MODELS_DIR / f"{NAME}-{PREVIOUS_VERSION}.json"
+
+
 def train_arguments(data: Path, work: Path) -> list[str]:
-    """Arguments of :func:`.train.main` that produce the bundled model."""
+    """Arguments of :func:`.train.main` that produce the bundled model (version 2).
+
+    Version 2 starts from version 1's weights (same network) and trains on Dixon input (40 % of
+    samples) and synthetic T1-, T2-, PD-like input (60 %), with simulated slice thickness,
+    in-plane resolution, field of view, noise, bias field, ghosting and Gibbs ringing.
+    Version 1 was trained with ``--epochs 180 --learning-rate 2e-3 --threads 2 --time-limit-min
+    32`` from random weights on Dixon input only (its card holds the full command).
+    """
     return [
         "--data", str(data), "--out", str(work),
         "--epochs", "180", "--samples-per-epoch", "512", "--batch-size", "16",
         "--window", "160", "160",
         "--channels", "16", "32", "64", "128", "256", "--res-units", "2",
         "--contrast-weights", "0.5", "0.25", "0.25",
-        "--learning-rate", "2e-3", "--seed", "20240612", "--threads", "2",
-        "--time-limit-min", "32",
+        "--synthetic-weights", "0.35", "0.4", "0.25", "--synthetic-prob", "0.6", "--degrade",
+        "--init-card", str(previous_card()),
+        "--learning-rate", "1e-3", "--seed", "20240613", "--threads", "1",
+        "--time-limit-min", "45",
         *[a for spec in HOLDOUT for a in ("--holdout", spec)],
         "--name", NAME, "--version", VERSION,
         "--card-info", str(work / "card-info.json"),

@@ -29,6 +29,7 @@ from scipy import ndimage
 
 from inference.card import CardError, LabelInfo, ModelCard, file_sha256
 
+from . import synthetic as _synthetic_module
 from .data import (
     Case,
     SliceLayout,
@@ -186,26 +187,50 @@ def evaluate_slices(predictor: SlidingWindowPredictor, volume: np.ndarray, label
     return {value: dice(predicted_all, truth_all, value) for value in predictor.card.output_labels}
 
 
+def input_volume(case: Case, contrast: str) -> np.ndarray | None:
+    """The case's volume of a contrast: its own, or the fixed synthetic test volume of a
+    synthetic contrast (:func:`.synthetic.test_volume`) where it has water and fat; None if neither."""
+    if contrast in case.contrasts:
+        return case.volume(contrast)
+    if contrast in _synthetic_module.SYNTHETIC_CONTRASTS and {"water", "fat"} <= set(case.images):
+        return _synthetic_module.test_volume(case.images["water"], case.images["fat"], contrast, case.layout.slice_axis)[0]
+    return None
+
+
 def holdout_accuracy(card: ModelCard, cases: Sequence[Case], groups: Mapping[str, Sequence[int]],
-                     description: str = "") -> dict:
+                     description: str = "", synthetic: Sequence[str] = (), onnx_path: str | Path | None = None,
+                     threads: int = 2) -> dict:
     """The card's ``accuracy``: Dice per contrast, hold-out group and label on labelled cases.
 
-    Every group is measured on its own and all groups together (``"all"``).
+    Every group is measured on its own and all groups together (``"all"``). Contrasts are the
+    card's and those in ``synthetic`` (among :data:`.synthetic.SYNTHETIC_CONTRASTS`); a contrast a
+    case lacks but that can be synthesised from its water and fat images is measured on the fixed
+    synthetic test volume (:func:`input_volume`), and the accuracy's ``synthetic_inputs`` says so.
     """
-    predictor = SlidingWindowPredictor(card)
+    predictor = SlidingWindowPredictor(card, onnx_path, threads=threads)
     everything = sorted({i for group in groups.values() for i in group})
     measured = {**groups, "all": everything} if len(groups) > 1 else dict(groups)
     results: dict[str, dict] = {}
-    for contrast in card.contrasts:
+    synthesised: dict[str, dict] = {}
+    for contrast in dict.fromkeys([*map(str, card.contrasts), *synthetic]):
         per_group = {}
+        volumes = {case.name: input_volume(case, contrast) for case in cases}
         for name, slices in measured.items():
             pooled: dict[int, list] = {}
             for case in cases:
-                if contrast not in case.contrasts:
+                volume = volumes[case.name]
+                if volume is None:
                     continue
+                if contrast not in case.contrasts:
+                    tissue = _synthetic_module.test_intensities(contrast)
+                    synthesised[contrast] = {
+                        "from": "water and fat images of the same cases (inference.training.synthetic.test_volume)",
+                        "seed": _synthetic_module.TEST_SEEDS[contrast],
+                        "tissue_intensities": tissue.as_dict(),
+                        "rician_noise_sd": f"{_synthetic_module.TEST_NOISE} x brightest tissue"}
                 labelled = set(labelled_slices(case))
                 chosen = [i for i in slices if i in labelled]
-                scores = evaluate_slices(predictor, case.volume(contrast), case.labels, case.layout, chosen)
+                scores = evaluate_slices(predictor, volume, case.labels, case.layout, chosen)
                 for value, score in scores.items():
                     pooled.setdefault(value, []).append(score)
             if pooled:
@@ -222,6 +247,7 @@ def holdout_accuracy(card: ModelCard, cases: Sequence[Case], groups: Mapping[str
                    f"largest component {card.largest_component}; Dice on the images' own "
                    "grid, voxels of each group's slices pooled per label (mean over cases)"),
         "dice": results,
+        **({"synthetic_inputs": synthesised} if synthesised else {}),
     }
 
 

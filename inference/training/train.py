@@ -36,8 +36,8 @@ from monai.utils import set_determinism
 
 from inference.card import LabelInfo
 
-from . import evaluate, export
-from .augment import training_transforms
+from . import evaluate, export, synthetic
+from .augment import neighbour_key, training_transforms
 from .data import (
     MYOSEGMENTUM_LABELS,
     Case,
@@ -81,8 +81,13 @@ def build_network(config: NetworkConfig) -> UNet:
                 num_res_units=config.res_units)
 
 
-def training_items(cases: Sequence[Case], held_out: set[int]) -> list[dict]:
-    """One item per labelled, not held-out slice: every contrast, labels and crop indices."""
+def training_items(cases: Sequence[Case], held_out: set[int], neighbours: bool = False) -> list[dict]:
+    """One item per labelled, not held-out slice: every contrast, labels and crop indices.
+
+    With ``neighbours``, the slices before and after (``neighbour_key(contrast, "prev"/"next")``)
+    come too, for simulating thicker slices; a neighbour that is held out or outside the volume
+    is replaced by the slice itself, so no held-out image enters training.
+    """
     items = []
     for case in cases:
         for index in labelled_slices(case):
@@ -90,6 +95,11 @@ def training_items(cases: Sequence[Case], held_out: set[int]) -> list[dict]:
                 continue
             label = prepare_labels(case, index, SPACING_MM)
             images = {c: prepare_image(case, c, index, SPACING_MM)[None] for c in case.images}
+            if neighbours:
+                for side, other in (("prev", index - 1), ("next", index + 1)):
+                    if 0 <= other < case.slices and other not in held_out:
+                        for c in case.images:
+                            images[neighbour_key(c, side)] = prepare_image(case, c, other, SPACING_MM)[None]
             body = np.any([im[0] != 0 for im in images.values()], axis=0)
             items.append({
                 **images,
@@ -185,6 +195,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--res-units", type=int, default=2)
     parser.add_argument("--contrast-weights", type=float, nargs=3, default=[0.5, 0.25, 0.25],
                         metavar=("WATER", "FAT", "IN_PHASE"), help="probability of each input contrast")
+    parser.add_argument("--synthetic-weights", type=float, nargs=3, metavar=("T1", "T2", "PD"),
+                        help="also train on synthetic T1-, T2-, PD-like images from water and fat, "
+                             "with these relative probabilities (needs water and fat images)")
+    parser.add_argument("--synthetic-prob", type=float, default=0.6,
+                        help="probability that a sample is synthetic rather than a Dixon contrast")
+    parser.add_argument("--degrade", action="store_true",
+                        help="simulate other acquisitions: slice thickness 3-8 mm, in-plane 1-2 mm, "
+                             "field of view, ghosting, Gibbs ringing, Rician noise, bias field")
+    parser.add_argument("--init-card", help="start from the weights of this model card's ONNX file "
+                                             "(same network shape) instead of random weights")
+    parser.add_argument("--contrasts", nargs="+",
+                        help="contrasts the card lists (default: water fat in_phase, plus t1 t2 with "
+                             "--synthetic-weights)")
     parser.add_argument("--labels-json", help="label value -> {muscle, side}; default: MyoSegmenTUM's")
     parser.add_argument("--seed", type=int, default=20240612)
     parser.add_argument("--threads", type=int, default=2)
@@ -212,13 +235,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     held_out = {i for group in holdout.values() for i in group}
     for case in cases:
         check_label_sides(case.labels, case.affine, labels)
-    items = training_items(cases, held_out)
+    items = training_items(cases, held_out, neighbours=args.degrade)
     if not items:
         raise SystemExit("no training slices left after the hold-out")
     log.info("%d cases, %d training slices, held out %s", len(cases), len(items), holdout)
 
     weights = dict(zip(("water", "fat", "in_phase"), args.contrast_weights))
-    transforms = training_transforms(args.window, swap, {k: v for k, v in weights.items() if v > 0})
+    synthetic_weights = (dict(zip(synthetic.SYNTHETIC_CONTRASTS, args.synthetic_weights))
+                         if args.synthetic_weights else None)
+    transforms = training_transforms(
+        args.window, swap, {k: v for k, v in weights.items() if v > 0},
+        synthetic_weights={k: v for k, v in synthetic_weights.items() if v > 0} if synthetic_weights else None,
+        synthetic_prob=args.synthetic_prob, degrade=args.degrade)
     transforms.set_random_state(seed=args.seed)
     samples = [items[i % len(items)] for i in range(args.samples_per_epoch)]
     loader = DataLoader(Dataset(samples, transforms), batch_size=args.batch_size, shuffle=True,
@@ -226,6 +254,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     config = NetworkConfig(tuple(args.channels), args.res_units, classes=len(labels) + 1)
     network = build_network(config)
+    init = None
+    if args.init_card:
+        from inference.card import ModelCard
+
+        from .finetune import network_from_onnx
+
+        base = ModelCard.load(args.init_card)
+        network, base_config, init_difference = network_from_onnx(base)
+        if tuple(base_config.channels) != config.channels or base_config.res_units != config.res_units \
+                or base_config.classes != config.classes:
+            raise SystemExit(f"--init-card {args.init_card}: its network {base_config} is not {config}")
+        init = {"card": f"{base.name} {base.version}", "sha256": base.sha256,
+                "onnx_to_torch_max_abs_difference": init_difference}
+        log.info("starting from %s %s (ONNX to torch difference %.2e)", base.name, base.version, init_difference)
     history: list[dict] = []
     limit = args.time_limit_min * 60 if args.time_limit_min else None
     outcome = fit(network, loader, args.epochs, args.learning_rate, limit, history)
@@ -249,7 +291,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "input": {"array_axes": list(ARRAY_AXES), "spacing_mm": list(SPACING_MM),
                   "normalisation": "zscore_nonzero per slice"},
         "contrast_weights": weights,
-        "augmentation": _augmentation_summary(),
+        **({"synthetic": {"weights": synthetic_weights, "probability": args.synthetic_prob,
+                          "tissue_ranges": synthetic.TISSUE_RANGES}} if synthetic_weights else {}),
+        **({"initial_weights": init} if init else {}),
+        "augmentation": _augmentation_summary(bool(synthetic_weights), args.degrade),
         "loss": "DiceCELoss (softmax, Dice without background, batch Dice)",
         "optimiser": f"AdamW lr {args.learning_rate} weight decay 1e-4, warm-up then cosine",
         "epochs": args.epochs, "samples_per_epoch": args.samples_per_epoch, "batch_size": args.batch_size,
@@ -260,24 +305,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         "software": {"torch": torch.__version__, "monai": _version("monai"), "python": platform.python_version()},
         "onnx_vs_torch_max_abs_difference": difference,
     }
+    contrasts = args.contrasts or (["water", "fat", "in_phase", "t1", "t2"] if synthetic_weights
+                                   else ["water", "fat", "in_phase"])
     card = export.write_card(
         out / f"{args.name}.json", onnx_path, name=args.name, version=args.version, labels=labels,
-        window=args.window, array_axes=ARRAY_AXES, spacing_mm=SPACING_MM,
+        window=args.window, array_axes=ARRAY_AXES, spacing_mm=SPACING_MM, contrasts=contrasts,
         licence=info.get("licence", ""), provenance=info.get("provenance", {}), training=training,
         accuracy={})
 
     if holdout:
-        accuracy = evaluate.holdout_accuracy(card, cases, holdout, description=info.get("accuracy_note", ""))
+        accuracy = evaluate.holdout_accuracy(card, cases, holdout, description=info.get("accuracy_note", ""),
+                                             synthetic=synthetic.SYNTHETIC_CONTRASTS if synthetic_weights else ())
         card = export.write_card(
             out / f"{args.name}.json", onnx_path, name=args.name, version=args.version, labels=labels,
-            window=args.window, array_axes=ARRAY_AXES, spacing_mm=SPACING_MM,
+            window=args.window, array_axes=ARRAY_AXES, spacing_mm=SPACING_MM, contrasts=contrasts,
             licence=card.licence, provenance=card.provenance, training=training, accuracy=accuracy)
         print(evaluate.format_accuracy(accuracy, labels))
     return 0
 
 
-def _augmentation_summary() -> list[str]:
-    return [
+def _augmentation_summary(synthetic_contrasts: bool = False, degrade: bool = False) -> list[str]:
+    extra = []
+    if synthetic_contrasts:
+        extra.append("synthetic T1-, T2-, PD-like input from water and fat (inference.training.synthetic): "
+                     "tissue classes fat, muscle-like water, fluid-like water (water above 1.2-1.45 x "
+                     "the slice's typical water level), background; one random intensity per class "
+                     "and sample within the card's training.synthetic.tissue_ranges, mixed by fat "
+                     "fraction, 20-90 % of the original texture kept")
+    if degrade:
+        extra.append("other acquisitions: slice thickness 3-8 mm by blending neighbouring non-held-out "
+                     "slices (p 0.5), in-plane pixels 1-2 mm by low-pass, down- and up-sampling (p 0.4), "
+                     "smaller field of view keeping the muscles (p 0.3), phase-encoding ghost 3-15 % "
+                     "(p 0.15), Gibbs ringing (MONAI RandGibbsNoise, alpha 0.1-0.5, p 0.1), Rician noise "
+                     "up to 0.15 x image SD (p 0.5), bias field up to 0.4 (p 0.4)")
+    return extra + [
         "input contrast drawn per sample among water, fat, in-phase (water + fat)",
         "gamma contrast 0.6-1.6 (p 0.5), histogram shift 5-10 control points (p 0.3), "
         "bias field coefficients up to 0.3 (p 0.3), all before normalisation",
