@@ -23,7 +23,6 @@ import math
 import platform
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -31,7 +30,6 @@ import numpy as np
 import torch
 from monai.data import DataLoader, Dataset
 from monai.losses import DiceCELoss
-from monai.networks.nets import UNet
 from monai.utils import set_determinism
 
 from inference.card import LabelInfo
@@ -49,6 +47,7 @@ from .data import (
     prepare_labels,
     side_swap,
 )
+from .network import NetworkConfig, build_network
 
 __all__ = ["NetworkConfig", "build_network", "main", "training_items"]
 
@@ -56,29 +55,6 @@ log = logging.getLogger("inference.training")
 
 ARRAY_AXES = ("P", "L")
 SPACING_MM = (1.0, 1.0)
-
-
-@dataclass(frozen=True)
-class NetworkConfig:
-    """Shape of the MONAI UNet: enough to rebuild it from a checkpoint."""
-
-    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
-    res_units: int = 2
-    classes: int = 5
-    in_channels: int = 1
-
-    def as_dict(self) -> dict:
-        return {"architecture": "monai.networks.nets.UNet", "spatial_dims": 2,
-                "in_channels": self.in_channels, "out_channels": self.classes,
-                "channels": list(self.channels), "strides": [2] * (len(self.channels) - 1),
-                "num_res_units": self.res_units, "norm": "instance"}
-
-
-def build_network(config: NetworkConfig) -> UNet:
-    """The 2D UNet: stride-2 levels, so windows must be multiples of 2 ** (levels - 1)."""
-    return UNet(spatial_dims=2, in_channels=config.in_channels, out_channels=config.classes,
-                channels=config.channels, strides=(2,) * (len(config.channels) - 1),
-                num_res_units=config.res_units)
 
 
 def training_items(cases: Sequence[Case], held_out: set[int], neighbours: bool = False) -> list[dict]:
@@ -258,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.init_card:
         from inference.card import ModelCard
 
-        from .finetune import network_from_onnx
+        from .onnx_weights import network_from_onnx
 
         base = ModelCard.load(args.init_card)
         network, base_config, init_difference = network_from_onnx(base)
