@@ -625,6 +625,9 @@ def _page1_notes(label_map: LabelMap, assessments: Sequence[Assessment],
     if quality is not None and quality.excluded:
         notes.append(f"Quality control: {quality.verdict}. {quality.reason}. Excluded images enter no number "
                      "(marked EXCLUDED where shown).")
+    elif quality is not None:
+        notes.append(f"Quality control: {quality.verdict}: the outlines of all {len(quality.checks)} images passed "
+                     "the checks.")
     kind = next((a.metrics.fat for a in assessments if a.metrics.fat is not None), None)
     if kind is not None:
         notes.insert(0, f"Fat: {kind.method.description}.")
