@@ -244,8 +244,8 @@ def fat_suppression_problem(qualities: Sequence[SliceQuality]) -> str | None:
     ratio = float(np.median(ratios))
     if ratio < MIN_BAND_RATIO:
         return (f"the image looks fat suppressed: subcutaneous fat is {ratio:.2f} times as bright as the inside of "
-                f"the body (median of {len(ratios)} slices), and an image with fat signal has it at least "
-                f"{MIN_BAND_RATIO:g} times as bright; there is no fat signal to measure")
+                f"the body (median of {len(ratios)} slices), where an image with fat signal has it brighter "
+                f"(ratio at least {MIN_BAND_RATIO:g}); there is no fat signal to measure")
     return None
 
 

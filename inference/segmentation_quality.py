@@ -236,7 +236,7 @@ def _own_problems(body_area: float, outlines: Mapping[int, _Outline], uncertaint
     missing = [f"{side} {muscle.display.lower()}" for muscle, side in required
                if (muscle, side) not in by_key or by_key[(muscle, side)][1].area_mm2 < MIN_MUSCLE_AREA_MM2]
     if missing:
-        problems.append("no outline of the " + ", ".join(missing))
+        problems.append(f"no outline of at least {MIN_MUSCLE_AREA_MM2:g} mm2 of the " + ", ".join(missing))
     if body_area <= 0:
         problems.append("no body outline found in the image")
         return problems

@@ -123,6 +123,8 @@ def _status(args: argparse.Namespace) -> int:
               f" queued {_when(job['created'])}" + (f" - {job['reason']}" if job["reason"] else ""))
         _print_set_aside((job.get("result") or {}).get("set_aside") or [])
         _print_quality((job.get("result") or {}).get("quality"))
+        if (job.get("result") or {}).get("not_sent"):
+            print(f"      results kept, not sent: {job['result']['not_sent']}")
         by_destination: dict[str, list[dict]] = {}
         for delivery in job["deliveries"]:
             by_destination.setdefault(delivery["destination"], []).append(delivery)
