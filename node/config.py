@@ -278,7 +278,8 @@ class NodeSettings(Section):
     host: BindAddress = setting("0.0.0.0", "address to listen on", env="MUSCLENODE_HOST", shortcut="host")
     port: Port = setting(11112, "DICOM port", env="MUSCLENODE_PORT", shortcut="port")
     data: Folder = setting(Path("musclenode-data"),
-                           "data folder: `studies/STUDY/SERIES/SOP.dcm`, `incoming/`, `index.sqlite`",
+                           "data folder: `studies/STUDY/SERIES/SOP.dcm`, `incoming/`, `index.sqlite`,"
+                           " `results/SERIES/SOP.dcm` (the node's own results), `audit.log`",
                            env="MUSCLENODE_DATA", shortcut="data")
     open: bool = setting(False, "accept any calling AE from any address", env="MUSCLENODE_OPEN", shortcut="open")
     min_free_mb: NonNegative = setting(
@@ -297,7 +298,9 @@ class NodeSettings(Section):
                                      env="MUSCLENODE_LOG_PATIENT_DATA", shortcut="log_patient_data")
     log_format: Annotated[str, one_of("json", "text")] = setting(
         "json", "`json` (one object a line) or `text`; the audit log `audit.log` in the data folder records every"
-        " association and export", env="MUSCLENODE_LOG_FORMAT", shortcut="log_format")
+        " association the node judges (accepted, rejected, how it ended) and every export; an association to"
+        " another called AE title is rejected by pynetdicom before that and is not in it",
+        env="MUSCLENODE_LOG_FORMAT", shortcut="log_format")
 
 
 class AssemblySettings(Section):
