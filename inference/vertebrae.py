@@ -31,7 +31,7 @@ L5's inferior end plate and the median height of the other discs found.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -48,7 +48,9 @@ __all__ = [
     "Prediction",
     "predict",
     "assign_levels",
+    "axis_position",
     "bodies_from_labels",
+    "disc_key_frames",
     "end_plate",
     "find_bodies",
     "is_sagittal",
@@ -365,14 +367,28 @@ def level_of(reference: LevelReference) -> Callable[[FrameGeometry], str | None]
     outside the frame's pixels. If the plane cuts the axis more than once, the cut nearest the
     frame's centre counts. The frame of reference is not checked here (:func:`assign_levels`).
     """
+    locate = axis_position(reference)
+    return lambda frame: locate(frame)[0]
+
+
+def axis_position(reference: LevelReference) -> Callable[[FrameGeometry], tuple[str | None, float | None]]:
+    """Like :func:`level_of`, with where the frame cuts its part of the spine's axis.
+
+    Returns
+    -------
+    callable
+        Frame geometry to ``(level name or None, distance in mm along the axis from the cut to the
+        middle of that part or None)``; for a disc level, the distance to the middle of the disc,
+        which picks a disc's key slice (:func:`disc_key_frames`).
+    """
     segments = _segments(reference)
     if not segments:
-        return lambda frame: None
+        return lambda frame: (None, None)
     vertices = np.array([segments[0][0]] + [s[1] for s in segments])
 
-    def assign(frame: FrameGeometry) -> str | None:
+    def locate(frame: FrameGeometry) -> tuple[str | None, float | None]:
         centre = frame.centre
-        best: tuple[float, str | None] | None = None
+        best: tuple[float, str | None, float] | None = None
         for index, fraction in plane_crossing(vertices, centre, frame.normal):
             start, end, name = segments[index]
             point = start + fraction * (end - start)
@@ -381,10 +397,36 @@ def level_of(reference: LevelReference) -> Callable[[FrameGeometry], str | None]
                 continue
             distance = float(np.linalg.norm(point - centre))
             if best is None or distance < best[0]:
-                best = (distance, name)
-        return None if best is None else best[1]
+                best = (distance, name, abs(fraction - 0.5) * float(np.linalg.norm(end - start)))
+        return (None, None) if best is None or best[1] is None else (best[1], best[2])
 
-    return assign
+    return locate
+
+
+def disc_key_frames(levels: Sequence[str | None], offsets: Sequence[float | None],
+                    excluded: Collection[int] = ()) -> dict[str, int]:
+    """The key slice of each disc level: the frame nearest the middle of the disc.
+
+    Parameters
+    ----------
+    levels, offsets : sequences, one item per frame
+        The frame's level and its distance (mm) from the middle of that level along the spine's
+        axis (:class:`SeriesLevels`).
+    excluded : collection of int
+        Frames that quality control set aside: never a key slice.
+
+    Returns
+    -------
+    dict
+        Disc level name (``"L4-L5"``) to frame index; ties go to the earlier frame.
+    """
+    chosen: dict[str, tuple[float, int]] = {}
+    for index, (level, offset) in enumerate(zip(levels, offsets)):
+        if not level or offset is None or index in excluded or not Level.parse(level).disc:
+            continue
+        if level not in chosen or (offset, index) < chosen[level]:
+            chosen[level] = (offset, index)
+    return {level: index for level, (_, index) in chosen.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -831,12 +873,23 @@ class SeriesLevels:
     reason : str or None
         Why no frame has a level (other frame of reference, no bodies), else None.
     reference : LevelReference or None
+    offsets_mm : tuple of (float or None)
+        One per frame: distance (mm) along the spine's axis from where the frame cuts it to the
+        middle of the frame's level (None without a level); picks each disc's key slice
+        (:meth:`key_frames`).
     """
 
     series_instance_uid: str
     levels: tuple[str | None, ...]
     reason: str | None = None
     reference: LevelReference | None = field(default=None, repr=False)
+    offsets_mm: tuple[float | None, ...] = ()
+
+    def key_frames(self, excluded: Collection[int] = ()) -> dict[str, int]:
+        """Each disc level's key slice, the frame nearest the middle of the disc that quality
+        control kept (:func:`disc_key_frames`): disc level name to frame index."""
+        offsets = self.offsets_mm or tuple(None for _ in self.levels)
+        return disc_key_frames(self.levels, offsets, excluded)
 
     def as_dict(self) -> dict:
         """A JSON-compatible summary (job record, study record): the reference series, the
@@ -868,5 +921,7 @@ def assign_levels(reference: LevelReference | None, series: SeriesImage, reason:
     if not reference.bodies:
         return SeriesLevels(series.series_instance_uid, none,
                             "; ".join(reference.problems) or "no vertebral body found", reference)
-    assign = level_of(reference)
-    return SeriesLevels(series.series_instance_uid, tuple(assign(g) for g in series.geometry), None, reference)
+    locate = axis_position(reference)
+    found = [locate(g) for g in series.geometry]
+    return SeriesLevels(series.series_instance_uid, tuple(level for level, _ in found), None, reference,
+                        tuple(offset for _, offset in found))

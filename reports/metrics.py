@@ -143,7 +143,11 @@ class FatResult:
 
 @dataclass(frozen=True)
 class MuscleMetrics:
-    """Metrics of one muscle, one side or both sides together, one level group."""
+    """Metrics of one muscle, one side or both sides together, one level group.
+
+    ``key_slice`` is, for a disc level (``"L4-L5"``), the muscle on the frame nearest the middle
+    of the disc (None for other groups, or when the muscle is absent from that frame).
+    """
 
     muscle: Muscle
     side: Laterality
@@ -156,6 +160,7 @@ class MuscleMetrics:
     asymmetry_percent: float | None
     range_mm: tuple[float, float]
     label_values: tuple[int, ...] = field(default=())
+    key_slice: SliceArea | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "muscle", Muscle(self.muscle))
@@ -332,6 +337,7 @@ def measure(
     fat: FatSource | None = None,
     level_of: LevelAssigner | None = None,
     exclude: Collection[int] = (),
+    key_frames: Mapping[str, int] | None = None,
 ) -> list[MuscleMetrics]:
     """Metrics of every muscle in a label map, per side and both sides, overall and per level.
 
@@ -347,6 +353,10 @@ def measure(
         Frames that enter no metric (excluded by :mod:`inference.segmentation_quality`). A
         volume whose range of frames has an excluded frame inside it is not given (None): the
         gap would be counted as no muscle.
+    key_frames : mapping of str to int, optional
+        Each disc level's key slice, the frame nearest the middle of the disc
+        (:meth:`inference.vertebrae.SeriesLevels.key_frames`): that level's metrics carry the
+        muscle on that frame as ``key_slice`` (its cross-sectional area and fat there).
 
     Returns
     -------
@@ -379,6 +389,11 @@ def measure(
                                              fractions, fat, excluded)
                     if metrics is not None:
                         found[side] = metrics
+            key = (key_frames or {}).get(level)
+            if key is not None:
+                for side, metrics in found.items():
+                    at_key = next((s for s in metrics.slices if s.frame_index == key), None)
+                    found[side] = replace(metrics, key_slice=at_key)
             if all(side in found for side in Laterality):
                 left, right = found[Laterality.LEFT].mean_csa_mm2, found[Laterality.RIGHT].mean_csa_mm2
                 asymmetry = (right - left) / ((right + left) / 2) * 100

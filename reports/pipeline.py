@@ -323,7 +323,7 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
     level_of = (lambda frame: by_frame.get((frame.sop_instance_uid, frame.frame_number))) if by_frame else None
     if quality.measured:
         metrics = measure(label_map, _fat_source(item.kind, images, settings), level_of=level_of,
-                          exclude=quality.excluded_frames)
+                          exclude=quality.excluded_frames, key_frames=levels.key_frames(quality.excluded_frames))
         assessments = assess(metrics, patient, assume_levels=settings.assume_levels, site=settings.site_reference,
                              levels_reason=levels.reason)
     else:  # no number leaves the node: the SR and summary say "not measured" and why
@@ -350,7 +350,7 @@ COHORT_COLUMNS = (
     "study", "series", "model", "age", "sex", "bmi", "muscle", "side", "level", "slices", "mean_csa_mm2",
     "volume_cm3", "fat_method", "fat_percent", "fat_median_percent", "functional_csa_mm2", "asymmetry_percent",
     "fat_z", "fat_percentile", "reference", "no_reference_reason", "grade", "range_min_mm", "range_max_mm",
-    "quality", "excluded_images",
+    "quality", "excluded_images", "key_slice_sop_instance_uid", "key_slice_csa_mm2", "key_slice_fat_percent",
 )
 
 
@@ -390,7 +390,9 @@ def cohort_rows(results: Results, study: str) -> list[dict[str, Any]]:
     count them); ``sex`` and ``bmi`` are the values the comparisons used, empty when missing.
     ``quality`` is the segmentation's verdict ("pass" or "limited"; a series "not measured" has
     no rows, and the study record lists it with its reason) and ``excluded_images`` how many of
-    the series' images it excluded from the numbers.
+    the series' images it excluded from the numbers. For a disc level (``L4-L5``), the
+    ``key_slice_*`` columns give the muscle on the image nearest the middle of the disc: its SOP
+    Instance UID, cross-sectional area (mm²) and fat (%); empty for other rows.
     """
     rows = []
     patient = results.patient
@@ -418,6 +420,10 @@ def cohort_rows(results: Results, study: str) -> list[dict[str, Any]]:
             "grade": None if assessment.grade is None else assessment.grade.value,
             "range_min_mm": round(m.range_mm[0], 1), "range_max_mm": round(m.range_mm[1], 1),
             "quality": verdict, "excluded_images": excluded,
+            "key_slice_sop_instance_uid": None if m.key_slice is None else m.key_slice.sop_instance_uid,
+            "key_slice_csa_mm2": None if m.key_slice is None else round(m.key_slice.area_mm2, 2),
+            "key_slice_fat_percent": (None if m.key_slice is None or m.key_slice.fat_percent is None
+                                      else round(m.key_slice.fat_percent, 2)),
         }
         comparison = assessment.fat
         if comparison is not None:

@@ -23,6 +23,8 @@ from inference.vertebrae import (
     Body,
     LevelReference,
     assign_levels,
+    axis_position,
+    disc_key_frames,
     find_bodies,
     level_of,
     name_candidates,
@@ -321,3 +323,19 @@ def test_reference_prefers_sagittal_t2_then_t1():
     assert choose_reference([stir, tra])[0] is stir
     none, _, reason = choose_reference([tra])
     assert none is None and "no sagittal series" in reason
+
+
+def test_disc_key_frame_is_the_frame_nearest_the_middle_of_the_disc():
+    # L3 from z 0 to -30, L3-L4 disc from -30 to -40 (middle -35), L4 from -40 to -70.
+    reference = _reference([_body("L3", 0.0), _body("L4", -40.0)])
+    locate = axis_position(reference)
+    assert locate(_axial(-31.0)) == ("L3-L4", pytest.approx(4.0))
+    assert locate(_axial(-55.0)) == ("L4", pytest.approx(0.0))
+    assert locate(_axial(5.0)) == (None, None)
+    heights = [-29.0, -31.0, -34.0, -37.5, -39.5, -55.0]
+    found = [locate(_axial(z)) for z in heights]
+    levels, offsets = [f[0] for f in found], [f[1] for f in found]
+    assert disc_key_frames(levels, offsets) == {"L3-L4": 2}  # -34 is 1 mm from the middle
+    # Quality control set that frame aside: the next nearest that passed (-37.5, 2.5 mm) is the key slice.
+    assert disc_key_frames(levels, offsets, excluded={2}) == {"L3-L4": 3}
+    assert disc_key_frames(levels, offsets, excluded={1, 2, 3, 4}) == {}

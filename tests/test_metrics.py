@@ -144,6 +144,30 @@ def test_levels_group_the_slices() -> None:
         levels_by_height({"L4": (0.0, 20.0), "L3": (10.0, 30.0)})
 
 
+def test_a_disc_level_carries_its_key_slice() -> None:
+    geometry = _oblique_stack(tilt_degrees=0, slices=4, step_mm=10.0, size=40, spacing=(1.0, 1.0))
+    labels = []
+    for index, frame in enumerate(geometry):
+        label = np.zeros(frame.shape, np.uint8)
+        label[10:20 + index, 25:35] = 3  # 100, 110, 120, 130 mm2 on the left
+        labels.append(label)
+    image = [np.ones(g.shape, np.float32) for g in geometry]
+    label_map = LabelMap(_series(image, geometry), tuple(labels), MEANING)
+    level_of = levels_by_height({"L4-L5": (-1.0, 35.0)})
+    heights = sorted(g.centre[2] for g in geometry)
+    key = [round(g.centre[2], 3) for g in geometry].index(round(heights[2], 3))
+    results = {(m.level, m.side): m for m in measure(label_map, level_of=level_of, key_frames={"L4-L5": key})}
+    left = results[("L4-L5", "left")]
+    assert left.key_slice is not None and left.key_slice.frame_index == key
+    assert left.key_slice.area_mm2 == pytest.approx(100.0 + 10 * key)
+    assert results[("L4-L5", "both")].key_slice.area_mm2 == pytest.approx(100.0 + 10 * key)
+    assert results[("all", "left")].key_slice is None
+    # The key slice excluded by quality control: the level has none rather than another frame's numbers.
+    again = {(m.level, m.side): m for m in measure(label_map, level_of=level_of, key_frames={"L4-L5": key},
+                                                    exclude={key})}
+    assert again[("L4-L5", "left")].key_slice is None
+
+
 @pytest.fixture(scope="module")
 def tum01(tmp_path_factory: pytest.TempPathFactory):
     studies.require_data()
