@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 
@@ -37,7 +37,7 @@ from inference.geometry import LabelMap, SeriesImage
 from inference.patient import PatientContext
 from inference.segmentation_quality import SegmentationQuality
 from inference.set_aside import describe_counts
-from inference.vocabulary import FatQuantity, Laterality, Muscle, Side
+from inference.vocabulary import FatQuantity, Laterality, Level, Muscle, Side
 
 from .assessment import Assessment
 from .metrics import ALL_LEVELS
@@ -45,11 +45,15 @@ from .reference import Comparison
 
 __all__ = [
     "PAGE_SHAPE",
+    "PREFERRED_DISCS",
     "RESEARCH_USE",
     "DisplaySlice",
     "Page",
+    "choose_frames",
+    "disc_key_frames",
     "display_slice",
     "key_frames",
+    "level_order",
     "orientation_letters",
     "render_pages",
 ]
@@ -257,10 +261,14 @@ class Page:
         What the page shows (ASCII, for ImageComments and PDF metadata).
     pixels : numpy.ndarray
         uint8 RGB ``(rows, columns, 3)``, :data:`PAGE_SHAPE`.
+    frames : tuple of int
+        The frames of the series the page shows (the key slices of page 1), head to foot; empty
+        for a page that shows numbers of the whole segmentation.
     """
 
     title: str
     pixels: np.ndarray
+    frames: tuple[int, ...] = ()
 
 
 def _figure():
@@ -486,8 +494,11 @@ def _draw_slice(figure, rect, item: DisplaySlice, window, meaning, title: str, a
             spine.set_linewidth(3)
 
 
-def _slice_title(series: SeriesImage, index: int, levels: dict[int, str]) -> str:
+def _slice_title(series: SeriesImage, index: int, levels: dict[int, str], disc: str | None = None) -> str:
+    """A key slice's title: its disc level first when it is that disc's key slice."""
     height = series.geometry[index].centre[2]
+    if disc is not None:
+        return f"{disc} \u00b7 image {index + 1} of {len(series)} \u00b7 z {height:+.0f} mm"
     level = f" \u00b7 {levels[index]}" if index in levels else ""
     return f"Image {index + 1} of {len(series)} \u00b7 z {height:+.0f} mm{level}"
 
@@ -501,39 +512,127 @@ def _frame_levels(assessments: Sequence[Assessment]) -> dict[int, str]:
     return levels
 
 
-def _shown_frames(label_map: LabelMap, quality: SegmentationQuality | None) -> list[int]:
-    """The key frames (:func:`key_frames`), with one excluded frame among them when there is one,
-    so that the page shows what the quality control set aside."""
-    frames = key_frames(label_map, 4)
-    excluded = sorted(quality.excluded_frames) if quality is not None else []
-    if excluded and not set(frames) & set(excluded):
-        frames = frames[:3] + [excluded[len(excluded) // 2]]
+#: Disc levels whose key slices page 1 shows first (the levels most often read and published).
+PREFERRED_DISCS = ("L3-L4", "L4-L5", "L5-S1")
+
+
+def level_order(level: str) -> tuple[int, float, str]:
+    """Sort key of a level name, head to foot.
+
+    Returns
+    -------
+    tuple
+        ``(0, order, "")`` for a level of the vocabulary (:attr:`Level.order`: T12, T12-L1, L1,
+        L1-L2, ..., L5, L5-S1, S1), ``(1, 0.0, name)`` for any other name, so that names the
+        vocabulary does not know come last, alphabetically.
+    """
+    try:
+        return (0, Level.parse(level).order, "")
+    except ValueError:
+        return (1, 0.0, level)
+
+
+def _is_disc(level: str) -> bool:
+    try:
+        return Level.parse(level).disc
+    except ValueError:
+        return False
+
+
+def disc_key_frames(assessments: Sequence[Assessment]) -> dict[str, int]:
+    """The key slice of each disc level that has one.
+
+    Returns
+    -------
+    dict of str to int
+        Disc level name to the frame index of its key slice (``metrics.key_slice``, the frame
+        nearest the middle of the disc); a level whose muscles have no key slice (absent there,
+        or the frame excluded by quality control) is left out.
+    """
+    frames: dict[str, int] = {}
+    for item in assessments:
+        metrics = item.metrics
+        if metrics.level != ALL_LEVELS and metrics.key_slice is not None and _is_disc(metrics.level):
+            frames.setdefault(metrics.level, metrics.key_slice.frame_index)
+    return frames
+
+
+def choose_frames(spread: Sequence[int], discs: Mapping[str, int], excluded: Collection[int],
+                  heights: Sequence[float], count: int = 4) -> list[tuple[int, str | None]]:
+    """The frames page 1 shows, and the disc level each is the key slice of.
+
+    Parameters
+    ----------
+    spread : sequence of int
+        Frames spread over the labelled range (:func:`key_frames`), head to foot: shown when no
+        disc level has a key slice.
+    discs : mapping of str to int
+        Disc level name to its key frame (:func:`disc_key_frames`).
+    excluded : collection of int
+        Frames that quality control excluded.
+    heights : sequence of float
+        Head-foot position (LPS z, mm) of every frame of the series.
+    count : int
+        Most frames to show.
+
+    Returns
+    -------
+    list of (int, str or None)
+        At most ``count`` distinct frames, head to foot (ties by index), each with its disc level
+        or None. With disc key slices: those of L3-L4, L4-L5 and L5-S1 first, then the other
+        discs head to foot; otherwise ``spread``. When frames were excluded and none of those
+        chosen is, the chosen frame of least priority (the last disc taken, or the foot-most of
+        ``spread``) gives way to the middle excluded frame, so that the page shows what quality
+        control set aside.
+    """
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    if discs:
+        names = sorted(discs, key=lambda name: (name not in PREFERRED_DISCS, level_order(name)))
+        chosen: list[tuple[int, str | None]] = []
+        for name in names:
+            if discs[name] not in [frame for frame, _ in chosen]:
+                chosen.append((discs[name], name))
+    else:
+        chosen = [(frame, None) for frame in dict.fromkeys(spread)]
+    chosen = chosen[:count]
+    ordered = sorted(excluded)
+    if ordered and not {frame for frame, _ in chosen} & set(ordered):
+        chosen = chosen[:count - 1] + [(ordered[len(ordered) // 2], None)]
+    return sorted(chosen, key=lambda pair: (-heights[pair[0]], pair[0]))
+
+
+def _shown_frames(label_map: LabelMap, assessments: Sequence[Assessment],
+                  quality: SegmentationQuality | None) -> list[tuple[int, str | None]]:
+    """Page 1's frames (:func:`choose_frames`) for this label map, its measurements and quality."""
+    excluded = quality.excluded_frames if quality is not None else frozenset()
     heights = [g.centre[2] for g in label_map.series.geometry]
-    return sorted(frames, key=lambda i: (-heights[i], i))
+    return choose_frames(key_frames(label_map, 4), disc_key_frames(assessments), excluded, heights)
 
 
 def _key_slice_page(figure, label_map: LabelMap, assessments: Sequence[Assessment],
-                    quality: SegmentationQuality | None = None) -> None:
+                    quality: SegmentationQuality | None, shown: Sequence[tuple[int, str | None]]) -> None:
     series = label_map.series
-    frames = _shown_frames(label_map, quality)
+    discs = dict(shown)
     excluded = quality.excluded_frames if quality is not None else frozenset()
-    slices = [display_slice(series, label_map.labels[i], i) for i in frames]
+    slices = [display_slice(series, label_map.labels[i], i) for i, _ in shown]
     windows = _crop(slices, list(label_map.meaning))
     levels = _frame_levels(assessments)
     # A 2 x 2 grid, head to foot in reading order; legend and key numbers in the right column.
     size, title, top, gap = 372, 30, 134, 20
     cells = [(16 + column * (size + gap), top + row * (size + title + 10)) for row in (0, 1) for column in (0, 1)]
     for (left, cell_top), item, window in zip(cells, slices, windows):
-        shown = (f"Image {item.frame_index + 1} of {len(series)} \u00b7 EXCLUDED" if item.frame_index in excluded
-                 else _slice_title(series, item.frame_index, levels))
-        _draw_slice(figure, _rect(left, cell_top + title, size, size), item, window, label_map.meaning, shown,
+        heading = (f"Image {item.frame_index + 1} of {len(series)} \u00b7 EXCLUDED" if item.frame_index in excluded
+                   else _slice_title(series, item.frame_index, levels, discs[item.frame_index]))
+        _draw_slice(figure, _rect(left, cell_top + title, size, size), item, window, label_map.meaning, heading,
                     alert=item.frame_index in excluded)
     column = 16 + 2 * (size + gap) + 14
     bottom = _legend_block(figure, label_map, column, top + 14)
     if quality is not None and not quality.measured:
         _not_measured_block(figure, quality, column, bottom + 26)
     else:
-        _glance_block(figure, label_map, assessments, column, bottom + 26, quality)
+        _glance_block(figure, label_map, assessments, column, bottom + 26, quality,
+                      [disc for _, disc in shown if disc is not None])
 
 
 def _not_measured_block(figure, quality: SegmentationQuality, left: float, top: float) -> None:
@@ -588,7 +687,7 @@ def _legend_block(figure, label_map: LabelMap, left: float, top: float) -> float
 
 
 def _glance_block(figure, label_map: LabelMap, assessments: Sequence[Assessment], left: float,
-                  top: float, quality: SegmentationQuality | None = None) -> None:
+                  top: float, quality: SegmentationQuality | None = None, discs: Sequence[str] = ()) -> None:
     lines = []
     overall = [a for a in assessments if a.metrics.level == ALL_LEVELS and a.metrics.side is not Laterality.BOTH]
     for item in sorted(overall, key=lambda a: (a.metrics.muscle.index, a.metrics.side is not Laterality.RIGHT)):
@@ -613,15 +712,19 @@ def _glance_block(figure, label_map: LabelMap, assessments: Sequence[Assessment]
                  fontweight="bold" if alert else "normal")
         y += 27
     y += 10
-    for note in _page1_notes(label_map, assessments, quality):
+    for note in _page1_notes(label_map, assessments, quality, discs):
         wrapped = _wrap(note, 13, PAGE_SHAPE[1] - left - 16, indent="")
         _text_px(figure, left, y, wrapped, fontsize=13, color=_MUTED, linespacing=1.3)
         y += 23.5 * (wrapped.count("\n") + 1) + 8
 
 
 def _page1_notes(label_map: LabelMap, assessments: Sequence[Assessment],
-                 quality: SegmentationQuality | None = None) -> list[str]:
+                 quality: SegmentationQuality | None = None, discs: Sequence[str] = ()) -> list[str]:
     notes = ["Full measurements, reference bands and grades: next pages."]
+    if discs:
+        names = ", ".join(sorted(discs, key=level_order))
+        notes.insert(0, f"Images: the key slice of each disc level shown ({names}), the image nearest the "
+                        "middle of the disc.")
     if quality is not None and quality.excluded:
         notes.append(f"Quality control: {quality.verdict}. {quality.reason}. Excluded images enter no number "
                      "(marked EXCLUDED where shown).")
@@ -1271,15 +1374,18 @@ def render_pages(
         for number, (kind, title, entries) in enumerate(plan, start=1):
             figure = _figure()
             _header(figure, context, number, title)
+            frames: tuple[int, ...] = ()
             if kind == "slices":
-                _key_slice_page(figure, label_map, assessments, quality)
+                shown = _shown_frames(label_map, assessments, quality)
+                frames = tuple(frame for frame, _ in shown)
+                _key_slice_page(figure, label_map, assessments, quality, shown)
             elif kind == "table":
                 _table_page(figure, entries, assessments)
             elif kind == "charts":
                 _chart_page(figure, assessments)
             else:
                 _centile_page(figure, assessments)
-            pages.append(Page(_ascii_title(number, len(plan), title), _pixels(figure)))
+            pages.append(Page(_ascii_title(number, len(plan), title), _pixels(figure), frames))
     return pages
 
 

@@ -28,8 +28,10 @@ Encoding decisions
   Image module; highdicom asks for an orientation, which is then cleared).
 - UIDs come from :class:`reports.uids.ResultIdentity` (``uid("summary", "series")``,
   ``uid("summary", "instance", "<page>")``), so that a re-run replaces the pages in the PACS.
-- The first page references the key slices it shows (SourceImageSequence, purpose "source image
-  for image processing operation"); the other pages reference every segmented instance.
+- The first page references the key slices it shows (:attr:`reports.render.Page.frames`, so the
+  disc levels' key slices or an excluded image where the page shows them; SourceImageSequence,
+  purpose "source image for image processing operation"); the other pages reference every
+  segmented instance.
 """
 
 from __future__ import annotations
@@ -205,7 +207,10 @@ def encode_pages(
         ds.DerivationDescription = _dicom_text(
             f"Summary of the automatic segmentation by {equipment.model} of series "
             f"{series.series_instance_uid}, drawn by {equipment.source}. {RESEARCH_USE}.")
-        ds.SourceImageSequence = _references(label_map, shown if number == 1 else every_frame)
+        if page.frames:
+            ds.SourceImageSequence = _references(label_map, page.frames)
+        else:
+            ds.SourceImageSequence = _references(label_map, shown if number == 1 else every_frame)
         ds.BurnedInAnnotation = "YES"
         ds.RecognizableVisualFeatures = "NO"
         ds.LossyImageCompression = "00"

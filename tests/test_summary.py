@@ -35,6 +35,8 @@ from reports.render import (
     _Notes,
     _row_cells,
     _table_pages,
+    choose_frames,
+    disc_key_frames,
     display_slice,
     key_frames,
     orientation_letters,
@@ -318,3 +320,90 @@ def test_key_frames_spread_over_the_labelled_range_head_first(tum01) -> None:  #
     assert key_frames(empty, 4) == [min(range(len(label_map.series)),
                                         key=lambda i: abs(label_map.series.geometry[i].centre[2]
                                                           - np.mean([g.centre[2] for g in label_map.series.geometry])))]
+
+
+# ---------------------------------------------------------------------------------------------
+# Vertebral levels: key slices per disc
+
+
+#: Levels of the synthetic stack by height (z, mm): 29 axial images 4 mm apart from z 0 (foot,
+#: image 1) to z 112 (head); image 1 has no level.
+LEVEL_RANGES = {"L3": (92.0, 115.0), "L3-L4": (80.0, 91.0), "L4": (52.0, 79.0), "L4-L5": (40.0, 51.0),
+                "L5": (16.0, 39.0), "L5-S1": (4.0, 15.0)}
+#: Each disc's key slice, the image nearest its middle: z 84, 44 and 8.
+DISC_KEYS = {"L3-L4": 21, "L4-L5": 11, "L5-S1": 2}
+
+
+def _levelled_study():
+    """A synthetic Dixon stack of 29 axial images with multifidus and erector spinae on both sides,
+    its levels (:data:`LEVEL_RANGES`) and disc key slices (:data:`DISC_KEYS`), measured and assessed."""
+    from tests.test_metrics import MEANING, _ellipse_mask, _oblique_stack, _series
+
+    geometry = _oblique_stack(tilt_degrees=0, slices=29, step_mm=4.0, size=96, spacing=(1.5, 1.5))
+    rng = np.random.default_rng(7)
+    labels, water, fat = [], [], []
+    for k, frame in enumerate(geometry):
+        row, column = np.asarray(frame.row_cosine), np.asarray(frame.column_cosine)
+        centre = np.asarray(frame.centre)
+        grow = 1 + 0.4 * (28 - k) / 28  # larger towards the foot
+        label = np.zeros(frame.shape, np.uint8)
+        body = _ellipse_mask(frame, centre, (62, 48), (row, column))
+        for value, across, depth, semi in ((1, -36, 22, (13, 11)), (4, 36, 22, (14, 11)),
+                                           (2, -13, 28, (7, 9)), (3, 13, 28, (7.5, 9))):
+            where = centre + across * row + depth * column
+            label[_ellipse_mask(frame, where, (semi[0] * grow, semi[1] * grow), (row, column))] = value
+        fraction = np.where(label > 0, 0.08 + 0.006 * (28 - k), 0.9) * body
+        signal = (300 + 20 * rng.standard_normal(frame.shape)) * body
+        water.append((signal * (1 - fraction)).astype(np.float32))
+        fat.append((signal * fraction).astype(np.float32))
+        labels.append(label)
+    water_series = _series(water, geometry, "1.2.3.100")
+    fat_series = _series(fat, geometry, "1.2.3.200")
+    label_map = LabelMap(water_series, tuple(labels), MEANING)
+    metrics = measure(label_map, FatSource(water=water_series, fat=fat_series),
+                      level_of=levels_by_height(LEVEL_RANGES), key_frames=DISC_KEYS)
+    patient = from_dataset({})
+    return SimpleNamespace(label_map=label_map, metrics=metrics, assessments=assess(metrics, patient),
+                           patient=patient)
+
+
+@pytest.fixture(scope="module")
+def levelled():
+    return _levelled_study()
+
+
+def test_page_one_shows_the_disc_levels_key_slices_preferring_l3_to_s1() -> None:
+    heights = [float(-k) for k in range(40)]  # image k lies k mm below image 0: index order is head to foot
+    discs = {"L5-S1": 30, "L1-L2": 5, "L2-L3": 12, "L4-L5": 25, "L3-L4": 18}
+    spread = [8, 16, 24, 32]
+    # L3-L4, L4-L5, L5-S1, then the other discs head to foot (L1-L2 before L2-L3); shown head to foot.
+    assert choose_frames(spread, discs, (), heights) == [(5, "L1-L2"), (18, "L3-L4"), (25, "L4-L5"), (30, "L5-S1")]
+    assert choose_frames(spread, {"L4-L5": 25}, (), heights) == [(25, "L4-L5")]
+    # No disc level: the spread of the labelled range, as without levels.
+    assert choose_frames(spread, {}, (), heights) == [(8, None), (16, None), (24, None), (32, None)]
+    # An excluded image is shown in place of the choice of least priority.
+    assert choose_frames(spread, discs, {2, 3, 4}, heights) == [(3, None), (18, "L3-L4"), (25, "L4-L5"),
+                                                                 (30, "L5-S1")]
+    assert choose_frames(spread, {}, {2, 3, 4}, heights) == [(3, None), (8, None), (16, None), (24, None)]
+    # ... unless one of the chosen images is itself excluded.
+    assert choose_frames(spread, {}, {16}, heights) == [(8, None), (16, None), (24, None), (32, None)]
+    # Head to foot by height, not by index: a series stored foot first.
+    rising = [float(k) for k in range(40)]
+    assert [f for f, _ in choose_frames(spread, {}, (), rising)] == [32, 24, 16, 8]
+    with pytest.raises(ValueError):
+        choose_frames(spread, discs, (), heights, count=0)
+
+
+def test_disc_key_frames_come_from_the_disc_levels_metrics(levelled) -> None:
+    assert disc_key_frames(levelled.assessments) == DISC_KEYS
+    assert disc_key_frames([a for a in levelled.assessments if a.metrics.level in ("all", "L4")]) == {}
+    pages = render_pages(levelled.label_map, levelled.assessments, levelled.patient, model_name=MODEL,
+                         model_version=VERSION, software_version=SOFTWARE)
+    # Page 1 shows (and its Secondary Capture references) the three discs' key slices, head to foot.
+    assert pages[0].frames == (21, 11, 2)
+    identity = ResultIdentity(["1.2.3.100"], f"{MODEL} {VERSION}", SOFTWARE)
+    first = encode_pages(pages[:2], levelled.label_map, identity, None, model_name=MODEL, model_version=VERSION,
+                         software_version=SOFTWARE, created=CREATED)
+    uids = {levelled.label_map.series.geometry[i].sop_instance_uid for i in (21, 11, 2)}
+    assert {item.ReferencedSOPInstanceUID for item in first[0].SourceImageSequence} == uids
+    assert len(first[1].SourceImageSequence) == len(levelled.label_map.series)
