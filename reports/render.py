@@ -915,11 +915,13 @@ def _row_cells(item: Assessment, notes: _Notes) -> dict[str, _Cell]:
 
 
 def _groups(assessments: Sequence[Assessment]) -> list[tuple[str, list[Assessment]]]:
-    """Assessments by level group: the whole series first, then each level in order."""
+    """Assessments by level group: the whole series first, then each level head to foot
+    (:func:`level_order`: L1, L1-L2, L2, ..., L5, L5-S1); in each, muscles in their order and
+    left, right, both."""
     groups: dict[str, list[Assessment]] = {}
     for item in assessments:
         groups.setdefault(item.metrics.level, []).append(item)
-    order = sorted(groups, key=lambda level: (level != ALL_LEVELS, level))
+    order = sorted(groups, key=lambda level: (level != ALL_LEVELS, level_order(level)))
     return [(level, sorted(groups[level], key=lambda a: (a.metrics.muscle.index,
                                                            tuple(Laterality).index(a.metrics.side))))
             for level in order]
@@ -927,17 +929,62 @@ def _groups(assessments: Sequence[Assessment]) -> list[tuple[str, list[Assessmen
 
 _TABLE_TOP, _HEADER_HEIGHT, _ROW_HEIGHT = 146, 54, 37
 _NOTE_SIZE, _NOTE_LINE = 13, 20
+#: The key-slice line under a disc level's rows: font size, height of a text line.
+_KEY_SIZE, _KEY_LINE = 14, 23
 
 
-def _table_pages(assessments: Sequence[Assessment]) -> list[list[tuple[str, object]]]:
-    """Entries of the measurement pages: ("group", title) and ("row", assessment).
+def _key_slice_text(items: Sequence[Assessment], frame_count: int) -> str | None:
+    """A disc level's key slice in words: which image, and each muscle side's CSA and fat there.
+
+    Returns
+    -------
+    str or None
+        ``"Key slice (middle of the disc), image 12 of 29: MF R 812 mm² 9.1 %, L 790 mm² 8.7 % ·
+        ES R ..."`` (left and right sides; fat where measured on that slice), or None when no
+        row of the group has a key slice.
+    """
+    sides = [a.metrics for a in items if a.metrics.key_slice is not None and a.metrics.side is not Laterality.BOTH]
+    if not sides:
+        return None
+    frame = sides[0].key_slice.frame_index
+    parts: list[str] = []
+    for metrics in sorted(sides, key=lambda m: (m.muscle.index, m.side is not Laterality.RIGHT)):
+        key = metrics.key_slice
+        # No-break spaces: a line may break between sides, never inside one side's values.
+        fat = f"\u00a0{key.fat_percent:.1f}\u00a0%" if key.fat_percent is not None else ""
+        value = f"{metrics.side.letter}\u00a0{key.area_mm2:.0f}\u00a0mm\u00b2{fat}"
+        if parts and parts[-1][0] == metrics.muscle:
+            parts[-1] = (metrics.muscle, f"{parts[-1][1]}, {value}")
+        else:
+            parts.append((metrics.muscle, f"{metrics.muscle.short} {value}".replace(" ", "\u00a0")))
+    return (f"Key slice (middle of the disc), image {frame + 1} of {frame_count}: "
+            + "  \u00b7  ".join(text for _, text in parts))
+
+
+def _key_line(text: str) -> str:
+    """The key-slice text wrapped to the table's width."""
+    return _wrap(text, _KEY_SIZE, PAGE_SHAPE[1] - 32 - 16, indent="    ")
+
+
+def _entry_height(kind: str, value: object) -> float:
+    """Height in page pixels of a table entry: a group title or a row, or a key-slice line."""
+    if kind == "key":
+        return _KEY_LINE * (_key_line(value).count("\n") + 1) + 12
+    return _ROW_HEIGHT
+
+
+def _table_pages(assessments: Sequence[Assessment], frame_count: int = 0) -> list[list[tuple[str, object]]]:
+    """Entries of the measurement pages: ("group", title), ("row", assessment) and, after the
+    rows of a disc level with a key slice, ("key", text) (:func:`_key_slice_text`).
 
     Rows go onto a page while the page's footnotes still fit below them, so that no note is ever
-    cut off; a group that continues on the next page repeats its title.
+    cut off; a group that continues on the next page repeats its title. ``frame_count`` is the
+    number of images of the series (to name the key slice "image 12 of 29").
     """
     pages: list[list[tuple[str, object]]] = []
     current: list[tuple[str, object]] = []
     for level, items in _groups(assessments):
+        key = _key_slice_text(items, frame_count) if level != ALL_LEVELS else None
         title = "Whole series" if level == ALL_LEVELS else f"Level {level}"
         if level == ALL_LEVELS and items and items[0].levels:
             title += f" (compared with the {items[0].levels} reference)"
@@ -950,6 +997,8 @@ def _table_pages(assessments: Sequence[Assessment]) -> list[list[tuple[str, obje
                 blocks.append([item])
         for position, block in enumerate(blocks):
             rows: list[tuple[str, object]] = [("row", item) for item in block]
+            if key is not None and position == len(blocks) - 1:
+                rows.append(("key", key))
             addition = ([("group", title)] if position == 0 else []) + rows
             if current and not _fits(current + addition):
                 pages.append(current)
@@ -978,7 +1027,7 @@ def _note_height(text: str) -> float:
 
 
 def _fits(entries: list[tuple[str, object]]) -> bool:
-    table = _HEADER_HEIGHT + _ROW_HEIGHT * len(entries)
+    table = _HEADER_HEIGHT + sum(_entry_height(kind, value) for kind, value in entries)
     _, wrapped = _page_notes(entries)
     return _TABLE_TOP + table + 16 + sum(_note_height(t) for t, _ in wrapped) <= PAGE_SHAPE[0] - 8
 
@@ -987,7 +1036,8 @@ def _table_page(figure, entries: list[tuple[str, object]], assessments: Sequence
     notes, wrapped = _page_notes(entries)
     columns = _columns(assessments)
     width = sum(c[2] for c in columns)
-    total = _HEADER_HEIGHT + _ROW_HEIGHT * max(len(entries), 1)
+    total = _HEADER_HEIGHT + (sum(_entry_height(kind, value) for kind, value in entries) if entries
+                              else _ROW_HEIGHT)
     table = figure.add_axes(_rect(16, _TABLE_TOP, width, total))
     table.set_axis_off()
     table.set_xlim(0, width)
@@ -1008,6 +1058,11 @@ def _table_page(figure, entries: list[tuple[str, object]], assessments: Sequence
                        fontweight="bold")
             y += _ROW_HEIGHT
             previous = None
+            continue
+        if kind == "key":
+            table.text(16, y + 6, _key_line(value), ha="left", va="top", color=_MUTED, fontsize=_KEY_SIZE,
+                       linespacing=1.25)
+            y += _entry_height(kind, value)
             continue
         item = value
         # A new muscle starts a new shade, so that its sides read as one block.
@@ -1351,7 +1406,7 @@ def render_pages(
         plan: list[tuple[str, str, object]] = [("slices", "Not measured: the segmentation failed quality control",
                                                 None)]
     else:
-        tables = _table_pages(assessments)
+        tables = _table_pages(assessments, len(label_map.series))
         plan = [("slices", "Key slices with muscle outlines", None)]
         for number, entries in enumerate(tables, start=1):
             suffix = f" ({number} of {len(tables)})" if len(tables) > 1 else ""

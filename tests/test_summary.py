@@ -39,6 +39,7 @@ from reports.render import (
     disc_key_frames,
     display_slice,
     key_frames,
+    level_order,
     orientation_letters,
     render_pages,
 )
@@ -323,7 +324,7 @@ def test_key_frames_spread_over_the_labelled_range_head_first(tum01) -> None:  #
 
 
 # ---------------------------------------------------------------------------------------------
-# Vertebral levels: key slices per disc
+# Vertebral levels: key slices per disc, the table per level
 
 
 #: Levels of the synthetic stack by height (z, mm): 29 axial images 4 mm apart from z 0 (foot,
@@ -407,3 +408,29 @@ def test_disc_key_frames_come_from_the_disc_levels_metrics(levelled) -> None:
     uids = {levelled.label_map.series.geometry[i].sop_instance_uid for i in (21, 11, 2)}
     assert {item.ReferencedSOPInstanceUID for item in first[0].SourceImageSequence} == uids
     assert len(first[1].SourceImageSequence) == len(levelled.label_map.series)
+
+
+def test_level_groups_are_listed_head_to_foot_with_each_discs_key_slice(levelled) -> None:
+    assert sorted(["L5-S1", "L5", "L1-L2", "T12-L1", "S1", "L1", "T12", "L10x"], key=level_order) == [
+        "T12", "T12-L1", "L1", "L1-L2", "L5", "L5-S1", "S1", "L10x"]
+    tables = _table_pages(levelled.assessments, len(levelled.label_map.series))
+    titles = [value for page in tables for kind, value in page if kind == "group" and "continued" not in value]
+    assert titles[0].startswith("Whole series")
+    assert titles[1:] == ["Level L3", "Level L3-L4", "Level L4", "Level L4-L5", "Level L5", "Level L5-S1"]
+    listed = [value for page in tables for kind, value in page if kind == "row"]
+    assert sorted(map(id, listed)) == sorted(map(id, levelled.assessments))
+    # A disc level's rows are followed by its key slice: the image and each side's CSA and fat there.
+    keys = [(page, n) for page in tables for n, (kind, _) in enumerate(page) if kind == "key"]
+    assert len(keys) == 3
+    by_level = {(a.metrics.level, a.metrics.muscle, a.metrics.side): a.metrics for a in levelled.assessments}
+    for page, n in keys:
+        rows = [value for kind, value in page[:n] if kind == "row"]
+        level = rows[-1].metrics.level
+        text = page[n][1]
+        assert text.startswith(f"Key slice (middle of the disc), image {DISC_KEYS[level] + 1} of 29: ")
+        right = by_level[(level, "multifidus", "right")].key_slice
+        values = f"R {right.area_mm2:.0f} mm\u00b2 {right.fat_percent:.1f} %".replace(" ", "\u00a0")
+        assert f"{Muscle.MULTIFIDUS.short}\u00a0{values}" in text
+        assert f"{Muscle.ERECTOR_SPINAE.short}\u00a0R\u00a0".replace(" ", "\u00a0") in text and ", L\u00a0" in text
+    for page in tables:
+        assert _fits(page)
