@@ -53,6 +53,7 @@ __all__ = [
     "disc_key_frames",
     "display_slice",
     "key_frames",
+    "level_bands",
     "level_order",
     "orientation_letters",
     "render_pages",
@@ -1202,16 +1203,71 @@ def _band_chart(ax, rows: Sequence[Assessment], which: str, xlabel: str, *, labe
             ax.axhline(position - 0.5, color="#707070", linewidth=1)
 
 
+#: Level bands of the slice-by-slice chart: vertebral bodies alternate two greys, discs are blue.
+_BODY_BANDS = ("#242424", "#383838")
+_DISC_BAND = "#173a5e"
+_BODY_NAME = "#ffd966"
+_DISC_NAME = "#8ec5ff"
+
+
+def level_bands(heights: Mapping[str, Sequence[float]]) -> list[tuple[str, float, float]]:
+    """Head-foot bands of the levels, for shading a chart whose vertical axis is the height.
+
+    Parameters
+    ----------
+    heights : mapping of str to sequence of float
+        Level name to the heights (LPS z, mm, +z to the head) of its slices.
+
+    Returns
+    -------
+    list of (str, float, float)
+        ``(name, bottom, top)`` head to foot (by the middle of each level's heights). Neighbours
+        at most 1.5 slice steps apart (the median step between all the heights) meet half-way
+        between their nearest slices; otherwise, and at the ends, a band reaches half a step
+        beyond its outermost slices (1 mm when no step is known).
+    """
+    spans = sorted(((name, min(z), max(z)) for name, z in heights.items() if len(z)),
+                   key=lambda span: (-(span[1] + span[2]) / 2, span[0]))
+    every = np.unique(np.concatenate([np.asarray(z, dtype=float) for z in heights.values()] + [np.zeros(0)]))
+    steps = np.diff(every)
+    steps = steps[steps > 1e-3]
+    step = float(np.median(steps)) if steps.size else 2.0
+    bounds = [[low - step / 2, high + step / 2] for _, low, high in spans]
+    for k in range(len(spans) - 1):
+        (_, low_upper, _), (_, _, high_lower) = spans[k], spans[k + 1]
+        if low_upper - high_lower <= 1.5 * step:
+            middle = (low_upper + high_lower) / 2
+            bounds[k][0] = min(middle, bounds[k][1])
+            bounds[k + 1][1] = max(middle, bounds[k + 1][0])
+    return [(name, bottom, top) for (name, _, _), (bottom, top) in zip(spans, bounds)]
+
+
+def _draw_level_bands(ax, bands: Sequence[tuple[str, float, float]]) -> None:
+    """Shade each level's band under the curves and name it inside the band's right end."""
+    bodies = 0
+    for name, bottom, top in bands:
+        disc = _is_disc(name)
+        colour = _DISC_BAND if disc else _BODY_BANDS[bodies % 2]
+        bodies += not disc
+        ax.axhspan(bottom, top, facecolor=colour, edgecolor="none", zorder=-1)
+        ax.text(0.985, (bottom + top) / 2, name, transform=ax.get_yaxis_transform(), ha="right", va="center",
+                color=_DISC_NAME if disc else _BODY_NAME, fontsize=12, fontweight="bold" if disc else "normal",
+                zorder=4, clip_on=True)
+
+
 def _profile_chart(ax, muscle: Muscle, rows: Sequence[Assessment], show_ylabel: bool) -> None:
-    """CSA of each slice against its head-foot position, left and right."""
+    """CSA of each slice against its head-foot position, left and right, on bands of the levels
+    (:func:`level_bands`) when the slices' levels are known."""
     _style_axes(ax)
     ax.tick_params(labelsize=12)
     levels: dict[str, list[float]] = {}
+    widest = 0.0
     for item in rows:
         metrics = item.metrics
         if metrics.muscle != muscle or metrics.side is Laterality.BOTH:
             continue
         ordered = sorted(metrics.slices, key=lambda s: s.centroid_lps[2])
+        widest = max([widest] + [s.area_mm2 for s in ordered])
         ax.plot([s.area_mm2 for s in ordered], [s.centroid_lps[2] for s in ordered],
                 color=_colour(muscle, metrics.side), linewidth=2.5,
                 marker="o" if metrics.side is Laterality.RIGHT else "s", markersize=6, markeredgecolor="black",
@@ -1223,15 +1279,13 @@ def _profile_chart(ax, muscle: Muscle, rows: Sequence[Assessment], show_ylabel: 
     ax.set_xlabel("CSA per slice, mm\u00b2", fontsize=13)
     if show_ylabel:
         ax.set_ylabel("z (head +), mm", fontsize=13)
-    ax.set_xlim(left=0)
     ax.grid(color="#303030", linewidth=0.8, zorder=0)
-    # Levels: a dashed line between neighbours, the name outside the right edge.
-    spans = sorted((min(z), max(z), name) for name, z in levels.items())
-    for (low_a, high_a, _), (low_b, _, _) in zip(spans, spans[1:]):
-        ax.axhline((high_a + low_b) / 2, color="#ffd966", linewidth=1, linestyle="--", alpha=0.7, zorder=1)
-    for low, high, name in spans:
-        ax.text(1.02, (low + high) / 2, name, transform=ax.get_yaxis_transform(), ha="left", va="center",
-                color="#ffd966", fontsize=12, clip_on=False)
+    if levels:
+        # A lane on the right for the level names, clear of the curves.
+        ax.set_xlim(0, max(widest, 1.0) * 1.3)
+        _draw_level_bands(ax, level_bands(levels))
+    else:
+        ax.set_xlim(left=0)
 
 
 def _chart_page(figure, assessments: Sequence[Assessment]) -> None:
@@ -1281,9 +1335,14 @@ def _chart_page(figure, assessments: Sequence[Assessment]) -> None:
                     label="right (deep shade)"),
              Line2D([], [], marker="s", color="#d0d0d0", markeredgecolor="black", linewidth=2.5, markersize=8,
                     label="left (light shade)")]
+    if any(area.level for a in rows for area in a.metrics.slices):
+        sides += [Patch(facecolor=_BODY_BANDS[1], edgecolor=_BODY_NAME, label="vertebral body"),
+                  Patch(facecolor=_DISC_BAND, edgecolor=_DISC_NAME, label="disc")]
+    # One row, so that it stays clear of the panels' titles below it.
     figure.legend(handles=sides, loc="upper left",
-                  bbox_to_anchor=(560 / PAGE_SHAPE[1], 1 - (heading - 6) / PAGE_SHAPE[0]),
-                  ncol=2, fontsize=13, frameon=False, labelcolor=_TEXT, handlelength=2.2, columnspacing=1.6)
+                  bbox_to_anchor=((560 if len(sides) == 2 else 500) / PAGE_SHAPE[1], 1 - (heading - 6) / PAGE_SHAPE[0]),
+                  ncol=len(sides), fontsize=13, frameon=False, labelcolor=_TEXT, handlelength=2.2,
+                  columnspacing=1.6 if len(sides) == 2 else 1.0)
     if not muscles:
         return
     profile_top = heading + 62

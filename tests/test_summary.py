@@ -39,6 +39,7 @@ from reports.render import (
     disc_key_frames,
     display_slice,
     key_frames,
+    level_bands,
     level_order,
     orientation_letters,
     render_pages,
@@ -324,7 +325,7 @@ def test_key_frames_spread_over_the_labelled_range_head_first(tum01) -> None:  #
 
 
 # ---------------------------------------------------------------------------------------------
-# Vertebral levels: key slices per disc, the table per level
+# Vertebral levels: key slices per disc, the table per level, level bands on the chart
 
 
 #: Levels of the synthetic stack by height (z, mm): 29 axial images 4 mm apart from z 0 (foot,
@@ -434,3 +435,36 @@ def test_level_groups_are_listed_head_to_foot_with_each_discs_key_slice(levelled
         assert f"{Muscle.ERECTOR_SPINAE.short}\u00a0R\u00a0".replace(" ", "\u00a0") in text and ", L\u00a0" in text
     for page in tables:
         assert _fits(page)
+
+
+def test_rendering_with_levels_draws_bands_on_the_slice_chart(levelled, tmp_path: Path) -> None:
+    pages = render_pages(levelled.label_map, levelled.assessments, levelled.patient, model_name=MODEL,
+                         model_version=VERSION, software_version=SOFTWARE)
+    tables = _table_pages(levelled.assessments, len(levelled.label_map.series))
+    assert len(pages) == len(tables) + 2 and all(p.pixels.shape == PAGE_SHAPE + (3,) for p in pages)
+    # The slice-by-slice chart (lower part of the chart page) shades the discs; without levels, no band.
+    disc = (0x17, 0x3a, 0x5e)
+    profile = pages[-1].pixels[560:]
+    assert _near(profile, disc, tolerance=3).sum() > 2000
+    plain = [a for a in assess(measure(levelled.label_map), levelled.patient)]
+    unlevelled = render_pages(levelled.label_map, plain, levelled.patient, model_name=MODEL, model_version=VERSION,
+                              software_version=SOFTWARE)
+    assert _near(unlevelled[-1].pixels[560:], disc, tolerance=3).sum() == 0
+    # Without levels, page 1 keeps the spread of the labelled range.
+    assert unlevelled[0].frames == tuple(key_frames(levelled.label_map, 4))
+    if os.environ.get("MUSCLENODE_SAVE_PAGES"):
+        from PIL import Image
+
+        folder = Path(os.environ["MUSCLENODE_SAVE_PAGES"])
+        for number, page in enumerate(pages, start=1):
+            Image.fromarray(page.pixels).save(folder / f"levels_page{number}.png")
+
+
+def test_level_bands_meet_between_neighbours_and_stop_at_gaps() -> None:
+    bands = level_bands({"L4": [30.0, 26.0, 22.0], "L4-L5": [18.0, 14.0], "L5": [10.0, 6.0], "L5-S1": [-10.0]})
+    assert [name for name, _, _ in bands] == ["L4", "L4-L5", "L5", "L5-S1"]
+    assert bands[0][1:] == pytest.approx((20.0, 32.0))
+    assert bands[1][1:] == pytest.approx((12.0, 20.0))
+    assert bands[2][1:] == pytest.approx((4.0, 12.0))
+    assert bands[3][1:] == pytest.approx((-12.0, -8.0))  # 16 mm below L5: a gap, not a shared edge
+    assert level_bands({}) == []
