@@ -468,3 +468,22 @@ def test_level_bands_meet_between_neighbours_and_stop_at_gaps() -> None:
     assert bands[2][1:] == pytest.approx((4.0, 12.0))
     assert bands[3][1:] == pytest.approx((-12.0, -8.0))  # 16 mm below L5: a gap, not a shared edge
     assert level_bands({}) == []
+
+
+def test_an_excluded_image_is_shown_among_the_disc_key_slices(levelled) -> None:
+    import dataclasses
+
+    from inference.segmentation_quality import check_segmentation
+
+    labels = list(levelled.label_map.labels)
+    labels[15] = np.zeros_like(labels[15])  # an L4 image without outlines fails quality control
+    label_map = dataclasses.replace(levelled.label_map, labels=tuple(labels))
+    quality = check_segmentation(label_map)
+    assert quality.excluded_frames == {15}
+    metrics = measure(label_map, level_of=levels_by_height(LEVEL_RANGES), key_frames=DISC_KEYS,
+                      exclude=quality.excluded_frames)
+    pages = render_pages(label_map, assess(metrics, levelled.patient), levelled.patient, model_name=MODEL,
+                         model_version=VERSION, software_version=SOFTWARE, quality=quality)
+    # The three discs' key slices and the excluded image, head to foot.
+    assert pages[0].frames == (21, 15, 11, 2)
+    assert _near(pages[0].pixels, (255, 90, 90), tolerance=10).sum() > 500  # its alert frame and title
