@@ -45,6 +45,8 @@ __all__ = [
     "LevelReference",
     "SeriesLevels",
     "NAMING",
+    "NO_LEVEL_REFERENCE",
+    "SAGITTAL_COSINE",
     "Prediction",
     "predict",
     "assign_levels",
@@ -67,6 +69,8 @@ NAMING = "consensus"
 #: Smallest angle cosine between a sagittal slice's normal and the patient's left-right axis
 #: (30 degrees).
 SAGITTAL_COSINE = 0.866
+#: Why a study has no level reference.
+NO_LEVEL_REFERENCE = "no sagittal series in the study (slice normal along the patient's left-right axis)"
 #: Candidate bodies smaller than this share of the median candidate are dropped (fragments).
 MIN_BODY_SHARE = 0.2
 #: Candidate bodies smaller than this are dropped whatever the others (ml).

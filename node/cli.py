@@ -110,7 +110,9 @@ def _status(args: argparse.Namespace) -> int:
     for s in report["series"]:
         decision = s["decision"]
         verdict = "not judged yet" if decision is None else (
-            ("SELECTED " if decision["selected"] else "skipped: ") + decision["reason"])
+            "SELECTED " + decision["reason"] if decision["selected"]
+            else decision["reason"] if decision.get("role") == "level_reference"  # "level reference: ..."
+            else "skipped: " + decision["reason"])
         print(f"  {s['series_uid']}  {s['modality']} {s['description']!r}, {s['instances']} instances,"
               f" {s['state']} (v{s['version']}, last {_when(s['last_received'])})")
         print(f"      {verdict}")
@@ -542,7 +544,8 @@ def _levels(args: argparse.Namespace) -> int:
 
     name = args.model or DEFAULT_LEVEL_MODEL
     try:
-        card = load_model(name, args.dir or (), kind=KIND_VERTEBRAE)
+        # The node's model folders too, so that the levels printed are those the pipeline uses.
+        card = load_model(name, [*(args.dir or ()), *_load(args).model_dirs], kind=KIND_VERTEBRAE)
     except CardError as exc:
         print(f"musclenode: level model {name}: {exc}", file=sys.stderr)
         return 1

@@ -2,7 +2,7 @@
 
 For every study found under the paths: the sagittal reference series is chosen (slice normal
 along the patient's left-right axis; T2 preferred, then T1, then any other, by the node's own
-weighting rule :func:`node.orchestration.rules.series_weighting`; among equals the one with most
+selection rule :func:`node.orchestration.rules.level_reference`; among equals the one with most
 frames), the level model finds and names its vertebral bodies (:func:`inference.vertebrae.find_bodies`)
 and every axial series of the study (slice normal within ``max_tilt_degrees`` of the head-foot
 axis) gets the level of each frame (:func:`inference.vertebrae.assign_levels`, which also refuses
@@ -15,9 +15,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Sequence
 
-import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
@@ -26,29 +25,15 @@ from inference.geometry import MAX_OBLIQUE_DEGREES, axial_tilt_degrees, read_ser
 from inference.vertebrae import LevelReference, SeriesLevels, assign_levels, find_bodies
 
 from .orchestration.headers import summarise
-from .orchestration.rules import SeriesHeaders, series_weighting
+from .orchestration.rules import SeriesHeaders, level_reference
 
-__all__ = ["StudyLevels", "choose_reference", "find_series", "levels_as_rows", "reference_series", "study_levels"]
-
-#: Preference among sagittal series by weighting: T2 first, then T1, then anything else.
-_PREFERENCE = {"t2": 0, "t1": 1}
+__all__ = ["StudyLevels", "choose_reference", "find_series", "levels_as_rows", "study_levels"]
 
 
 @dataclass
 class _Series:
     headers: SeriesHeaders
     files: list[Path] = field(default_factory=list)
-
-    @property
-    def normal(self) -> np.ndarray | None:
-        for frame in self.headers.frames:
-            orientation = frame.get("orientation")
-            if orientation:
-                normal = np.cross(orientation[:3], orientation[3:6])
-                length = float(np.linalg.norm(normal))
-                if length > 1e-6:
-                    return normal / length
-        return None
 
     @property
     def description(self) -> str:
@@ -106,32 +91,13 @@ def find_series(paths: Iterable[str | Path]) -> dict[str, dict[str, _Series]]:
 
 
 def choose_reference(series: Sequence[_Series]) -> tuple[_Series | None, str, str]:
-    """The sagittal reference series: ``(series or None, weighting, reason when None)``."""
-    sagittal = []
-    for item in series:
-        normal = item.normal
-        if normal is not None and abs(float(normal[0])) >= 0.866:
-            weighting, _ = series_weighting(item.headers)
-            key = weighting.value if weighting is not None else ""
-            sagittal.append((_PREFERENCE.get(key, 2), -len(item.files), item.description, item, key))
-    if not sagittal:
-        return None, "", "no sagittal series in the study (slice normal along the patient's left-right axis)"
-    best = min(sagittal, key=lambda s: s[:3])
-    return best[3], best[4], ""
-
-
-def reference_series(headers: Sequence[SeriesHeaders], files: Mapping[str, Sequence[Path]]
-                     ) -> tuple[str | None, list[Path], str | None]:
-    """A study's level reference, as :func:`choose_reference` picks it, from its series' headers.
-
-    Returns
-    -------
-    (series UID or None, its files, the reason there is none or None)
-    """
-    chosen, weighting, reason = choose_reference([_Series(h, list(files.get(h.series_uid, ()))) for h in headers])
+    """The sagittal reference series, as the node's rules choose it
+    (:func:`node.orchestration.rules.level_reference`): ``(series or None, weighting, reason when None)``."""
+    chosen, weighting, reason = level_reference([item.headers for item in series])
     if chosen is None:
-        return None, [], reason
-    return chosen.headers.series_uid, list(chosen.files), None
+        return None, "", reason
+    item = next(item for item in series if item.headers is chosen)
+    return item, weighting.value if weighting is not None else "", ""
 
 
 def _is_axial(item: _Series, max_tilt_degrees: float) -> bool:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from inference.patient import PatientContext
-from inference.vocabulary import FatMethod
+from inference.vocabulary import FatMethod, Level
 
 from .grades import Grade, fat_infiltration_grade, severe_multifidus_fat
 from .metrics import ALL_LEVELS, MuscleMetrics
@@ -39,14 +39,18 @@ class Assessment:
     levels_note: str | None
 
 
-def _levels(metrics: MuscleMetrics, assume_levels: str | None, levels_known: bool,
+def _levels(metrics: MuscleMetrics, assume_levels: str | None, levels_known: Sequence[str],
             levels_reason: str | None = None) -> tuple[str | None, str | None]:
     if metrics.level != ALL_LEVELS:
         return metrics.level, None
     if assume_levels is None:
         return None, None
     if levels_known:
-        return assume_levels, f"all slices together, compared with the {assume_levels} reference"
+        # Per-level rows are used for the level groups where the reference has that level; this
+        # group is the fallback over the whole series, and says so.
+        return assume_levels, (f"levels identified ({levels_known[0]} to {levels_known[-1]}): each level is "
+                               f"compared where the reference has that level; all slices together are compared "
+                               f"with the {assume_levels} reference")
     why = f" ({levels_reason})" if levels_reason else ""
     return assume_levels, (
         f"vertebral levels of the slices were not identified{why}; the whole series is compared with the "
@@ -82,7 +86,8 @@ def assess(
         in the note of the whole-series comparison.
     """
     assessments = []
-    levels_known = any(item.level != ALL_LEVELS for item in metrics)
+    levels_known = sorted({item.level for item in metrics if item.level != ALL_LEVELS},
+                          key=lambda level: Level.parse(level).order)
     for item in metrics:
         levels, note = _levels(item, assume_levels, levels_known, levels_reason)
         fat_comparison = grade = severe = None

@@ -28,7 +28,7 @@ from inference.registry import DEFAULT_LEVEL_MODEL, load_model
 from inference.runtime import Segmenter
 from inference.segmentation_quality import SegmentationQuality, Verdict, check_segmentation
 from inference.set_aside import SetAside, too_few_frames
-from inference.vertebrae import SeriesLevels, assign_levels, find_bodies
+from inference.vertebrae import NO_LEVEL_REFERENCE, LevelReference, SeriesLevels, assign_levels, find_bodies
 from inference.vocabulary import DIXON_COMPONENTS, Contrast, FatMethod, Laterality
 from reports.assessment import Assessment, assess
 from reports.metrics import ALL_LEVELS, FatSource, MuscleMetrics, measure
@@ -36,7 +36,7 @@ from reports.reference import SiteReference
 from reports.uids import ResultIdentity
 
 __all__ = ["COHORT_COLUMNS", "FAT_SIGNAL_KINDS", "SLICE_COLUMNS", "PipelineError", "PipelineSettings", "Results", "WorkItem",
-           "check_inputs", "cohort_rows", "run", "series_levels", "slice_rows"]
+           "check_inputs", "cohort_rows", "find_level_reference", "run", "series_levels", "slice_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,9 @@ class WorkItem:
 
     ``level_reference`` are the files of the study's sagittal series that gives the slices their
     vertebral levels (:mod:`inference.vertebrae`); without one, ``level_reason`` says why (it
-    is stated wherever levels would appear).
+    is stated wherever levels would appear). ``level_bodies`` is what the level model found on
+    that series when the caller already knows it (one study, several work items: see
+    :func:`find_level_reference`); otherwise it is found from ``level_reference``.
     """
 
     kind: str
@@ -69,6 +71,7 @@ class WorkItem:
     patient: PatientContext | None = None
     level_reference: Sequence[Path] = ()
     level_reason: str | None = None
+    level_bodies: LevelReference | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class PipelineSettings:
 
     ``max_oblique_degrees`` is the node's ``rules.max_oblique_degrees``: a frame whose normal
     is further than this from the head-foot axis is set aside (a localizer inside the series).
+    ``level_model`` is the vertebral level model as the node's model folders resolve it; None
+    means the bundled one.
     """
 
     erode_fat: bool = True
@@ -84,6 +89,7 @@ class PipelineSettings:
     assume_levels: str | None = "L1-L5"
     site_reference: SiteReference | None = None
     max_oblique_degrees: float = MAX_OBLIQUE_DEGREES
+    level_model: ModelCard | None = None
 
 
 @dataclass
@@ -154,20 +160,37 @@ def _level_card() -> ModelCard:
     return load_model(DEFAULT_LEVEL_MODEL, kind=KIND_VERTEBRAE)
 
 
-def series_levels(item: WorkItem, series: SeriesImage) -> SeriesLevels:
+def find_level_reference(files: Sequence[Path], settings: PipelineSettings = PipelineSettings()
+                         ) -> tuple[LevelReference | None, str | None]:
+    """The vertebral bodies the level model finds on a study's sagittal series.
+
+    Returns
+    -------
+    (LevelReference or None, str or None)
+        The bodies (possibly none, with the problems), or None and why the series cannot be used
+        (unreadable, or the level model cannot be loaded).
+    """
+    try:
+        card = settings.level_model or _level_card()
+        return find_bodies(read_series(files), card, threads=1), None
+    except (OSError, ValueError, CardError) as exc:
+        return None, f"the sagittal reference series cannot be used: {exc}"
+
+
+def series_levels(item: WorkItem, series: SeriesImage, settings: PipelineSettings = PipelineSettings()
+                  ) -> SeriesLevels:
     """The vertebral level of every frame of ``series`` from the work item's sagittal reference.
 
     No frame has a level, with the reason, when the item has no reference, the reference cannot
     be read or the level model finds no body on it, or the two series do not share a frame of
     reference (:func:`inference.vertebrae.assign_levels`).
     """
+    if item.level_bodies is not None:
+        return assign_levels(item.level_bodies, series)
     if not item.level_reference:
-        return assign_levels(None, series, item.level_reason or "no sagittal series in the study")
-    try:
-        reference = find_bodies(read_series(item.level_reference), _level_card(), threads=1)
-    except (OSError, ValueError, CardError) as exc:
-        return assign_levels(None, series, f"the sagittal reference series cannot be used: {exc}")
-    return assign_levels(reference, series)
+        return assign_levels(None, series, item.level_reason or NO_LEVEL_REFERENCE)
+    reference, problem = find_level_reference(item.level_reference, settings)
+    return assign_levels(reference, series, problem)
 
 
 def read_inputs(item: WorkItem, settings: PipelineSettings = PipelineSettings()) -> dict[str, SeriesImage]:
@@ -315,7 +338,7 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
     source = next(iter(label_map.series.source_paths.values()), None)
     source_dataset = dcmread(source, stop_before_pixels=True) if source else None
     patient = item.patient or (from_dataset(source_dataset) if source_dataset is not None else from_dataset(Dataset()))
-    levels = series_levels(item, label_map.series)
+    levels = series_levels(item, label_map.series, settings)
     if levels.reason:
         log.info("no vertebral levels: %s", levels.reason)
     by_frame = {(g.sop_instance_uid, g.frame_number): level

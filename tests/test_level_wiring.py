@@ -47,17 +47,28 @@ def _study_headers(study) -> tuple[list, dict]:
     return headers, files
 
 
+def _reference_files(study) -> tuple[str, list]:
+    """The series the rules decide is the study's level reference, and its files."""
+    from node.config import load_config
+    from node.orchestration.rules import LEVEL_REFERENCE, decide_study
+
+    headers, files = _study_headers(study)
+    (decision,) = [d for d in decide_study(headers, load_config(environ={}).rules) if d.role == LEVEL_REFERENCE]
+    assert not decision.selected and decision.reason.startswith("level reference: the sagittal series, T2-weighted")
+    return decision.series_uid, files[decision.series_uid]
+
+
 def test_the_sagittal_series_is_the_level_reference_of_the_axial_series(tmp_path: Path) -> None:
-    """What ``process`` and the node's worker both do: :func:`node.levels.reference_series` picks the
-    study's sagittal series, :func:`reports.pipeline.series_levels` gives the axial frames their levels."""
+    """What ``process`` and the node's worker both do: the rules decide that the study's sagittal
+    series is its level reference, :func:`reports.pipeline.series_levels` gives the axial frames
+    their levels."""
     from inference.geometry import read_series
-    from node.levels import reference_series
     from reports.pipeline import WorkItem, series_levels
 
     studies.require_data(list(studies.vertebrae_files(SUBJECT)))
     study, _ = studies.write_vertebrae_study(tmp_path / "in", SUBJECT, seed="wiring/levels", axial=("straight",))
-    uid, files, reason = reference_series(*_study_headers(study))
-    assert uid == study.series["sagittal"].series_uid and reason is None
+    uid, files = _reference_files(study)
+    assert uid == study.series["sagittal"].series_uid
     axial = study.series["axial_straight"].files
     item = WorkItem("t2", {"t2": axial}, level_reference=tuple(files))
     levels = series_levels(item, read_series(axial))
@@ -67,13 +78,12 @@ def test_the_sagittal_series_is_the_level_reference_of_the_axial_series(tmp_path
 
 def test_a_sagittal_series_in_another_frame_of_reference_gives_no_levels(tmp_path: Path) -> None:
     from inference.geometry import read_series
-    from node.levels import reference_series
     from reports.pipeline import WorkItem, series_levels
 
     studies.require_data(list(studies.vertebrae_files(SUBJECT)))
     study, _ = studies.write_vertebrae_study(tmp_path / "in", SUBJECT, seed="wiring/other", axial=("straight",),
                                              sagittal_frame_of_reference="1.2.826.0.1.3680043.8.498.1")
-    _, files, _ = reference_series(*_study_headers(study))
+    _, files = _reference_files(study)
     axial = study.series["axial_straight"].files
     levels = series_levels(WorkItem("t2", {"t2": axial}, level_reference=tuple(files)), read_series(axial))
     assert set(levels.levels) == {None} and "frame of reference" in levels.reason
@@ -110,3 +120,26 @@ def test_without_a_sagittal_series_the_reason_is_in_the_records_and_the_report(t
     assert {r["study"] for r in rows} == {study.study_uid} and {r["level"] for r in rows} == {""}
     assert {(r["muscle"], r["side"]) for r in rows} == {(m, s) for m in ("multifidus", "erector_spinae")
                                                         for s in ("left", "right")}
+
+
+def test_a_sagittal_series_arriving_after_the_axial_one_makes_the_job_again(tmp_path: Path, node_factory) -> None:
+    """The node: an axial series is processed as soon as it is ready; when the study's sagittal
+    series arrives later, the rules make it the level reference and the axial group's job is
+    queued again with it (its results replace the first ones: same result UIDs)."""
+    studies.require_data(list(studies.vertebrae_files(SUBJECT)))
+    study, _ = studies.write_vertebrae_study(tmp_path / "in", SUBJECT, seed="wiring/late", axial=("straight",))
+    axial, sagittal = study.series["axial_straight"], study.series["sagittal"]
+    node = node_factory(jobs={"workers": 1, "threads": 1})
+    assert node.storescu(axial.files).returncode == 0
+    first = node.wait_for(lambda s: s["jobs"] and s["jobs"][0]["state"] in ("done", "failed"), timeout=120,
+                          what="the axial series' job")["jobs"][0]
+    assert set(first["series"]) == {"t2"}  # no level reference yet
+    assert node.storescu(sagittal.files).returncode == 0
+    status = node.wait_for(lambda s: len(s["jobs"]) == 2 and all(j["state"] in ("done", "failed") for j in s["jobs"]),
+                           timeout=120, what="the axial series' job made again")
+    again = next(j for j in status["jobs"] if j["id"] != first["id"])
+    assert again["grouping"] == first["grouping"]
+    assert again["series"] == {"t2": axial.series_uid, "level_reference": sagittal.series_uid}
+    decision = next(s["decision"] for s in status["series"] if s["series_uid"] == sagittal.series_uid)
+    assert decision["role"] == "level_reference" and not decision["selected"]
+    assert "level reference: the sagittal series, T2-weighted" in node.cli("status").stdout

@@ -262,6 +262,28 @@ def test_real_metrics_are_assessed_against_the_reference(tum01) -> None:
     assert again[("multifidus", "left")].fat is not None
 
 
+def test_with_levels_each_level_is_compared_where_the_reference_has_it(tum01) -> None:
+    """Level groups use the reference's rows of their own level; a level without one says so, and
+    the whole series is the stated fallback against the lumbar range."""
+    from inference.patient import from_sidecar
+    from reports.assessment import assess
+
+    series, label_map, _ = tum01
+    heights = sorted(float(g.centre[2]) for g in series["water"].geometry)
+    level_of = levels_by_height({"L5": (heights[0] - 1, heights[9] + 0.5), "L4-L5": (heights[10] - 0.5, heights[14] + 0.5),
+                                 "L4": (heights[15] - 0.5, heights[-1] + 1)})
+    metrics = measure(label_map, FatSource(water=series["water"], fat=series["fat"]), level_of)
+    patient = from_sidecar({"age": 34, "sex": "M", "height_m": 1.78, "weight_kg": 74})
+    assessed = {(a.metrics.muscle, a.metrics.side, a.metrics.level): a for a in assess(metrics, patient)}
+    whole = assessed[("multifidus", "left", "all")]
+    assert whole.levels == "L1-L5" and whole.fat.z is not None
+    assert whole.levels_note == ("levels identified (L4 to L5): each level is compared where the reference has that "
+                                 "level; all slices together are compared with the L1-L5 reference")
+    at_l4 = assessed[("multifidus", "left", "L4")]
+    assert at_l4.fat.z is None and "reference over L4 (available: L1-L5)" in at_l4.fat.reason
+    assert at_l4.levels_note is None
+
+
 def test_erosion_over_the_bounding_box_equals_the_whole_frames() -> None:
     """reports.fat.erode works on the mask's bounding box: the same pixels as eroding the frame,
     masks at the frame's edges included."""

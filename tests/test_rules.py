@@ -184,6 +184,7 @@ def test_skips_with_reasons() -> None:
         series("spine", body_part="SPINE", study_description="MR HWS", description="t2_tse_tra"),
     )
     assert "not axial" in got["sag"].reason and "sagittal" in got["sag"].reason
+    assert got["sag"].role == "level_reference"
     assert got["head"].reason == "not lumbar: BodyPartExamined HEAD is not a lumbar body part"
     assert "modality CT" in got["ct"].reason
     assert "not an MR image" in got["seg"].reason
@@ -286,3 +287,28 @@ def test_fallbacks_wait_while_series_of_the_study_are_still_arriving() -> None:
                                                  RULES, still_arriving=2)}
     assert all(d.selected for d in got.values())
 
+
+
+def test_the_sagittal_t2_series_is_the_level_reference() -> None:
+    sagittal = dict(orientations=[SAGITTAL] * 3)
+    got = decide(
+        series("t1sag", description="t1_tse_sag", tr=600, te=12, **sagittal),
+        series("t2sag", description="t2_tse_sag", tr=3500, te=95, **sagittal),
+        series("cervical", description="t2_tse_sag", tr=3500, te=95, body_part="CSPINE",
+               study_description="MR HWS", **sagittal),
+        series("t2tra", description="t2_tse_tra", tr=3500, te=95),
+    )
+    reference = got["t2sag"]
+    assert reference.role == "level_reference" and not reference.selected and reference.grouping is None
+    assert reference.reason.startswith("level reference: the sagittal series, T2-weighted (TR 3500 ms, TE 95 ms)")
+    assert "not axial" in reference.reason
+    assert got["t1sag"].role is None and "not axial" in got["t1sag"].reason
+    assert got["cervical"].role is None  # not lumbar: never a level reference
+    assert got["t2tra"].selected and got["t2tra"].role == "t2"
+    # Without T2, the T1 series; without either weighting, another sagittal series (a PD).
+    assert decide(series("t1sag", tr=600, te=12, **sagittal), series("t2tra", tr=3500, te=95))["t1sag"].role \
+        == "level_reference"
+    pd = decide(series("pd", description="pd_tse_sag", tr=2500, te=30, **sagittal))["pd"]
+    assert pd.role == "level_reference" and "weighting unknown" in pd.reason
+    # No sagittal series: no level reference.
+    assert all(d.role != "level_reference" for d in decide(series("t2tra", tr=3500, te=95)).values())

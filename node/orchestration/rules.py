@@ -33,21 +33,31 @@ then grouped, and a group is measured by the best fat method its components allo
   trained on it.
 
 Every series gets exactly one :class:`Decision` with a reason a person can read.
+
+One series of the study is also chosen as its **level reference** (:func:`level_reference`): the
+sagittal series (slice normal within 30° of the patient's left-right axis) that gives the axial
+slices their vertebral levels (:mod:`inference.vertebrae`) - T2-weighted first, then T1, then any
+other (a STIR), most images among equals. Its decision has the role
+:data:`LEVEL_REFERENCE` and says why; every job of the study carries it (so that a reference
+that arrives late, or changes, makes the results again).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
+
+import numpy as np
 
 from inference.geometry import axial_tilt_degrees, plane_name
 from inference.set_aside import MIN_FRAMES
+from inference.vertebrae import NO_LEVEL_REFERENCE, SAGITTAL_COSINE
 from inference.vocabulary import Contrast
 
 from ..config import Rules
 
-__all__ = ["Decision", "SeriesHeaders", "decide_study", "dixon_role", "echo_phase", "orientation_name", "series_weighting"]
+__all__ = ["LEVEL_REFERENCE", "NO_LEVEL_REFERENCE", "Decision", "SeriesHeaders", "decide_study", "level_reference", "dixon_role", "echo_phase", "orientation_name", "series_weighting"]
 
 MR_IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
@@ -348,6 +358,63 @@ def series_weighting(series: SeriesHeaders) -> tuple[Contrast | None, str]:
     return _weighting(series)
 
 
+#: The role of a study's level reference in its decision and in the series of its jobs.
+LEVEL_REFERENCE = "level_reference"
+#: Preference among sagittal series: T2 shows the discs and end plates best, then T1.
+_REFERENCE_PREFERENCE = {Contrast.T2: 0, Contrast.T1: 1}
+
+
+def _slice_normal(series: SeriesHeaders) -> np.ndarray | None:
+    """The unit normal (LPS) of the series' first frame with an orientation, or None."""
+    for frame in series.frames:
+        orientation = frame.get("orientation")
+        if orientation:
+            normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:6], float))
+            length = float(np.linalg.norm(normal))
+            if length > 1e-6:
+                return normal / length
+    return None
+
+
+def level_reference(series_list: Sequence[SeriesHeaders]) -> tuple[SeriesHeaders | None, Contrast | None, str]:
+    """The study's level reference among its series.
+
+    Returns
+    -------
+    (SeriesHeaders or None, Contrast or None, str)
+        The sagittal series, its weighting (T1, T2 or None for another contrast) and the evidence
+        of the weighting; or ``(None, None, NO_LEVEL_REFERENCE)``.
+    """
+    candidates = []
+    for series in series_list:
+        normal = _slice_normal(series)
+        if normal is None or abs(float(normal[0])) < SAGITTAL_COSINE:
+            continue
+        weighting, evidence = _weighting(series)
+        candidates.append((_REFERENCE_PREFERENCE.get(weighting, 2), -len(series.headers),
+                           str(series.first("SeriesDescription")), series.series_uid, series, weighting, evidence))
+    if not candidates:
+        return None, None, NO_LEVEL_REFERENCE
+    best = min(candidates, key=lambda c: c[:4])
+    return best[4], best[5], best[6]
+
+
+def _reference_decision(series_list: Sequence[SeriesHeaders], rules: Rules,
+                        decisions: dict[str, Decision]) -> None:
+    """Mark the study's level reference (:func:`level_reference`) among its lumbar MR series that
+    are not measured themselves."""
+    images = [s for s in series_list if _check_modality(s, rules) is None and _check_lumbar(s, rules)[0] is None
+              and not decisions[s.series_uid].selected]
+    chosen, weighting, evidence = level_reference(images)
+    if chosen is None:
+        return
+    what = f"{weighting.upper()}-weighted ({evidence})" if weighting is not None else f"weighting unknown ({evidence})"
+    decisions[chosen.series_uid] = replace(
+        decisions[chosen.series_uid], selected=False, role=LEVEL_REFERENCE, kind=None, grouping=None,
+        reason=f"level reference: the sagittal series, {what}, that gives the axial series of this study their "
+               f"vertebral levels; not measured itself ({decisions[chosen.series_uid].reason})")
+
+
 #: Share of the smaller set of slice positions two Dixon components must have in common to be
 #: one acquisition: a component may lack a few slices (set aside or never sent); two separate
 #: acquisitions (two stations, another slab) share few or none.
@@ -444,6 +511,7 @@ def decide_study(series_list: Sequence[SeriesHeaders], rules: Rules, *, still_ar
                 in plan.components.items())
             continue
         decisions.update((d.series_uid, d) for d in _decide_dixon_group(plan, preferred))
+    _reference_decision(series_list, rules, decisions)
     return [decisions[s.series_uid] for s in series_list]
 
 

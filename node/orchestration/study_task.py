@@ -32,12 +32,13 @@ from typing import Any, Mapping
 
 from pydicom import dcmread
 
-from reports.pipeline import PipelineError, PipelineSettings, WorkItem, cohort_rows, run, slice_rows
+from inference.vertebrae import NO_LEVEL_REFERENCE
+from reports.pipeline import (PipelineError, PipelineSettings, WorkItem, cohort_rows, find_level_reference, run,
+                              slice_rows)
 
 from ..config import Rules
-from ..levels import reference_series
 from .headers import summarise
-from .rules import Decision, SeriesHeaders, decide_study
+from .rules import LEVEL_REFERENCE, Decision, SeriesHeaders, decide_study
 
 __all__ = ["ModelSpec", "SegmenterPlugin", "StudyTask", "completed_record", "run_study", "segmenter_for"]
 
@@ -216,9 +217,12 @@ def _process(task: StudyTask, record: dict[str, Any]) -> None:
     files, series = _read_headers(task, record)
     descriptions = {s.series_uid: str(s.first("SeriesDescription") or "") for s in series}
     groups: dict[str, list[Decision]] = defaultdict(list)
+    reference_uid = None
     for decision in decide_study(series, task.rules):
         if decision.selected and decision.grouping:
             groups[decision.grouping].append(decision)
+        elif decision.role == LEVEL_REFERENCE:
+            reference_uid = decision.series_uid
         else:
             record["problems"].append(_problem(study, decision.series_uid, descriptions.get(decision.series_uid, ""),
                                                "skipped", decision.reason))
@@ -228,12 +232,16 @@ def _process(task: StudyTask, record: dict[str, Any]) -> None:
     folder = Path(task.out) / study
     folder.mkdir(parents=True, exist_ok=True)
     segmenter = segmenter_for(task.model)
-    # The sagittal series that gives the axial slices their vertebral levels (node.levels).
-    reference_uid, reference_files, no_reference = reference_series(series, files)
+    # The sagittal series the rules chose to give the axial slices their vertebral levels; its
+    # bodies are found once for all the study's groups.
+    reference_files = tuple(files[reference_uid]) if reference_uid else ()
+    bodies, no_reference = (find_level_reference(reference_files, task.settings) if reference_files
+                            else (None, NO_LEVEL_REFERENCE))
     record["level_reference"] = {"series": reference_uid, "reason": no_reference}
     for members in groups.values():
         item = WorkItem(kind=members[0].kind, series_files={d.role: files[d.series_uid] for d in members},
-                        level_reference=tuple(reference_files), level_reason=no_reference)
+                        level_reference=reference_files if bodies is not None else (), level_reason=no_reference,
+                        level_bodies=bodies)
         label = f"{item.kind} ({', '.join(sorted(item.series_files))})"
         group = {"label": label, "series": sorted(d.series_uid for d in members), "outcome": "failed",
                  "reason": None, "results": []}

@@ -34,8 +34,9 @@ from .pipeline_settings import pipeline_settings
 from .routing import destinations_for
 from ..storage.index import Index
 from ..storage.jobs import Job, JobQueue
-from ..levels import reference_series
-from .rules import Decision, SeriesHeaders
+from inference.vertebrae import NO_LEVEL_REFERENCE
+
+from .rules import LEVEL_REFERENCE, Decision
 from ..storage.store import InstanceStore
 
 __all__ = ["Workers", "submit_selected", "unexpected_reason"]
@@ -62,10 +63,15 @@ def submit_selected(index: Index, jobs: JobQueue, decisions: Sequence[Decision])
     for decision in decisions:
         if decision.selected and decision.grouping:
             groups[decision.grouping].append(decision)
+    # The study's level reference goes with every job: its arrival or change makes a new job.
+    reference = next((d for d in decisions if d.role == LEVEL_REFERENCE), None)
     submitted = []
     for grouping, members in groups.items():
         series = {d.role: d.series_uid for d in members}
         versions = {d.series_uid: d.version for d in members}
+        if reference is not None:
+            series[LEVEL_REFERENCE] = reference.series_uid
+            versions[reference.series_uid] = reference.version
         first = index.series(members[0].series_uid)
         job = jobs.submit(grouping, members[0].kind, first.study_uid, series, versions,
                           source_ae=first.calling_ae, source_address=first.address)
@@ -172,23 +178,10 @@ class Workers:
             if series.version != job.versions[series_uid]:
                 raise _Superseded()
             files[role] = [self.store.root / i["path"] for i in self.index.instances(series_uid)]
-        reference, reason = self._level_reference(job.study_uid)
-        return WorkItem(kind=job.kind, series_files=files, level_reference=tuple(reference), level_reason=reason)
-
-    def _level_reference(self, study_uid: str) -> tuple[list[Path], str | None]:
-        """The study's sagittal level reference among its ready series (:func:`node.levels.reference_series`):
-        its files, or none and the reason."""
-        headers, files = [], {}
-        for series in self.index.study_series(study_uid):
-            if series.state != "ready":
-                continue
-            instances = self.index.instances(series.series_uid)
-            summaries = tuple(i["header"] for i in instances if i.get("header"))
-            if summaries:
-                headers.append(SeriesHeaders(series.series_uid, series.study_uid, series.version, summaries))
-                files[series.series_uid] = [self.store.root / i["path"] for i in instances]
-        _, paths, reason = reference_series(headers, files)
-        return paths, reason
+        # The rules' level reference (jobs queued before the rules chose one have none).
+        reference = files.pop(LEVEL_REFERENCE, [])
+        return WorkItem(kind=job.kind, series_files=files, level_reference=tuple(reference),
+                        level_reason=None if reference else NO_LEVEL_REFERENCE)
 
     def _process(self, job: Job, segmenter) -> None:
         started = time.perf_counter()
