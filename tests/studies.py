@@ -72,9 +72,10 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Callable, Collection, Iterable, NamedTuple, Sequence
 
 import numpy as np
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
@@ -1728,6 +1729,16 @@ def write_non_lumbar_study(
     # (to rounding); going through it keeps the rescale fitted to these few slices.
     _write_classic_series(study, spec, [stack], syntax, uids, uid_key="head")
     return study
+
+
+def flip_front_to_back(files: Iterable[Path], instance_numbers: Collection[int] | None = None) -> None:
+    """Mirror the pixels of instances front to back in place, headers unchanged (an image upside
+    down under its geometry): every file, or those whose InstanceNumber is in ``instance_numbers``."""
+    for path in files:
+        ds = dcmread(path)
+        if instance_numbers is None or int(ds.InstanceNumber) in instance_numbers:
+            ds.PixelData = np.ascontiguousarray(ds.pixel_array[::-1]).tobytes()
+            ds.save_as(path)
 
 
 def write_copies(

@@ -233,10 +233,7 @@ def test_a_study_whose_segmentation_fails_quality_control_is_listed_as_not_measu
     good = _write_cohort(tmp_path / "in", 1, "qc-good", n_slices=4)[0]
     flipped = studies.write_cohort_study(tmp_path / "in" / "flipped", seed="qc-flipped", n_slices=4)
     for series in flipped.series.values():
-        for path in series.files:
-            ds = dcmread(path)
-            ds.PixelData = ds.pixel_array[::-1].copy().tobytes()
-            ds.save_as(path)
+        studies.flip_front_to_back(series.files)
     out = tmp_path / "out"
     run = _process(str(tmp_path / "in"), "--out", str(out), "--workers", "0")
     assert run.returncode == 0, run.stdout + run.stderr

@@ -156,22 +156,13 @@ def _vertebrae_volume(group: str, name: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
-def _flip_instances(files, numbers) -> None:
-    """Mirror the pixels of the instances with these InstanceNumbers front to back, in place."""
-    for path in files:
-        ds = pydicom.dcmread(path)
-        if int(ds.InstanceNumber) in numbers:
-            ds.PixelData = np.ascontiguousarray(ds.pixel_array[::-1]).tobytes()
-            ds.save_as(path)
-
-
 def test_a_series_with_some_upside_down_slices_is_measured_without_them(tmp_path: Path, segmenter) -> None:
     require_data()
     study = studies.write_t2_study(tmp_path, seed="qc-limited")
     files = study.series["t2"].files
     numbers = {int(pydicom.dcmread(f, stop_before_pixels=True).InstanceNumber) for f in files}
     middle = sorted(numbers)[13:16]
-    _flip_instances(files, set(middle))
+    studies.flip_front_to_back(files, set(middle))
     results = run(WorkItem("t2", {"t2": files}), segmenter, software_version=SOFTWARE)
     quality = results.quality
     assert quality.verdict is Verdict.LIMITED, quality.reason
@@ -202,7 +193,7 @@ def test_a_series_that_is_not_measured_gets_an_sr_and_a_page_that_say_so(tmp_pat
     require_data()
     study = studies.write_t2_study(tmp_path, seed="qc-upside-down")
     files = study.series["t2"].files
-    _flip_instances(files, {int(pydicom.dcmread(f, stop_before_pixels=True).InstanceNumber) for f in files})
+    studies.flip_front_to_back(files)
     results = run(WorkItem("t2", {"t2": files}), segmenter, software_version=SOFTWARE)
     assert results.quality.verdict is Verdict.NOT_MEASURED
     assert results.metrics == [] and results.assessments == []
