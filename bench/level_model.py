@@ -12,6 +12,9 @@ a DICOM study is written (:func:`tests.studies.write_vertebrae_study`: a sagitta
 * ``total``: the three together, the time a study gains from levels (the axial series is read
   for the muscles anyway, so its reading is not counted).
 
+It also prints how many axial slices got their true level (from the labels,
+:func:`inference.training.vertebrae_eval.true_level`; slices the labels cannot tell are not counted).
+
 The first call (opening the ONNX session) is reported separately. The machine is shared: the
 median of ``--rounds`` rounds is printed with the load average at the start and the end.
 
@@ -34,6 +37,7 @@ sys.path.insert(0, str(REPO))
 from inference.card import KIND_VERTEBRAE  # noqa: E402
 from inference.geometry import read_series  # noqa: E402
 from inference.registry import DEFAULT_LEVEL_MODEL, load_model  # noqa: E402
+from inference.training.vertebrae_eval import true_level  # noqa: E402
 from inference.vertebrae import _Session, assign_levels, find_bodies  # noqa: E402
 from tests import studies  # noqa: E402
 
@@ -50,8 +54,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for subject in args.subjects.split(","):
             studies.require_data(studies.vertebrae_files(subject))
-            study, _ = studies.write_vertebrae_study(Path(tmp) / subject, subject, seed=f"bench/{subject}",
-                                                     axial=("straight",))
+            study, volume = studies.write_vertebrae_study(Path(tmp) / subject, subject, seed=f"bench/{subject}",
+                                                          axial=("straight",))
             axial = read_series(study.series["axial_straight"].files)
             _Session._cache.clear()
             start = time.perf_counter()
@@ -69,8 +73,12 @@ def main(argv=None) -> int:
                 for key, value in zip(times, (t1 - t0, t2 - t1, t3 - t2, t3 - t0)):
                     value and times[key].append(value)
             frame = sagittal.geometry[0]
+            truths = [true_level(volume, g) for g in axial.geometry]
+            right = sum(level == truth for level, (truth, known) in zip(levels.levels, truths) if known)
+            known = sum(known for _, known in truths)
             print(f"{subject}: sagittal {len(sagittal)} x {frame.rows} x {frame.columns}, axial {len(axial)} slices; "
-                  f"bodies {', '.join(first.names)}; {sum(l is not None for l in levels.levels)} axial slices with a level")
+                  f"bodies {', '.join(first.names)}; {sum(l is not None for l in levels.levels)} axial slices with a level, "
+                  f"{right}/{known} at their true level")
             print("  median s: " + ", ".join(f"{k} {statistics.median(v):.2f}" for k, v in times.items())
                   + f"; first call with session opening {cold:.2f} s")
     print(f"load average {os.getloadavg()[0]:.2f} at end")

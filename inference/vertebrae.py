@@ -11,7 +11,9 @@ Two steps, both without torch:
    in, ``"L3"`` (the frame's plane crosses the L3 body on the spine's axis), ``"L3-L4"`` (it
    crosses the axis between those bodies: the disc) or ``None`` (outside the identified range,
    or the axis is outside the frame). Any plane works, oblique and angled slabs included: the
-   level is where the plane cuts the spine's axis, a polyline through the end-plate centres.
+   level is where the plane cuts the spine's axis, the polyline through the bodies' centroids,
+   on which each end plate (a plane through its centre) marks where a body ends
+   (:func:`spine_axis`).
 
 :func:`assign_levels` ties both to one axial series and first checks that the sagittal and axial
 series share a FrameOfReferenceUID; without that their coordinates cannot be compared and no
@@ -54,12 +56,14 @@ __all__ = [
     "bodies_from_labels",
     "disc_key_frames",
     "end_plate",
+    "end_plate_offsets",
     "find_bodies",
     "is_sagittal",
     "level_of",
     "model_grid",
     "move_end_plates",
     "name_candidates",
+    "spine_axis",
     "plane_crossing",
     "upsample2",
 ]
@@ -86,8 +90,15 @@ TALL_RATIO = 1.5
 WAIST_SHARE = 0.6
 #: Disc height used for L5-S1 when no other disc was measured (mm).
 DEFAULT_DISC_MM = 10.0
-#: Half-width of the mid-sagittal band used for end plates (mm, along the series normal).
+#: Half-width of the mid-sagittal band used to find a body's waist (mm, along the series normal).
 MIDLINE_HALF_WIDTH_MM = 8.0
+#: Half-width of the band around a body's centroid (left-right, mm) whose voxels give its end
+#: plates: the sagittal slice(s) through the middle of the body, as a radiologist reads them. The
+#: slice nearest the centroid is always in it. With the 8 mm band used before, the edge traced per
+#: strip was the outermost of 3-4 slices (end plates are concave left-right too), and the bodies came
+#: out about 1.5 mm too tall at the spine's axis on training subjects (see
+#: :func:`inference.training.vertebrae_eval.boundary_errors`).
+END_PLATE_HALF_WIDTH_MM = 2.5
 
 
 @dataclass(frozen=True)
@@ -343,30 +354,97 @@ def plane_crossing(points: np.ndarray, centre: np.ndarray, normal: np.ndarray) -
     return found
 
 
-def _segments(reference: LevelReference) -> list[tuple[np.ndarray, np.ndarray, str | None]]:
-    """The spine's axis as segments ``(start, end, level name or None)`` head to foot."""
+#: How far the spine's axis runs beyond the highest and lowest body's centroid (mm), along the line
+#: through the last two centroids (as :func:`inference.training.vertebrae_eval.true_level` does).
+AXIS_EXTENSION_MM = 40.0
+
+
+def _on_line(point: np.ndarray, normal: np.ndarray, start: np.ndarray, end: np.ndarray) -> tuple[float, np.ndarray]:
+    """Where the plane through ``point`` with ``normal`` cuts the segment start -> end: the fraction
+    along it (clamped to 0..1: an end plate lies between its body's centroid and the next one) and
+    the point."""
+    d0, d1 = float((start - point) @ normal), float((end - point) @ normal)
+    fraction = 0.5 if d0 == d1 else float(np.clip(d0 / (d0 - d1), 0.0, 1.0))
+    return fraction, start + fraction * (end - start)
+
+
+def spine_axis(reference: LevelReference) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Where each body's end plates cut the spine's axis: ``(superior point, inferior point)`` LPS mm,
+    one pair per body, head to foot.
+
+    The spine's axis is the line through the bodies' centroids (polyline, head to foot), extended
+    :data:`AXIS_EXTENSION_MM` beyond the first and last body along the line through the last two
+    centroids. Each end plate is the plane through its centre with its normal; its point on the axis
+    is where that plane cuts the axis between the body's centroid and the neighbouring one. The
+    centroids come from the whole body (all slices), so the axis does not depend on how the middle
+    of an end plate was traced; the labels' truth (:func:`inference.training.vertebrae_eval.true_level`)
+    uses the same axis through the labelled bodies' centroids. Where two neighbouring end plates
+    cross on the axis (a disc of height <= 0), both take their middle. With one body, its end-plate
+    centres are its points.
+    """
     bodies = reference.bodies
+    if len(bodies) < 2:
+        return [(b.superior, b.inferior) for b in bodies]
+    centroids = [np.asarray(b.centroid, dtype=np.float64) for b in bodies]
+
+    def beyond(i: int, j: int) -> np.ndarray:  # the axis extended past centroid i, away from centroid j
+        direction = centroids[i] - centroids[j]
+        return centroids[i] + AXIS_EXTENSION_MM * direction / max(float(np.linalg.norm(direction)), 1e-6)
+
+    points = []
+    for i, body in enumerate(bodies):
+        above = centroids[i - 1] if i > 0 else beyond(0, 1)
+        below = centroids[i + 1] if i + 1 < len(bodies) else beyond(i, i - 1)
+        points.append([_on_line(body.superior, body.superior_normal, centroids[i], above),
+                       _on_line(body.inferior, body.inferior_normal, centroids[i], below)])
+    for i in range(len(points) - 1):
+        (f_low, low), (f_high, high) = points[i][1], points[i + 1][0]
+        # Both on the segment centroid i -> centroid i + 1: fractions f_low and 1 - f_high from i.
+        if f_low > 1.0 - f_high:
+            middle = (low + high) / 2
+            points[i][1], points[i + 1][0] = (f_low, middle), (f_high, middle)
+    return [(sup[1], inf[1]) for sup, inf in points]
+
+
+def _segments(reference: LevelReference) -> list[tuple[np.ndarray, np.ndarray, str | None]]:
+    """The spine's axis as segments ``(start, end, level name or None)`` head to foot: each body from
+    its superior to its inferior end plate's point on the axis (:func:`spine_axis`), each disc from
+    one body's inferior point to the next one's superior point, and below L5 the L5-S1 disc, along
+    the axis extended below L5, down to the plane ``reference.disc_mm`` below L5's inferior end
+    plate (parallel to it)."""
+    bodies = reference.bodies
+    axis = spine_axis(reference)
     segments: list[tuple[np.ndarray, np.ndarray, str | None]] = []
     for i, body in enumerate(bodies):
-        segments.append((body.superior, body.inferior, body.name))
+        segments.append((axis[i][0], axis[i][1], body.name))
         if i + 1 < len(bodies):
             below = bodies[i + 1]
             adjacent = body.vertebra.below is below.vertebra
-            segments.append((body.inferior, below.superior, Level(body.vertebra, disc=True).name if adjacent else None))
+            segments.append((axis[i][1], axis[i + 1][0], Level(body.vertebra, disc=True).name if adjacent else None))
     if bodies and bodies[-1].vertebra is Vertebra.L5:
         last = bodies[-1]
-        s1_top = last.inferior - reference.disc_mm * last.inferior_normal
-        segments.append((last.inferior, s1_top, Level(Vertebra.L5, disc=True).name))
+        if len(bodies) >= 2:
+            direction = _unit(np.asarray(last.centroid) - np.asarray(bodies[-2].centroid))
+        else:
+            direction = -last.inferior_normal
+        start = axis[-1][1]
+        # Along the axis to the plane disc_mm below L5's inferior end plate.
+        along = float(direction @ -last.inferior_normal)
+        length = reference.disc_mm / along if along > 0.3 else reference.disc_mm
+        segments.append((start, start + length * direction, Level(Vertebra.L5, disc=True).name))
     return segments
 
 
 def level_of(reference: LevelReference) -> Callable[[FrameGeometry], str | None]:
     """A level assigner (:data:`reports.metrics.LevelAssigner`) from a level reference.
 
-    A frame gets the level where its plane cuts the spine's axis: the polyline superior end
-    plate -> inferior end plate of each body, and inferior end plate -> next superior end plate
-    for the disc between adjacent bodies (L5 -> L5-S1 disc of height ``reference.disc_mm`` along
-    L5's inferior normal). ``None`` when the plane cuts the axis above the highest or below the
+    A frame gets the level where its plane cuts the spine's axis, the line through the bodies'
+    centroids (:func:`spine_axis`): ``"L3"`` when that point lies in the L3 body (between the
+    planes of its superior and inferior end plates: the slice crosses the body near the midline),
+    ``"L3-L4"`` when it lies between L3's inferior and L4's superior end plate (the disc), the
+    L5-S1 disc below L5 for ``reference.disc_mm`` (measured along L5's inferior normal). A frame is
+    judged by its central plane: a 4 mm slice half on a disc and half on a body gets the level at
+    its centre. ``None`` when the plane cuts the axis above the highest or below the
     lowest part identified, across a gap between non-adjacent bodies, or where the cut lies
     outside the frame's pixels. If the plane cuts the axis more than once, the cut nearest the
     frame's centre counts. The frame of reference is not checked here (:func:`assign_levels`).
@@ -682,7 +760,8 @@ def bodies_from_labels(classes: np.ndarray, positions: np.ndarray, voxel_ml: flo
         axis = axis - normal * (axis @ normal)
         axis = _unit(axis if np.linalg.norm(axis) > 0 else np.array([0.0, 0.0, 1.0]))
         across = _unit(np.cross(axis, normal))
-        mid = candidate.points[np.abs((candidate.points - centroid) @ normal) <= MIDLINE_HALF_WIDTH_MM]
+        lateral = np.abs((candidate.points - centroid) @ normal)
+        mid = candidate.points[lateral <= max(END_PLATE_HALF_WIDTH_MM, float(lateral.min()) + 0.5)]
         if len(mid) < 10:
             mid = candidate.points
         superior, superior_normal = end_plate(mid, axis, across, superior=True)
@@ -773,17 +852,27 @@ def find_bodies(series: SeriesImage, card: ModelCard, naming: str | None = None,
     naming = naming or card.postprocess.get("naming", NAMING)
     bodies, problems = bodies_from_labels(prediction.classes, prediction.positions, prediction.voxel_ml,
                                           prediction.normal, naming)
-    offsets = card.postprocess.get("end_plate_offset_mm") or (0.0, 0.0)
-    bodies = [move_end_plates(b, *offsets) for b in bodies]
+    bodies = [move_end_plates(b, *end_plate_offsets(card, b.name)) for b in bodies]
     return LevelReference(**prediction.info, bodies=tuple(bodies), problems=tuple(problems),
                           disc_mm=_disc_height(bodies))
+
+
+def end_plate_offsets(card: ModelCard, vertebra: str) -> tuple[float, float]:
+    """``(superior, inferior)`` end-plate offsets (mm, positive into the body) of one vertebra from
+    the card's ``postprocess``: ``end_plate_offset_mm_by_vertebra[vertebra]`` where the card has
+    it, else ``end_plate_offset_mm``, else none (see :func:`move_end_plates`)."""
+    by_vertebra = card.postprocess.get("end_plate_offset_mm_by_vertebra") or {}
+    offsets = by_vertebra.get(vertebra) or card.postprocess.get("end_plate_offset_mm") or (0.0, 0.0)
+    return float(offsets[0]), float(offsets[1])
 
 
 def move_end_plates(body: Body, superior_mm: float, inferior_mm: float) -> Body:
     """The body with its end-plate centres moved along their normals: the superior one by
     ``-superior_mm`` and the inferior one by ``+inferior_mm`` (positive values move both into the
     body). The level model's card gives the offsets measured on training subjects
-    (``postprocess.end_plate_offset_mm``): how far its end plates lie outside the manual ones."""
+    (``postprocess.end_plate_offset_mm`` and ``end_plate_offset_mm_by_vertebra``, see
+    :func:`end_plate_offsets`): how far its bodies end beyond the labelled ones where a slice
+    crosses the spine's axis (:func:`inference.training.vertebrae_eval.calibrate`)."""
     return replace(body, superior=body.superior - superior_mm * body.superior_normal,
                    inferior=body.inferior + inferior_mm * body.inferior_normal)
 

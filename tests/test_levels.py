@@ -25,19 +25,23 @@ from inference.vertebrae import (
     assign_levels,
     axis_position,
     disc_key_frames,
+    end_plate_offsets,
     find_bodies,
     level_of,
     name_candidates,
     plane_crossing,
+    spine_axis,
 )
 from inference.vocabulary import Level, Vertebra
 from tests.studies import require_data, vertebrae_files, write_vertebrae_study
 
 #: Held-out subjects the data tests use: two of each set.
 SUBJECTS = ("myosegmentum-07", "myosegmentum-34", "zukic-10", "zukic-19")
-#: Share of axial slices that must get the right level: 420/465 = 0.903 measured with model 1.0.0
-#: (README "Vertebral levels"); the 95 % aimed at is not reached (boundary slices, see there).
-MIN_LEVEL_ACCURACY = 0.88
+#: Share of axial slices that must get the right level: 429/465 = 0.923 measured through DICOM with
+#: model 1.0.0, the axis through the bodies' centroids and the card's end-plate offsets (420/465 =
+#: 0.903 before; README "Vertebral levels"); the 95 % aimed at is not reached (end plates found
+#: about 1 mm off at random, see there).
+MIN_LEVEL_ACCURACY = 0.91
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,6 +148,48 @@ def test_level_of_follows_tilted_end_plates():
     assign = level_of(_reference([upper, lower]))
     mid_disc = (upper.inferior + lower.superior) / 2
     assert assign(_axial(mid_disc[2], tilt_deg=15)) == "L4-L5"
+
+
+def test_axis_runs_through_the_centroids_not_the_end_plate_centres():
+    # Horizontal end plates whose traced centres lie 3 mm posterior of the bodies' centroids (as a
+    # segmentation's plate middle may): the level is decided where a plane cuts the line through the
+    # centroids (x = 0, y = 0), the axis the labels' truth uses too.
+    n = np.array([0.0, 0.0, 1.0])
+
+    def body(name, z_top):
+        return Body(Vertebra(name), np.array([0.0, 0.0, z_top - 15.0]), np.array([0.0, 3.0, z_top]),
+                    np.array([0.0, 3.0, z_top - 30.0]), n, n, 30.0, 1.0)
+
+    reference = _reference([body("L3", 0.0), body("L4", -40.0)])
+    axis = spine_axis(reference)
+    assert np.allclose(axis[0][1], [0.0, 0.0, -30.0]) and np.allclose(axis[1][0], [0.0, 0.0, -40.0])
+    # 0.5 mm below L3's inferior end plate on the axis, tilted 20 degrees: at y = 3 mm the plane is
+    # 1.1 mm higher, inside L3; on the axis it is in the disc.
+    assert level_of(reference)(_axial(-30.5, tilt_deg=20)) == "L3-L4"
+    assert level_of(reference)(_axial(-29.5, tilt_deg=20)) == "L3"
+
+
+def test_end_plates_crossing_on_the_axis_leave_no_negative_disc():
+    n = np.array([0.0, 0.0, 1.0])
+    upper = Body(Vertebra.L3, np.array([0.0, 0.0, -15.0]), np.array([0.0, 0.0, 0.0]), np.array([0.0, 0.0, -33.0]),
+                 n, n, 30.0, 1.0)
+    lower = Body(Vertebra.L4, np.array([0.0, 0.0, -45.0]), np.array([0.0, 0.0, -31.0]), np.array([0.0, 0.0, -60.0]),
+                 n, n, 30.0, 1.0)
+    axis = spine_axis(_reference([upper, lower]))
+    assert np.allclose(axis[0][1], [0.0, 0.0, -32.0]) and np.allclose(axis[1][0], [0.0, 0.0, -32.0])
+
+
+def test_end_plate_offsets_per_vertebra_from_the_card():
+    card = load_model(DEFAULT_LEVEL_MODEL, kind=KIND_VERTEBRAE, verify=False)
+    post = card.postprocess
+    assert end_plate_offsets(card, "L5") == tuple(post["end_plate_offset_mm_by_vertebra"]["L5"])
+    # Measured on training subjects: the model's lower lumbar bodies reach further into the disc below.
+    assert end_plate_offsets(card, "L5")[1] > end_plate_offsets(card, "L1")[1]
+    assert set(post["calibration"]["subjects"]) <= set(card.training["subjects_trained"])
+    plain = ModelCard.from_dict({**card.to_dict(), "postprocess": {"end_plate_offset_mm": [0.5, 1.0]}}, card.path)
+    assert end_plate_offsets(plain, "L3") == (0.5, 1.0)
+    bare = ModelCard.from_dict({**card.to_dict(), "postprocess": {}}, card.path)
+    assert end_plate_offsets(bare, "L3") == (0.0, 0.0)
 
 
 def test_gap_gives_no_level_between():
@@ -254,6 +300,24 @@ def test_bodies_have_end_plates_in_order(studies, level_card):
     z = [b.centroid[2] for b in reference.bodies]
     assert z == sorted(z, reverse=True)
     assert 5.0 <= reference.disc_mm <= 15.0
+
+
+def test_end_plates_where_slices_cross_the_axis(studies, level_card):
+    """The found bodies end where the labelled ones do, within about a millimetre, where planes
+    (straight and tilted) cross the spine's axis: no systematic bias left on held-out subjects."""
+    from inference.training.vertebrae_eval import boundary_errors
+
+    errors = []
+    for subject in ("myosegmentum-07", "zukic-10"):
+        study, volume = studies[subject]
+        errors += boundary_errors(volume, find_bodies(read_series(study.series["sagittal"].files), level_card),
+                                  step=0.5)
+    print({side: [round(e[3], 1) for e in errors if e[1] == side] for side in ("superior", "inferior")})
+    for side in ("superior", "inferior"):
+        values = [e[3] for e in errors if e[1] == side]
+        assert len(values) >= 20, side
+        assert abs(float(np.median(values))) <= 1.0, (side, values)
+    assert max(abs(e[3]) for e in errors) <= 4.0
 
 
 def test_sagittal_in_another_frame_of_reference(tmp_path, level_card, capsys):

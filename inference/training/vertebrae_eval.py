@@ -226,7 +226,11 @@ def true_level_and_share(volume: Volume, frame: FrameGeometry) -> tuple[str | No
     beyond each end along the end segments). Around the point where the frame's plane cuts it,
     labels are sampled in the plane within :data:`TRUTH_RADIUS_MM`; a body holding at least half
     of the samples is the level; otherwise the disc between the bodies whose centroids bracket the
-    cut. ``known`` is False where the labels cannot say (above the highest labelled body's
+    cut. This is the issue's rule, "L3 when the slice crosses that vertebral body near the midline,
+    L3-L4 when it lies between the two bodies", applied to the labels at the slice's central plane
+    (a 4 mm slice half on a disc and half on a body takes the level at its centre); the runtime
+    (:func:`inference.vertebrae.level_of`) applies it to the found bodies on the same axis, the
+    line through their centroids. ``known`` is False where the labels cannot say (above the highest labelled body's
     centroid without that body in the samples, or more than 8 mm below where L5 ends on the line):
     such frames are not counted. The third value is the share of the samples in the most
     frequent body: between 0.2 and 0.8 the plane lies on an end plate (an ambiguous slice).
@@ -423,7 +427,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     found = find_subjects(args.data)
     trained, held = split_subjects([f[0] for f in found])
-    per_set = min(4, args.limit or 4)
+    # Calibration: every training subject (--limit: that many of each set).
+    per_set = args.limit or len(trained)
     chosen_for_calibration = ([n for n in trained if n.startswith("myosegmentum")][:per_set]
                               + [n for n in trained if n.startswith("zukic")][:per_set])
     if args.limit:
@@ -492,9 +497,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "labelled body's centroid. Axial slices: straight (4 mm apart), tilted 15 degrees, and two angled "
             "slabs (+12 degrees at L2-L3, -10 degrees at L4-L5), true level from the labels around the point "
             "where the slice cuts the line through the labelled bodies' centroids (inference.training."
-            "vertebrae_eval.true_level); slices whose level the labels cannot give are not counted. The naming "
-            f"method ({chosen!r}) and the end-plate offsets of the card's postprocess were measured on 8 "
-            "training subjects (calibrate), never on these."),
+            "vertebrae_eval.true_level; the runtime maps a slice through the same axis, the line through the "
+            "found bodies' centroids); slices whose level the labels cannot give are not counted. The naming "
+            f"method ({chosen!r}) and the end-plate offsets of the card's postprocess were measured on the "
+            f"{len(chosen_for_calibration)} training subjects (calibrate), never on these."),
         "dice": dice,
         "naming": naming_shares,
         "naming_method": chosen,
@@ -508,52 +514,137 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def calibrate(card: ModelCard, volumes: Sequence[Volume]) -> dict:
+#: Planes swept through the labelled range to measure end-plate errors (:func:`boundary_errors`):
+#: name, tilt about left-right (degrees), as the axial test geometries.
+SWEEP_TILTS = (("straight", 0.0), ("tilted", 15.0), ("tilted -12", -12.0))
+#: Errors larger than this (mm) are a body missed or misnamed, not an end plate off.
+END_PLATE_OUTLIER_MM = 4.0
+
+
+def boundary_errors(volume: Volume, reference, step: float = 0.25) -> list[tuple[str, str, str, float]]:
+    """How far the found bodies end beyond the labelled ones, where slices cross the spine's axis.
+
+    Planes of each tilt of :data:`SWEEP_TILTS` are swept head to foot every ``step`` mm through
+    the labelled range (centred as :func:`axial_geometries`); each gets its true level
+    (:func:`true_level`) and its level from ``reference`` (:func:`inference.vertebrae.level_of`).
+    For every change body -> disc (an inferior end plate) and disc -> body (a superior one) that
+    both give, the signed distance (mm, head-foot, between the plane positions where each changes)
+    is the error: positive when the found body reaches farther than the labelled one (too tall).
+
+    Returns
+    -------
+    list of (vertebra, side, sweep name, error mm)
+        ``side`` is ``"superior"`` or ``"inferior"``.
+    """
+    centroids = np.array(list(volume.bodies().values()))
+    top, bottom = centroids[:, 2].max() + 25, centroids[:, 2].min() - 30
+    middle = np.array([centroids[:, 0].mean(), centroids[:, 1].mean() + 40, (top + bottom) / 2])
+    assign = level_of(reference)
+    zs = np.arange(top, bottom, -step)
+    out = []
+
+    def changes(levels: list) -> dict:
+        found = {}
+        for i in range(1, len(levels)):
+            if levels[i] != levels[i - 1] and None not in (levels[i], levels[i - 1]):
+                found[(levels[i - 1], levels[i])] = float(zs[i] + zs[i - 1]) / 2
+        return found
+
+    for name, tilt in SWEEP_TILTS:
+        row_c, col_c = _tilted(tilt)
+        normal = np.cross(row_c, col_c)
+        frames = [_frame(middle + (z - middle[2]) / normal[2] * normal, row_c, col_c, 1.0, 256, 256) for z in zs]
+        truth = changes([level if known else None for level, known in (true_level(volume, f) for f in frames)])
+        found = changes([assign(f) for f in frames])
+        for (upper, lower), z in truth.items():
+            if (upper, lower) not in found:
+                continue
+            if Level.parse(upper).disc:  # disc -> body: the lower body's superior end plate
+                out.append((lower, "superior", name, found[(upper, lower)] - z))
+            else:  # body -> disc: the upper body's inferior end plate
+                out.append((upper, "inferior", name, z - found[(upper, lower)]))
+    return out
+
+
+def calibrate(card: ModelCard, volumes: Sequence[Volume], min_per_vertebra: int = 20) -> dict:
     """End-plate offsets and the naming method, measured on TRAINING subjects.
 
     The offsets (``postprocess.end_plate_offset_mm``: superior, inferior; positive moves an end
-    plate into its body, :func:`inference.vertebrae.move_end_plates`) are those, on a 0.5 mm grid
-    from -1 to 3 mm, that give most axial slices of these subjects (the geometries of
-    :func:`axial_geometries`) their true level (:func:`true_level`); ties go to the smaller
-    offsets. They absorb the difference between the model's end plates, traced on its voxels,
-    and the level the labels give where a slice cuts the spine's axis (end plates are concave,
-    so the disc there is taller than between the rims). The naming method is the one that names
-    most bodies right on these subjects (ties: ``consensus``).
+    plate into its body, :func:`inference.vertebrae.move_end_plates`) are the median errors of the
+    model's end plates without offsets (:func:`boundary_errors`: how far its bodies end beyond
+    the labelled ones where slices cross the spine's axis), rounded to 0.25 mm, over all
+    vertebrae; ``end_plate_offset_mm_by_vertebra`` the same per vertebra with at least
+    ``min_per_vertebra`` errors measured. Errors over :data:`END_PLATE_OUTLIER_MM` (a body
+    missed or misnamed) are left out. The naming method is the one that names most bodies right
+    on these subjects (ties: ``consensus``). The axial slices of these subjects at their true
+    level without and with the offsets are recorded too.
     """
-    from inference.vertebrae import LevelReference, move_end_plates
+    from inference.vertebrae import LevelReference, end_plate_offsets, move_end_plates
 
     bare = ModelCard.from_dict({**card.to_dict(), "postprocess": {}}, card.path)
     hits = {n: 0 for n in ("consensus", "direct", "order")}
     cases = []
+    errors: list[tuple[str, str, str, float]] = []
     for volume in volumes:
         reference = find_bodies(sagittal_series(volume), bare, naming="consensus")
         frames = [f for frames in axial_geometries(volume).values() for f in frames]
         truths = [true_level(volume, f) for f in frames]
         cases.append((reference, [(f, t) for f, (t, known) in zip(frames, truths) if known]))
+        errors += boundary_errors(volume, reference)
         result = evaluate_subject(volume, bare)
         for naming in hits:
             hits[naming] += sum(result[naming]["named_right"].values())
-    grid = np.arange(-1.0, 3.01, 0.5)
-    scores = {}
-    for up in grid:
-        for down in grid:
-            right = 0
-            for reference, frames in cases:
-                moved = LevelReference(**{**reference.__dict__,
-                                          "bodies": tuple(move_end_plates(b, up, down) for b in reference.bodies)})
-                assign = level_of(moved)
-                right += sum(assign(f) == t for f, t in frames)
-            scores[(float(up), float(down))] = right
+    kept = [e for e in errors if abs(e[3]) <= END_PLATE_OUTLIER_MM]
+
+    def median(values: list[float]) -> float:
+        return round(float(np.median(values)) * 4) / 4 if values else 0.0
+
+    offsets = [median([e[3] for e in kept if e[1] == side]) for side in ("superior", "inferior")]
+    by_vertebra: dict[str, list[float]] = {}
+    measured: dict[str, dict[str, list]] = {}
+    for vertebra in [v.value for v in Vertebra]:
+        row = list(offsets)
+        for k, side in enumerate(("superior", "inferior")):
+            values = [e[3] for e in kept if e[0] == vertebra and e[1] == side]
+            if values:
+                measured.setdefault(vertebra, {})[side] = [round(float(np.median(values)), 2),
+                                                           round(float(np.mean(values)), 2), len(values)]
+            if len(values) >= min_per_vertebra:
+                row[k] = median(values)
+        if vertebra in measured:
+            by_vertebra[vertebra] = row
+    postprocess = {"end_plate_offset_mm": offsets, "end_plate_offset_mm_by_vertebra": by_vertebra}
+    offset_card = ModelCard.from_dict({**card.to_dict(), "postprocess": postprocess}, card.path)
+
+    def right(moved_card: ModelCard | None) -> int:
+        count = 0
+        for reference, frames in cases:
+            if moved_card is not None:
+                reference = LevelReference(**{**reference.__dict__, "bodies": tuple(
+                    move_end_plates(b, *end_plate_offsets(moved_card, b.name)) for b in reference.bodies)})
+            assign = level_of(reference)
+            count += sum(assign(f) == t for f, t in frames)
+        return count
+
     total = sum(len(frames) for _, frames in cases)
-    best = max(scores, key=lambda k: (scores[k], -abs(k[0]) - abs(k[1])))
     naming = max(hits, key=lambda n: (hits[n], n == "consensus"))
-    return {"naming": naming, "end_plate_offset_mm": [best[0], best[1]],
+    sides = {side: [e[3] for e in kept if e[1] == side] for side in ("superior", "inferior")}
+    return {"naming": naming, **postprocess,
             "calibration": {"subjects": [v.name for v in volumes], "axial_slices": total,
-                            "right_without_offsets": scores[(0.0, 0.0)], "right_with_offsets": scores[best],
+                            "right_without_offsets": right(None), "right_with_offsets": right(offset_card),
                             "bodies_named_right": hits,
+                            "end_plate_errors_mm": {
+                                side: {"median": round(float(np.median(v)), 2), "mean": round(float(np.mean(v)), 2),
+                                       "sd": round(float(np.std(v)), 2), "n": len(v)} for side, v in sides.items()},
+                            "end_plate_errors_by_vertebra_mm": measured,
+                            "outliers_left_out": len(errors) - len(kept),
                             "note": ("measured on training subjects only (inference.training.vertebrae_eval."
-                                     "calibrate): offsets on a 0.5 mm grid that give most axial slices their "
-                                     "true level")}}
+                                     "calibrate): end-plate errors without offsets (boundary_errors: planes "
+                                     "swept every 0.25 mm, straight and tilted +15 and -12 degrees; positive: "
+                                     "the model's body ends beyond the labelled one where the slice crosses "
+                                     "the axis through the centroids); offsets = median errors, rounded to "
+                                     "0.25 mm; [median, mean, count] per vertebra and side; errors over 4 mm "
+                                     "(a body missed or misnamed) left out")}}
 
 
 def make_card(path: Path, onnx: Path, version: str, training: dict, accuracy: dict,
