@@ -112,3 +112,34 @@ def test_the_sr_has_per_level_groups(processed) -> None:
     for level in ("L3", "L3-L4", "L4-L5"):
         code = Level.parse(level).code
         assert (code.scheme_designator, code.value) in sites, level
+
+
+def test_the_sr_outlines_each_muscle_at_each_disc_levels_key_slice(processed) -> None:
+    """A TID 1410 group with a closed POLYLINE on the key slice per disc level, muscle and side,
+    its area and fat those of the cohort's key_slice columns; the report passes dciodvfy."""
+    import highdicom as hd
+
+    from inference.vocabulary import PRIVATE_SCHEME
+    from reports import codes
+    from tests import validators
+
+    study, _, out = processed
+    _, _, path, _ = _sr(out, study)
+    report = hd.sr.srread(path).content
+    outlines = {str(g.tracking_identifier): g for g in report.get_planar_roi_measurement_groups() if g.roi is not None}
+    rows = [r for r in _table(out, "cohort") if r["study"] == study.study_uid and r["level"] in DISCS
+            and r["side"] in ("left", "right") and r["key_slice_sop_instance_uid"]]
+    assert rows and len(outlines) == len(rows), (sorted(outlines), len(rows))
+    for row in rows:
+        group = outlines[f"{row['side']} {row['muscle'].replace('_', ' ')}, {row['level']}, key slice"]
+        assert group.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        points = group.roi.value
+        assert len(points) > 8 and (points[0] == points[-1]).all()
+        assert group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID \
+            == row["key_slice_sop_instance_uid"]
+        values = {m.name: m.value for m in group.get_measurements()}
+        assert round(values[codes.AREA], 2) == float(row["key_slice_csa_mm2"])
+        assert round(values[codes.FAT_FRACTION], 2) == float(row["key_slice_fat_percent"])
+    result = validators.dciodvfy(path)
+    assert result.errors == [], result.describe()
+    assert all(f"<{PRIVATE_SCHEME}>" in w for w in result.warnings), result.describe()
