@@ -362,9 +362,10 @@ def test_slice_levels_are_coded_as_the_body_or_the_disc() -> None:
     assert located("L1-L5") == [v.code.value for v in vertebra_range("L1-L5")]
 
 
-def _key_slice_report(results: Results, label_map: LabelMap | None = None, slice_levels: bool = True):
+def _key_slice_report(results: Results, label_map: LabelMap | None = None, slice_levels: bool = True,
+                      muscles: tuple[str, ...] = ("multifidus", "erector_spinae")):
     """A report of TUM01's manual labels with levels L4 (slices 0-9), L3-L4 (10-12) and L3 (13-28)
-    by height, L3-L4's key slice the middle one; the assessments and the report."""
+    by height, L3-L4's key slice the middle one; the assessments (of ``muscles``) and the report."""
     tum01 = results.tum01
     label_map = label_map or tum01.label_map
     order = sorted(range(len(tum01.water)), key=lambda i: float(tum01.water.geometry[i].centre[2]))
@@ -374,6 +375,7 @@ def _key_slice_report(results: Results, label_map: LabelMap | None = None, slice
     patient = from_dataset(pydicom.dcmread(tum01.study.series["water"].files[0], stop_before_pixels=True))
     assessments = assess(measure(label_map, FatSource(water=tum01.water, fat=tum01.fat), level_of,
                                  key_frames={"L3-L4": order[11]} if slice_levels else None), patient)
+    assessments = [a for a in assessments if a.metrics.muscle in muscles]
     sources = source_datasets_of(label_map)
     seg = build_segmentation(label_map, *CARD, tum01.identity(), SOFTWARE, sources)
     sr = build_report(label_map, seg, assessments, tum01.identity(), *CARD, SOFTWARE, patient=patient,
@@ -449,7 +451,7 @@ def test_an_outline_keeps_the_largest_piece_and_closes_at_the_image_edge() -> No
 
 def test_the_report_with_key_slice_outlines_passes_dciodvfy_and_pixelmed(results: Results) -> None:
     """dciodvfy on the full report; PixelMed (minutes and gigabytes for a full report, see above)
-    on the report of one labelled slice that is the key slice of its disc."""
+    on the report of one muscle on one labelled slice that is the key slice of its disc."""
     _, sr = _key_slice_report(results)
     path = results.tum01.folder / "key-slices-sr.dcm"
     sr.save_as(path)
@@ -461,8 +463,9 @@ def test_the_report_with_key_slice_outlines_passes_dciodvfy_and_pixelmed(results
     order = sorted(range(len(tum01.water)), key=lambda i: float(tum01.water.geometry[i].centre[2]))
     keep = order[11]
     labels = tuple(l if i == keep else np.zeros_like(l) for i, l in enumerate(tum01.label_map.labels))
-    _, small = _key_slice_report(results, LabelMap(tum01.water, labels, MEANING))
-    assert len(_outlines(small)) == 4
+    # One muscle: the validator runs out of 4 GB on both muscles' groups with their level groups.
+    _, small = _key_slice_report(results, LabelMap(tum01.water, labels, MEANING), muscles=("multifidus",))
+    assert len(_outlines(small)) == 2
     path = results.tum01.folder / "key-slices-one-slice-sr.dcm"
     small.save_as(path)
     result = validators.sr_validator(path)
