@@ -170,9 +170,20 @@ def test_ohif_shows_the_segs_of_two_angled_slabs(tmp_path: Path) -> None:
         "yet supported" in second.stdout, second.stdout
 
 
-def _outlines_only(sr, path: Path) -> list[tuple[str, float, float]]:
+#: The series descriptions of the test's copies of the report (:func:`_outlines_only`).
+OUTLINES_ONLY = "Key slice outlines only (test)"
+CORNERSTONE_FORM = "Outlines as cornerstone writes them (test)"
+
+
+def _outlines_only(sr, path: Path, cornerstone: bool = False) -> list[tuple[str, float, float]]:
     """Save a copy of the report that keeps, of its measurement groups, only those with an image
-    region (the key slices' outlines), as another series; their (tracking identifier, area, fat)."""
+    region (the key slices' outlines), as another series; their (tracking identifier, area, fat).
+
+    With ``cornerstone``, the copy is rewritten into what OHIF can hydrate, which the report does
+    not write: each group's SCOORD moved under its area NUM as INFERRED FROM (TID 300 within TID
+    1501, as dcmjs writes it; TID 1410's measurements have no such row) and the tracking
+    identifier replaced by cornerstone's tool name ``Cornerstone3DTools@^0.1.0:PlanarFreehandROI``.
+    """
     import copy
 
     import pydicom
@@ -182,16 +193,23 @@ def _outlines_only(sr, path: Path) -> list[tuple[str, float, float]]:
     container = next(i for i in reduced.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
     container.ContentSequence = [g for g in container.ContentSequence
                                  if any(i.ValueType == "SCOORD" for i in g.ContentSequence)]
-    reduced.SeriesInstanceUID = generate_uid(entropy_srcs=[sr.SeriesInstanceUID, "outlines only"])
-    reduced.SOPInstanceUID = generate_uid(entropy_srcs=[sr.SOPInstanceUID, "outlines only"])
-    reduced.file_meta.MediaStorageSOPInstanceUID = reduced.SOPInstanceUID
-    reduced.SeriesDescription, reduced.SeriesNumber = "Key slice outlines only (test)", 193
-    pydicom.dcmwrite(path, reduced, enforce_file_format=True)
     found = []
     for group in container.ContentSequence:
         named = {i.ConceptNameCodeSequence[0].CodeValue: i for i in group.ContentSequence}
         found.append((named["112039"].TextValue, float(named["42798000"].MeasuredValueSequence[0].NumericValue),
                       float(named["129100"].MeasuredValueSequence[0].NumericValue)))
+        if cornerstone:
+            region = named["111030"]
+            group.ContentSequence = [i for i in group.ContentSequence if i is not region]
+            region.RelationshipType = "INFERRED FROM"
+            named["42798000"].ContentSequence = [region]
+            named["112039"].TextValue = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+    description = CORNERSTONE_FORM if cornerstone else OUTLINES_ONLY
+    reduced.SeriesInstanceUID = generate_uid(entropy_srcs=[sr.SeriesInstanceUID, description])
+    reduced.SOPInstanceUID = generate_uid(entropy_srcs=[sr.SOPInstanceUID, description])
+    reduced.file_meta.MediaStorageSOPInstanceUID = reduced.SOPInstanceUID
+    reduced.SeriesDescription, reduced.SeriesNumber = description, 194 if cornerstone else 193
+    pydicom.dcmwrite(path, reduced, enforce_file_format=True)
     return found
 
 
@@ -218,7 +236,11 @@ def test_ohif_and_the_key_slice_outlines_of_the_report(tmp_path: Path) -> None:
 
     What it does show: with the outlines alone (a copy of the report without the other groups,
     made here), its SR viewport loads each outline onto its image and writes its labels (area,
-    fat fraction, finding site) with the report's values, and calls them not rehydratable.
+    fat fraction, finding site) with the report's values, and calls them not rehydratable. A
+    second copy rewritten as cornerstone writes measurements (SCOORD under the area NUM,
+    cornerstone's tool name as tracking identifier) is hydrated after OHIF's "track
+    measurements?" prompt and listed in the panel, one row per outline with its disc: what the
+    panel needs is exactly those two changes, and the groups without coordinates gone.
     """
     chromium, node, dist = requirements()
     import pydicom
@@ -239,10 +261,12 @@ def test_ohif_and_the_key_slice_outlines_of_the_report(tmp_path: Path) -> None:
     sr = pydicom.dcmread(tmp_path / "sr.dcm")
     outlines = _outlines_only(sr, tmp_path / "outlines.dcm")
     assert len(outlines) >= 8, outlines
-    (_, full), (_, alone) = show_srs(tmp_path, study.series["water"].files,
-                                     [tmp_path / "seg.dcm", tmp_path / "sr.dcm", tmp_path / "outlines.dcm"],
-                                     study.study_uid, "ohif-key-slices", chromium, node, dist,
-                                     [str(sr.SeriesDescription), "Key slice outlines only (test)"])
+    _outlines_only(sr, tmp_path / "cornerstone.dcm", cornerstone=True)
+    (_, full), (_, alone), (_, hydrated) = show_srs(
+        tmp_path, study.series["water"].files,
+        [tmp_path / "seg.dcm", tmp_path / "sr.dcm", tmp_path / "outlines.dcm", tmp_path / "cornerstone.dcm"],
+        study.study_uid, "ohif-key-slices", chromium, node, dist,
+        [str(sr.SeriesDescription), OUTLINES_ONLY, CORNERSTONE_FORM])
     # 1. The full report: the outlines are placed, then the first group without coordinates throws.
     assert "Cannot read properties of undefined (reading 'ReferencedSOPSequence')" in full.stdout, full.stdout
     assert "_checkIfCanAddMeasurementsToDisplaySet" in full.stdout, full.stdout
@@ -257,6 +281,11 @@ def test_ohif_and_the_key_slice_outlines_of_the_report(tmp_path: Path) -> None:
     assert len(shown) >= 2 and set(shown) <= expected, (shown, expected)
     panel = alone.stdout.split("PANEL ", 1)[1].splitlines()[0]
     assert "No tracked measurements" in panel, panel
+    # 3. Rewritten as cornerstone writes them: hydrated and listed, one row per outline.
+    assert hydrated.returncode == 0 and "tracking prompt: yes" in hydrated.stdout, hydrated.stdout
+    panel = hydrated.stdout.split("PANEL ", 1)[1].splitlines()[0]
+    assert f"Measurements ({len(outlines)})" in panel, panel
+    assert panel.count("disc") == len(outlines), panel
 
 
 def show_srs(tmp_path: Path, images: list[Path], results: list[Path], study_uid: str, name: str, chromium: str,

@@ -37,8 +37,8 @@ try {
   await sr.first().dblclick();
   log('SR thumbnail double-clicked');
   // Where OHIF can hydrate the report's measurements it asks whether to track them.
-  for (let i = 0; i < 16; i++) {
-    const yes = page.locator('[data-cy="prompt-begin-tracking-yes-btn"]');
+  for (let i = 0; i < 30; i++) {
+    const yes = page.locator('[data-cy="prompt-begin-tracking-yes-btn"]').or(page.getByRole('button', { name: /^Yes$/ }));
     if (await yes.count()) { await yes.first().click(); log('tracking prompt: yes'); break; }
     await page.waitForTimeout(500);
   }
