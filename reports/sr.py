@@ -20,8 +20,8 @@ Structure of the report (PS3.16 TID 1500), built with highdicom's templates:
   :attr:`reports.metrics.MuscleMetrics.key_slice`), one TID 1410 planar group per muscle and side
   whose region is the muscle's outline on that image, a closed SCOORD POLYLINE in the image's
   pixel coordinates referencing the source image (and frame): the slice's area and fat as above,
-  with the muscle, side and disc as finding sites. Viewers that show only measurements anchored
-  on an image (OHIF's measurement panel) show these;
+  with the muscle, side and disc as finding sites: image-anchored measurements, for viewers that
+  show only those (OHIF 3.13.2 does not list them: see tests/test_viewer.py);
 - z-score and percentile against the reference standard as measurements of their own, each
   INFERRED FROM a copy of the measured value and from a TEXT that cites the reference group and
   gives the equation with the group's mean and SD;
