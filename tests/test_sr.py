@@ -472,3 +472,30 @@ def test_the_report_with_key_slice_outlines_passes_dciodvfy_and_pixelmed(results
     assert "Found Root Template TID_1500" in result.output, result.describe()
     mixups, others = validators.pixelmed_template_mixups(result, pydicom.dcmread(path))
     assert others == [], "\n".join(others[:20])
+
+
+def test_key_slice_outlines_on_an_enhanced_source_name_their_frame(tmp_path: Path) -> None:
+    """On one multi-frame Enhanced MR instance the outline's image is that instance and its frame."""
+    studies.require_data()
+    study = studies.write_enhanced_study(tmp_path, seed="report-tests-enhanced-key", contrasts=("water", "fat"))
+    water, fat = (read_series(study.series[c].files) for c in ("water", "fat"))
+    label_map = manual_label_map(water)
+    order = sorted(range(len(water)), key=lambda i: float(water.geometry[i].centre[2]))
+    heights = [float(water.geometry[i].centre[2]) for i in order]
+    level_of = levels_by_height({"L3-L4": (heights[10] - 0.1, heights[12] + 0.1)})
+    identity = ResultIdentity([water.series_instance_uid, fat.series_instance_uid], " ".join(CARD), SOFTWARE)
+    seg = build_segmentation(label_map, *CARD, identity, SOFTWARE)
+    patient = from_dataset(pydicom.dcmread(study.series["water"].files[0], stop_before_pixels=True))
+    assessments = assess(measure(label_map, FatSource(water=water, fat=fat), level_of, key_frames={"L3-L4": order[11]}),
+                         patient)
+    sr = build_report(label_map, seg, assessments, identity, *CARD, SOFTWARE)
+    outlines = _outlines(sr)
+    assert len(outlines) == 4
+    for group in outlines.values():
+        reference = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+        assert reference.ReferencedSOPInstanceUID == water.geometry[order[11]].sop_instance_uid
+        assert int(reference.ReferencedFrameNumber) == water.geometry[order[11]].frame_number
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path)
+    result = validators.dciodvfy(path)
+    assert result.errors == [], result.describe()
