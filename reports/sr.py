@@ -16,6 +16,12 @@ Structure of the report (PS3.16 TID 1500), built with highdicom's templates:
   and one per muscle, side and vertebral level when levels are known;
 - one TID 1410 planar group per muscle, side and slice, referencing the SEG frame of that slice:
   the cross-sectional area (and the slice's fat fraction for Dixon);
+- at the key slice of each disc level (the frame nearest the middle of the disc,
+  :attr:`reports.metrics.MuscleMetrics.key_slice`), one TID 1410 planar group per muscle and side
+  whose region is the muscle's outline on that image, a closed SCOORD POLYLINE in the image's
+  pixel coordinates referencing the source image (and frame): the slice's area and fat as above,
+  with the muscle, side and disc as finding sites: image-anchored measurements, for viewers that
+  show only those (OHIF 3.13.2 does not list them: see tests/test_viewer.py);
 - z-score and percentile against the reference standard as measurements of their own, each
   INFERRED FROM a copy of the measured value and from a TEXT that cites the reference group and
   gives the equation with the group's mean and SD;
@@ -36,7 +42,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 from highdicom.sr import (
+    GraphicTypeValues,
+    ImageRegion,
     CodeContentItem,
     Comprehensive3DSR,
     ContainerContentItem,
@@ -53,6 +62,7 @@ from highdicom.sr import (
     ReferencedSegment,
     ReferencedSegmentationFrame,
     RelationshipTypeValues,
+    SourceImageForRegion,
     SourceImageForSegmentation,
     SourceSeriesForSegmentation,
     TextContentItem,
@@ -73,7 +83,7 @@ from . import codes as mn
 from .assessment import Assessment
 from .equipment import MANUFACTURER, Equipment, ResultSeries, fit_lo
 from .grades import fat_unreliable_reason
-from .metrics import ALL_LEVELS, SliceArea
+from .metrics import ALL_LEVELS, MuscleMetrics, SliceArea
 from .reference import Comparison
 from .seg import SegmentRef, segment_frames, segments, source_datasets_of
 from .uids import ResultIdentity, derive_uid
@@ -259,15 +269,20 @@ def _image_free(assessment: Assessment, identity: ResultIdentity,
     )
 
 
-def _planar(area: SliceArea, assessment: Assessment, segment: SegmentRef, seg: Dataset, seg_frame: int,
-            source_class: str, multiframe: bool,
-            identity: ResultIdentity) -> PlanarROIMeasurementsAndQualitativeEvaluations:
-    metrics = assessment.metrics
+def _slice_measurements(area: SliceArea, metrics: MuscleMetrics) -> list[Measurement]:
+    """A slice's cross-sectional area, and its fat by the group's method when measured per slice."""
     measurements = [Measurement(name=mn.AREA, value=area.area_mm2, unit=mn.UNIT_MM2)]
     fat = metrics.fat
     if area.fat_percent is not None and fat is not None:
         measurements.append(Measurement(name=_FAT_CONCEPT[fat.quantity], value=area.fat_percent,
                                         unit=mn.UNIT_PERCENT, derivation=mn.MEAN, method=fat.method.code))
+    return measurements
+
+
+def _planar(area: SliceArea, assessment: Assessment, segment: SegmentRef, seg: Dataset, seg_frame: int,
+            source_class: str, multiframe: bool,
+            identity: ResultIdentity) -> PlanarROIMeasurementsAndQualitativeEvaluations:
+    metrics = assessment.metrics
     source = SourceImageForSegmentation(
         referenced_sop_class_uid=source_class, referenced_sop_instance_uid=area.sop_instance_uid,
         referenced_frame_numbers=[area.frame_number] if multiframe else None)
@@ -281,7 +296,7 @@ def _planar(area: SliceArea, assessment: Assessment, segment: SegmentRef, seg: D
             segment_number=segment.number, source_image=source),
         finding_type=metrics.muscle.code,
         finding_sites=_sites(metrics.muscle, metrics.side),
-        measurements=measurements,
+        measurements=_slice_measurements(area, metrics),
     )
     # PS3.3 C.18.3: Referenced Segment Number is only for a SEG referenced without frames; with a
     # frame number the frame already names the segment, and dciodvfy rejects both together.
@@ -291,6 +306,73 @@ def _planar(area: SliceArea, assessment: Assessment, segment: SegmentRef, seg: D
                 if "ReferencedFrameNumber" in reference:
                     del reference.ReferencedSegmentNumber
     return _standard_meanings(group)
+
+
+def outline(mask: np.ndarray) -> np.ndarray | None:
+    """The largest outline of a binary mask as a closed polyline in DICOM image coordinates.
+
+    The outline is the 0.5 iso-line of the mask (contourpy, as matplotlib draws the summary
+    pages' outlines): it runs half-way between the pixel centres inside and outside. Coordinates
+    are (column, row) pairs as SCOORD wants them (PS3.3 C.18.6.1.1): the top left corner of the
+    top left pixel is (0, 0), so the centre of pixel (row r, column c) is (c + 0.5, r + 0.5).
+    Of several outlines (several pieces of the muscle, holes) the one enclosing the largest area
+    is kept. The first point is repeated at the end (closed).
+
+    Returns
+    -------
+    numpy.ndarray or None
+        ``(n, 2)`` float32, or None for an empty mask.
+    """
+    import contourpy
+
+    if not mask.any():
+        return None
+    # A background border, so that a muscle touching the image edge still gets a closed outline.
+    padded = np.pad(mask.astype(np.float64), 1)
+    lines = contourpy.contour_generator(z=padded, line_type=contourpy.LineType.Separate).lines(0.5)
+
+    def enclosed(line: np.ndarray) -> float:
+        x, y = line[:, 0], line[:, 1]
+        return abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))) / 2
+
+    best = max(lines, key=enclosed)
+    if not np.array_equal(best[0], best[-1]):
+        best = np.vstack([best, best[:1]])
+    # Padded index (x, y) of a pixel centre is (c + 1, r + 1); DICOM puts that centre at (c + .5, r + .5).
+    return (best - 0.5).astype(np.float32)
+
+
+def _key_slice_outline(assessment: Assessment, label_map: LabelMap, source_class: str, multiframe: bool,
+                       identity: ResultIdentity) -> PlanarROIMeasurementsAndQualitativeEvaluations | None:
+    """TID 1410 at a disc level's key slice: the muscle's outline there (a closed SCOORD POLYLINE
+    on the source image) with that slice's area and fat, the muscle, side and disc as sites."""
+    metrics = assessment.metrics
+    area = metrics.key_slice
+    if area is None or metrics.side is Laterality.BOTH or not metrics.label_values:
+        return None
+    mask = np.isin(label_map.labels[area.frame_index], metrics.label_values)
+    points = outline(mask)
+    if points is None:
+        return None
+    region = ImageRegion(
+        graphic_type=GraphicTypeValues.POLYLINE, graphic_data=points,
+        source_image=SourceImageForRegion(
+            referenced_sop_class_uid=source_class, referenced_sop_instance_uid=area.sop_instance_uid,
+            referenced_frame_numbers=[area.frame_number] if multiframe else None))
+    return PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=TrackingIdentifier(
+            uid=identity.uid("sr", "key slice", metrics.muscle, metrics.side, metrics.level, area.sop_instance_uid,
+                             str(area.frame_number)),
+            identifier=_key_slice_identifier(assessment)),
+        referenced_region=region,
+        finding_type=metrics.muscle.code,
+        finding_sites=_sites(metrics.muscle, metrics.side, metrics.level),
+        measurements=_slice_measurements(area, metrics),
+    )
+
+
+def _key_slice_identifier(assessment: Assessment) -> str:
+    return f"{_label(assessment)}, key slice"
 
 
 def _subject_context(patient: PatientContext | None) -> list:
@@ -481,10 +563,14 @@ def build_report(
 
     groups: list = [_not_measured_group(quality, identity)] if not_measured else []
     planar: list = []
+    outlines: list = []
     for assessment in assessments:
         metrics = assessment.metrics
         if metrics.level != ALL_LEVELS or metrics.side is Laterality.BOTH:
             groups.append(_image_free(assessment, identity))
+            roi = _key_slice_outline(assessment, label_map, series.sop_class_uid, multiframe, identity)
+            if roi is not None:
+                outlines.append(roi)
             continue
         segment = by_key.get((metrics.muscle, metrics.side))
         if segment is None:
@@ -519,7 +605,7 @@ def build_report(
     report = MeasurementReport(
         observation_context=observation_context,
         procedure_reported=mn.PROCEDURE_REPORTED,
-        imaging_measurements=groups + planar,
+        imaging_measurements=groups + planar + outlines,
     )
     report[0].ContentSequence.append(_document_notes(assessments, patient, card_name, card_version,
                                                      label_map.set_aside, quality))

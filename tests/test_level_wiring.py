@@ -8,7 +8,7 @@ Their axial images are a 76 mm wide slab without subcutaneous fat, which the pip
 before inference (no fat signal), so the choice of the reference and the levels it gives are
 checked with the functions both paths call; the records are checked through ``process`` on a
 study without a sagittal series. Per-level numbers from a muscle series with its own sagittal
-series are not tested: no real study here has both (see README, Vertebral levels).
+series are tested in tests/test_level_results.py.
 """
 
 from __future__ import annotations

@@ -360,3 +360,142 @@ def test_slice_levels_are_coded_as_the_body_or_the_disc() -> None:
     assert located("L3-L4") == ["62551000"]
     assert located("L3") == ["36470004"]
     assert located("L1-L5") == [v.code.value for v in vertebra_range("L1-L5")]
+
+
+def _key_slice_report(results: Results, label_map: LabelMap | None = None, slice_levels: bool = True,
+                      muscles: tuple[str, ...] = ("multifidus", "erector_spinae")):
+    """A report of TUM01's manual labels with levels L4 (slices 0-9), L3-L4 (10-12) and L3 (13-28)
+    by height, L3-L4's key slice the middle one; the assessments (of ``muscles``) and the report."""
+    tum01 = results.tum01
+    label_map = label_map or tum01.label_map
+    order = sorted(range(len(tum01.water)), key=lambda i: float(tum01.water.geometry[i].centre[2]))
+    heights = [float(tum01.water.geometry[i].centre[2]) for i in order]
+    level_of = levels_by_height({"L4": (heights[0] - 1, heights[9] + 0.1), "L3-L4": (heights[10] - 0.1, heights[12] + 0.1),
+                                 "L3": (heights[13] - 0.1, heights[-1] + 1)}) if slice_levels else None
+    patient = from_dataset(pydicom.dcmread(tum01.study.series["water"].files[0], stop_before_pixels=True))
+    assessments = assess(measure(label_map, FatSource(water=tum01.water, fat=tum01.fat), level_of,
+                                 key_frames={"L3-L4": order[11]} if slice_levels else None), patient)
+    assessments = [a for a in assessments if a.metrics.muscle in muscles]
+    sources = source_datasets_of(label_map)
+    seg = build_segmentation(label_map, *CARD, tum01.identity(), SOFTWARE, sources)
+    sr = build_report(label_map, seg, assessments, tum01.identity(), *CARD, SOFTWARE, patient=patient,
+                      source_datasets=sources)
+    return assessments, sr
+
+
+def _outlines(sr) -> dict[str, object]:
+    """The TID 1410 groups with an image region (the key slices' outlines), by tracking identifier."""
+    return _by_tracking_id(g for g in _groups(sr, "1410") if g.roi is not None)
+
+
+def test_key_slice_outlines_are_closed_polylines_on_the_source_image(results: Results) -> None:
+    from matplotlib.path import Path as Polygon
+
+    assessments, sr = _key_slice_report(results)
+    water = results.tum01.water
+    keyed = [a.metrics for a in assessments if a.metrics.key_slice is not None and a.metrics.side != "both"]
+    assert len(keyed) == 4 and {m.level for m in keyed} == {"L3-L4"}
+    outlines = _outlines(sr)
+    assert sorted(outlines) == sorted(f"{m.side} {m.muscle.words}, L3-L4, key slice" for m in keyed)
+    for metrics in keyed:
+        key = metrics.key_slice
+        group = outlines[f"{metrics.side} {metrics.muscle.words}, L3-L4, key slice"]
+        region = group.roi
+        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        points = region.value
+        np.testing.assert_array_equal(points[0], points[-1])  # closed
+        frame = water.geometry[key.frame_index]
+        assert (points >= 0).all() and (points[:, 0] <= frame.columns).all() and (points[:, 1] <= frame.rows).all()
+        # The image it lies on: the key slice's instance (single-frame: no frame number).
+        reference = region.ContentSequence[0].ReferencedSOPSequence[0]
+        assert reference.ReferencedSOPInstanceUID == key.sop_instance_uid == frame.sop_instance_uid
+        assert reference.ReferencedSOPClassUID == water.sop_class_uid and "ReferencedFrameNumber" not in reference
+        # The outline encloses exactly the muscle's pixels (centres at column + 0.5, row + 0.5).
+        mask = np.isin(results.tum01.label_map.labels[key.frame_index], metrics.label_values)
+        rows, columns = np.nonzero(np.ones_like(mask))
+        inside = Polygon(points).contains_points(np.column_stack([columns + 0.5, rows + 0.5])).reshape(mask.shape)
+        assert (inside != mask).sum() <= 0.01 * mask.sum(), (int((inside != mask).sum()), int(mask.sum()))
+        # The numbers of that slice, as the cohort's key_slice columns give them.
+        assert _measurement(group, codes.AREA).value == pytest.approx(key.area_mm2)
+        fat = _measurement(group, codes.FAT_FRACTION)
+        assert fat.value == pytest.approx(key.fat_percent) and fat.method == FatMethod.DIXON_FF.code
+        sites = [site.value for site in group.finding_sites]
+        assert len(sites) == 2 and sites[0] == metrics.muscle.code
+        assert sites[1].value == "62551000"  # the L3-L4 disc (CID 7304), as the level groups code it
+        assert group.finding_sites[0].laterality == Laterality(metrics.side).code
+        assert group.finding_type == metrics.muscle.code
+
+
+def test_key_slice_outlines_only_for_disc_levels_with_a_key_slice(results: Results) -> None:
+    assessments, sr = _key_slice_report(results, slice_levels=False)
+    assert _outlines(sr) == {}
+    assessments, sr = _key_slice_report(results)
+    tracking = {str(g.tracking_uid) for g in _outlines(sr).values()}
+    again = {str(g.tracking_uid) for g in _outlines(_key_slice_report(results)[1]).values()}
+    others = {str(g.tracking_uid) for template in ("1410", "1411", "1501") for g in _groups(sr, template)
+              if getattr(g, "roi", None) is None}
+    assert len(tracking) == 4 and tracking == again and not tracking & others
+
+
+def test_an_outline_keeps_the_largest_piece_and_closes_at_the_image_edge() -> None:
+    from reports.sr import outline
+
+    mask = np.zeros((10, 12), bool)
+    mask[0:4, 0:5] = True  # touches the top and left edges
+    mask[7:9, 9:11] = True  # a smaller piece
+    points = outline(mask)
+    np.testing.assert_array_equal(points[0], points[-1])
+    assert points[:, 0].min() == 0 and points[:, 0].max() == 5 and points[:, 1].min() == 0 and points[:, 1].max() == 4
+    assert outline(np.zeros((4, 4), bool)) is None
+
+
+def test_the_report_with_key_slice_outlines_passes_dciodvfy_and_pixelmed(results: Results) -> None:
+    """dciodvfy on the full report; PixelMed (minutes and gigabytes for a full report, see above)
+    on the report of one muscle on one labelled slice that is the key slice of its disc."""
+    _, sr = _key_slice_report(results)
+    path = results.tum01.folder / "key-slices-sr.dcm"
+    sr.save_as(path)
+    result = validators.dciodvfy(path)
+    assert result.errors == [], result.describe()
+    assert all(f"<{PRIVATE_SCHEME}>" in w for w in result.warnings), result.describe()
+
+    tum01 = results.tum01
+    order = sorted(range(len(tum01.water)), key=lambda i: float(tum01.water.geometry[i].centre[2]))
+    keep = order[11]
+    labels = tuple(l if i == keep else np.zeros_like(l) for i, l in enumerate(tum01.label_map.labels))
+    # One muscle: the validator runs out of 4 GB on both muscles' groups with their level groups.
+    _, small = _key_slice_report(results, LabelMap(tum01.water, labels, MEANING), muscles=("multifidus",))
+    assert len(_outlines(small)) == 2
+    path = results.tum01.folder / "key-slices-one-slice-sr.dcm"
+    small.save_as(path)
+    result = validators.sr_validator(path)
+    assert "Found Root Template TID_1500" in result.output, result.describe()
+    mixups, others = validators.pixelmed_template_mixups(result, pydicom.dcmread(path))
+    assert others == [], "\n".join(others[:20])
+
+
+def test_key_slice_outlines_on_an_enhanced_source_name_their_frame(tmp_path: Path) -> None:
+    """On one multi-frame Enhanced MR instance the outline's image is that instance and its frame."""
+    studies.require_data()
+    study = studies.write_enhanced_study(tmp_path, seed="report-tests-enhanced-key", contrasts=("water", "fat"))
+    water, fat = (read_series(study.series[c].files) for c in ("water", "fat"))
+    label_map = manual_label_map(water)
+    order = sorted(range(len(water)), key=lambda i: float(water.geometry[i].centre[2]))
+    heights = [float(water.geometry[i].centre[2]) for i in order]
+    level_of = levels_by_height({"L3-L4": (heights[10] - 0.1, heights[12] + 0.1)})
+    identity = ResultIdentity([water.series_instance_uid, fat.series_instance_uid], " ".join(CARD), SOFTWARE)
+    seg = build_segmentation(label_map, *CARD, identity, SOFTWARE)
+    patient = from_dataset(pydicom.dcmread(study.series["water"].files[0], stop_before_pixels=True))
+    assessments = assess(measure(label_map, FatSource(water=water, fat=fat), level_of, key_frames={"L3-L4": order[11]}),
+                         patient)
+    sr = build_report(label_map, seg, assessments, identity, *CARD, SOFTWARE)
+    outlines = _outlines(sr)
+    assert len(outlines) == 4
+    for group in outlines.values():
+        reference = group.roi.ContentSequence[0].ReferencedSOPSequence[0]
+        assert reference.ReferencedSOPInstanceUID == water.geometry[order[11]].sop_instance_uid
+        assert int(reference.ReferencedFrameNumber) == water.geometry[order[11]].frame_number
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path)
+    result = validators.dciodvfy(path)
+    assert result.errors == [], result.describe()
