@@ -143,3 +143,63 @@ def test_a_sagittal_series_arriving_after_the_axial_one_makes_the_job_again(tmp_
     decision = next(s["decision"] for s in status["series"] if s["series_uid"] == sagittal.series_uid)
     assert decision["role"] == "level_reference" and not decision["selected"]
     assert "level reference: the sagittal series, T2-weighted" in node.cli("status").stdout
+
+
+def test_results_are_made_again_with_levels_when_the_sagittal_series_comes_later(tmp_path: Path, node_factory) -> None:
+    """The real per-level study (TUM01 Dixon with its subject's sagittal series): the Dixon
+    group's results are made without levels, then again with them once the sagittal series has
+    arrived, under the same result UIDs, so that the second results replace the first."""
+    import pydicom
+
+    from reports.equipment import ResultSeries
+
+    studies.require_data()
+    studies.require_data(studies.vertebrae_files(studies.TUM01_VERTEBRAE_SUBJECT))
+    study, _ = studies.write_dixon_study_with_sagittal(tmp_path / "in", seed="wiring/late-results")
+    node = node_factory(jobs={"workers": 1, "threads": 2})
+    assert node.storescu(study.series["water"].files + study.series["fat"].files).returncode == 0
+    first = node.wait_for(lambda s: any(j["state"] == "done" for j in s["jobs"]), timeout=300,
+                          what="the Dixon job without levels")["jobs"][0]
+    assert "no sagittal series" in first["result"]["levels"]["reason"]
+    results = node.data / "results"
+    before = {p.relative_to(results) for p in results.rglob("*.dcm")}
+
+    def description(path: Path) -> str:
+        return str(pydicom.dcmread(results / path, stop_before_pixels=True).SeriesDescription)
+
+    def report() -> pydicom.Dataset:
+        (path,) = [p for p in before if description(p) == ResultSeries.SR.description()]
+        return pydicom.dcmread(results / path)
+
+    def disc_sites(sr: pydicom.Dataset) -> int:
+        found = 0
+
+        def walk(items) -> None:
+            nonlocal found
+            for item in items:
+                if item.ValueType == "CODE" and item.ConceptCodeSequence[0].CodeMeaning.endswith("disc"):
+                    found += 1
+                walk(getattr(item, "ContentSequence", []))
+
+        walk(sr.ContentSequence)
+        return found
+
+    assert disc_sites(report()) == 0
+    assert node.storescu(study.series["sagittal"].files).returncode == 0
+    status = node.wait_for(lambda s: sum(j["state"] == "done" for j in s["jobs"]) == 2, timeout=300,
+                           what="the Dixon job made again with levels")
+    again = next(j for j in status["jobs"] if j["id"] != first["id"])
+    assert again["series"]["level_reference"] == study.series["sagittal"].series_uid
+    assert again["result"]["levels"]["reason"] is None
+    assert again["result"]["levels"]["reference"] == study.series["sagittal"].series_uid
+    # Same result UIDs: the first results' files were replaced, not joined by a second SEG or SR
+    # (beside them only what levels add: more summary pages, the key-slice outline document).
+    after = {p.relative_to(results) for p in results.rglob("*.dcm")}
+    assert before <= after
+
+    def count(files, prefix: str) -> int:
+        return sum(description(p).startswith(prefix) for p in files)
+
+    for prefix in (ResultSeries.SR.description(), "Paraspinal muscles ("):
+        assert count(after, prefix) == count(before, prefix) == 1, prefix
+    assert disc_sites(report()) > 0
