@@ -7,7 +7,7 @@ numbers from one scheme, so they are defined here once.
 Series numbers: a result's SeriesNumber is its source series' number times 100 plus the
 result's offset (:class:`ResultSeries`), so that results of different source series of a study
 never share a number and a reader sees which series they came from (series 7 gives 791, 792,
-793).
+793, and 794 for the key-slice outlines when the series has them).
 
 A source series whose frames lie in several orientations (angled slabs) gets one SEG per
 orientation group (:func:`reports.seg.build_segmentations`): each is a series of its own, as
@@ -46,6 +46,8 @@ class ResultSeries(Enum):
     SEG = (91, "Paraspinal muscles{part} ({model})")
     SR = (92, "Paraspinal muscle measurements (research use)")
     SUMMARY = (93, "Paraspinal muscle summary (research use)")
+    #: The key-slice outlines in the form viewers turn into their own tools (:mod:`reports.outline_report`).
+    OUTLINES = (94, "Paraspinal muscle key-slice outlines (research use)")
 
     def __init__(self, offset: int, description: str) -> None:
         self.offset = offset

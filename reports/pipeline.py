@@ -1,4 +1,4 @@
-"""The pipeline: one selected group of series in, SEG, SR, summary and measurement rows out.
+"""The pipeline: one selected group of series in, SEG, SR, key-slice outlines, summary and rows out.
 
 The node's workers (``node.orchestration.worker``) and the offline ``musclenode process``
 command (``node.orchestration.offline``) both call :func:`run`, so a
@@ -101,7 +101,9 @@ class Results:
     ``quality`` is the segmentation's verdict (:mod:`inference.segmentation_quality`): when it is
     "not measured", ``metrics`` and ``assessments`` are empty and the SR and summary say why.
     ``levels`` is the vertebral level of each frame of the label map's series, or the reason
-    there are none.
+    there are none. ``outlines`` is the key-slice outlines as a document of their own, in the form
+    viewers turn into their tools (:mod:`reports.outline_report`); None when no disc level has a
+    key slice.
     """
 
     label_map: LabelMap
@@ -114,6 +116,7 @@ class Results:
     seconds: dict[str, float] = field(default_factory=dict)
     quality: SegmentationQuality | None = None
     levels: SeriesLevels | None = None
+    outlines: Dataset | None = None
 
     @property
     def segmentation(self) -> Dataset:
@@ -127,8 +130,10 @@ class Results:
 
     @property
     def datasets(self) -> list[tuple[str, Dataset]]:
-        """Every result object with its kind, the SEGs first (the SR references them)."""
+        """Every result object with its kind, the SEGs first (the SR references them), the key-slice
+        outlines (kind ``outlines``, where there are any) after the SR."""
         return ([("seg", seg) for seg in self.segmentations] + [("sr", self.report)]
+                + ([("outlines", self.outlines)] if self.outlines is not None else [])
                 + [("summary", d) for d in self.summary])
 
 
@@ -299,6 +304,7 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
         When the series cannot be read or segmented, or is refused by :func:`check_inputs`
         before inference; never transient for bad input.
     """
+    from reports.outline_report import build_outline_report
     from reports.seg import build_segmentations
     from reports.sr import build_report
     from reports.summary import build_summary
@@ -362,10 +368,13 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
         raise PipelineError(f"cannot make a DICOM SEG on these images: {exc}") from exc
     report = build_report(label_map, segmentations, assessments, identity, card.name, card.version,
                           software_version, patient=patient, quality=quality)
+    outlines = build_outline_report(label_map, assessments, identity, card.name, card.version, software_version,
+                                    patient=patient, quality=quality)
     summary = build_summary(label_map, assessments, patient, identity, card.name, card.version, software_version,
                             source_dataset, quality=quality)
     seconds["results"] = time.perf_counter() - started
-    return Results(label_map, metrics, assessments, patient, segmentations, report, summary, seconds, quality, levels)
+    return Results(label_map, metrics, assessments, patient, segmentations, report, summary, seconds, quality, levels,
+                   outlines)
 
 
 #: The columns of :func:`cohort_rows`, in order: a cohort table without rows still has them.

@@ -21,7 +21,9 @@ Structure of the report (PS3.16 TID 1500), built with highdicom's templates:
   whose region is the muscle's outline on that image, a closed SCOORD POLYLINE in the image's
   pixel coordinates referencing the source image (and frame): the slice's area and fat as above,
   with the muscle, side and disc as finding sites: image-anchored measurements, for viewers that
-  show only those (OHIF 3.13.2 does not list them: see tests/test_viewer.py);
+  show only those. OHIF 3.13.2 lists neither these nor anything of this report (see
+  tests/test_viewer.py): the same outlines go out in the form it lists as a document of their own,
+  :mod:`reports.outline_report`;
 - z-score and percentile against the reference standard as measurements of their own, each
   INFERRED FROM a copy of the measured value and from a TEXT that cites the reference group and
   gives the equation with the group's mean and SD;
@@ -44,6 +46,7 @@ from typing import Sequence
 
 import numpy as np
 from highdicom.sr import (
+    CoordinatesForMeasurement,
     GraphicTypeValues,
     ImageRegion,
     CodeContentItem,
@@ -88,7 +91,8 @@ from .reference import Comparison
 from .seg import SegmentRef, segment_frames, segments, source_datasets_of
 from .uids import ResultIdentity, derive_uid
 
-__all__ = ["RESEARCH_STATEMENT", "build_report"]
+__all__ = ["RESEARCH_STATEMENT", "build_report", "device_observation_context", "document_notes", "finding_sites", "is_multiframe",
+           "key_slice_label", "key_slice_outline", "outline", "research_note", "slice_measurements"]
 
 RESEARCH_STATEMENT = (
     "For research use only. Not for diagnostic use: automated measurements by musclenode, not "
@@ -212,7 +216,7 @@ def _standard_meanings(group):
     return group
 
 
-def _sites(muscle: Muscle, side: Laterality, levels: str | None = None) -> list[FindingSite]:
+def finding_sites(muscle: Muscle, side: Laterality, levels: str | None = None) -> list[FindingSite]:
     """The muscle with its side, and the level: a slice level (a vertebral body such as ``L3``, or
     the intervertebral disc ``L3-L4``, CID 7304) by its own code, a range of bodies (``L1-L5``, as
     published references state theirs) by each body's code."""
@@ -243,7 +247,7 @@ def _volumetric(assessment: Assessment, segment: SegmentRef, seg: Dataset,
             sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=segment.number,
             source_series=SourceSeriesForSegmentation(series_uid)),
         finding_type=metrics.muscle.code,
-        finding_sites=_sites(metrics.muscle, metrics.side),
+        finding_sites=finding_sites(metrics.muscle, metrics.side),
         measurements=_measurements(assessment),
         qualitative_evaluations=coded or None,
     )
@@ -263,15 +267,20 @@ def _image_free(assessment: Assessment, identity: ResultIdentity,
     return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         finding_type=metrics.muscle.code,
-        finding_sites=_sites(metrics.muscle, metrics.side, level),
+        finding_sites=finding_sites(metrics.muscle, metrics.side, level),
         measurements=_measurements(assessment),
         qualitative_evaluations=coded or None,
     )
 
 
-def _slice_measurements(area: SliceArea, metrics: MuscleMetrics) -> list[Measurement]:
-    """A slice's cross-sectional area, and its fat by the group's method when measured per slice."""
-    measurements = [Measurement(name=mn.AREA, value=area.area_mm2, unit=mn.UNIT_MM2)]
+def slice_measurements(area: SliceArea, metrics: MuscleMetrics,
+                       coordinates: CoordinatesForMeasurement | None = None) -> list[Measurement]:
+    """A slice's cross-sectional area, and its fat by the group's method when measured per slice.
+
+    ``coordinates`` (TID 1501 groups only: TID 300's INFERRED FROM SCOORD row) is the outline the
+    area was measured in, placed under the area's NUM."""
+    measurements = [Measurement(name=mn.AREA, value=area.area_mm2, unit=mn.UNIT_MM2,
+                                referenced_coordinates=None if coordinates is None else [coordinates])]
     fat = metrics.fat
     if area.fat_percent is not None and fat is not None:
         measurements.append(Measurement(name=_FAT_CONCEPT[fat.quantity], value=area.fat_percent,
@@ -295,8 +304,8 @@ def _planar(area: SliceArea, assessment: Assessment, segment: SegmentRef, seg: D
             sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, frame_number=seg_frame,
             segment_number=segment.number, source_image=source),
         finding_type=metrics.muscle.code,
-        finding_sites=_sites(metrics.muscle, metrics.side),
-        measurements=_slice_measurements(area, metrics),
+        finding_sites=finding_sites(metrics.muscle, metrics.side),
+        measurements=slice_measurements(area, metrics),
     )
     # PS3.3 C.18.3: Referenced Segment Number is only for a SEG referenced without frames; with a
     # frame number the frame already names the segment, and dciodvfy rejects both together.
@@ -342,36 +351,48 @@ def outline(mask: np.ndarray) -> np.ndarray | None:
     return (best - 0.5).astype(np.float32)
 
 
-def _key_slice_outline(assessment: Assessment, label_map: LabelMap, source_class: str, multiframe: bool,
-                       identity: ResultIdentity) -> PlanarROIMeasurementsAndQualitativeEvaluations | None:
-    """TID 1410 at a disc level's key slice: the muscle's outline there (a closed SCOORD POLYLINE
-    on the source image) with that slice's area and fat, the muscle, side and disc as sites."""
+def key_slice_outline(assessment: Assessment, label_map: LabelMap, source_class: str,
+                      multiframe: bool) -> tuple[np.ndarray, SourceImageForRegion] | None:
+    """A muscle's outline at its disc level's key slice (:func:`outline`) and the source image
+    (and frame) it lies on; None where the group has no key slice (not a disc level, both sides
+    together) or the muscle has no pixel there."""
     metrics = assessment.metrics
     area = metrics.key_slice
     if area is None or metrics.side is Laterality.BOTH or not metrics.label_values:
         return None
-    mask = np.isin(label_map.labels[area.frame_index], metrics.label_values)
-    points = outline(mask)
+    points = outline(np.isin(label_map.labels[area.frame_index], metrics.label_values))
     if points is None:
         return None
-    region = ImageRegion(
-        graphic_type=GraphicTypeValues.POLYLINE, graphic_data=points,
-        source_image=SourceImageForRegion(
-            referenced_sop_class_uid=source_class, referenced_sop_instance_uid=area.sop_instance_uid,
-            referenced_frame_numbers=[area.frame_number] if multiframe else None))
+    return points, SourceImageForRegion(
+        referenced_sop_class_uid=source_class, referenced_sop_instance_uid=area.sop_instance_uid,
+        referenced_frame_numbers=[area.frame_number] if multiframe else None)
+
+
+def _key_slice_outline(assessment: Assessment, label_map: LabelMap, source_class: str, multiframe: bool,
+                       identity: ResultIdentity) -> PlanarROIMeasurementsAndQualitativeEvaluations | None:
+    """TID 1410 at a disc level's key slice: the muscle's outline there (a closed SCOORD POLYLINE
+    on the source image) with that slice's area and fat, the muscle, side and disc as sites."""
+    found = key_slice_outline(assessment, label_map, source_class, multiframe)
+    if found is None:
+        return None
+    points, source = found
+    metrics = assessment.metrics
+    area = metrics.key_slice
+    region = ImageRegion(graphic_type=GraphicTypeValues.POLYLINE, graphic_data=points, source_image=source)
     return PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=TrackingIdentifier(
             uid=identity.uid("sr", "key slice", metrics.muscle, metrics.side, metrics.level, area.sop_instance_uid,
                              str(area.frame_number)),
-            identifier=_key_slice_identifier(assessment)),
+            identifier=key_slice_label(assessment)),
         referenced_region=region,
         finding_type=metrics.muscle.code,
-        finding_sites=_sites(metrics.muscle, metrics.side, metrics.level),
-        measurements=_slice_measurements(area, metrics),
+        finding_sites=finding_sites(metrics.muscle, metrics.side, metrics.level),
+        measurements=slice_measurements(area, metrics),
     )
 
 
-def _key_slice_identifier(assessment: Assessment) -> str:
+def key_slice_label(assessment: Assessment) -> str:
+    """The key-slice outline's name in words, e.g. "left multifidus, L4-L5, key slice"."""
     return f"{_label(assessment)}, key slice"
 
 
@@ -436,6 +457,38 @@ def _not_measured_group(quality: SegmentationQuality, identity: ResultIdentity) 
     )
 
 
+def research_note(card_name: str, card_version: str) -> TextContentItem:
+    """The research-use statement with the segmentation model, as every report states it."""
+    return _text(mn.COMMENT, f"{RESEARCH_STATEMENT} Segmentation model: {card_name} {card_version}.")
+
+
+def is_multiframe(series) -> bool:
+    """Whether frames of the series share instances (enhanced multi-frame): references then name the frame."""
+    return len({g.sop_instance_uid for g in series.geometry}) < len(series.geometry)
+
+
+def device_observation_context(card_name: str, card_version: str, software_version: str,
+                               device_serial_number: str = MANUFACTURER,
+                               patient: PatientContext | None = None) -> ObservationContext:
+    """TID 1001: musclenode running the named model as the device observer (its UID names the
+    device, not the study), and the subject context the comparisons used (:func:`_subject_context`)."""
+    equipment = Equipment(software_version, f"{card_name} {card_version}", device_serial_number)
+    observer = ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=derive_uid("musclenode", "device observer", card_name, card_version, software_version,
+                           device_serial_number),
+            name=MANUFACTURER,
+            manufacturer_name=MANUFACTURER,
+            model_name=fit_lo(equipment.model),
+            serial_number=fit_lo(device_serial_number),
+        ),
+    )
+    context = ObservationContext(observer_device_context=observer)
+    context.extend(_subject_context(patient))
+    return context
+
+
 def _document_notes(assessments: Sequence[Assessment], patient: PatientContext | None, card_name: str,
                     card_version: str, set_aside: Sequence[SetAside] = (),
                     quality: SegmentationQuality | None = None) -> ContainerContentItem:
@@ -445,9 +498,7 @@ def _document_notes(assessments: Sequence[Assessment], patient: PatientContext |
     The grade citations and notes are TEXT here rather than beside the coded grade in its group,
     because the document-level container is where every validator accepts free text.
     """
-    container = ContainerContentItem(name=_QUALITATIVE_EVALUATIONS,
-                                     relationship_type=RelationshipTypeValues.CONTAINS)
-    items = [_text(mn.COMMENT, f"{RESEARCH_STATEMENT} Segmentation model: {card_name} {card_version}.")]
+    items = [research_note(card_name, card_version)]
     items.extend(_quality_items(quality))
     if patient is not None:
         known = []
@@ -478,7 +529,14 @@ def _document_notes(assessments: Sequence[Assessment], patient: PatientContext |
         if notes:
             items.append(_text(mn.COMMENT, f"{_label(assessment)}: " + " | ".join(notes)))
     items.extend(_set_aside_notes(set_aside))
-    container.ContentSequence = items
+    return document_notes(items)
+
+
+def document_notes(items: Sequence) -> ContainerContentItem:
+    """TID 1500 row 12, the document's Qualitative Evaluations container, holding ``items``."""
+    container = ContainerContentItem(name=_QUALITATIVE_EVALUATIONS,
+                                     relationship_type=RelationshipTypeValues.CONTAINS)
+    container.ContentSequence = list(items)
     return container
 
 
@@ -559,7 +617,7 @@ def build_report(
             if number in by_number:
                 key, ref = by_number[number]
                 frames[(*key, uid, frame)] = (seg, seg_frame, ref)
-    multiframe = len({g.sop_instance_uid for g in series.geometry}) < len(series.geometry)
+    multiframe = is_multiframe(series)
 
     groups: list = [_not_measured_group(quality, identity)] if not_measured else []
     planar: list = []
@@ -589,19 +647,8 @@ def build_report(
                                   identity))
 
     equipment = Equipment(software_version, f"{card_name} {card_version}", device_serial_number)
-    observer = ObserverContext(
-        observer_type=codes.DCM.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=derive_uid("musclenode", "device observer", card_name, card_version, software_version,
-                           device_serial_number),
-            name=MANUFACTURER,
-            manufacturer_name=MANUFACTURER,
-            model_name=fit_lo(equipment.model),
-            serial_number=fit_lo(device_serial_number),
-        ),
-    )
-    observation_context = ObservationContext(observer_device_context=observer)
-    observation_context.extend(_subject_context(patient))
+    observation_context = device_observation_context(card_name, card_version, software_version,
+                                                      device_serial_number, patient)
     report = MeasurementReport(
         observation_context=observation_context,
         procedure_reported=mn.PROCEDURE_REPORTED,

@@ -3,7 +3,7 @@ subject (tests/studies.py ``write_dixon_study_with_sagittal``: TUM01 with the re
 ``myosegmentum-01`` vertebrae volume resliced sagittally in its frame of reference) through
 ``musclenode process``: per-level cohort rows, key slices of the disc levels, levels in
 ``slices.csv``, per-level groups and the key slices' planar outlines in the SR, which passes the
-validators.
+validators, and the same outlines in the key-slice outline document (reports.outline_report).
 
 The study is written and processed once for the module (the model runs on 29 slices).
 """
@@ -143,3 +143,47 @@ def test_the_sr_outlines_each_muscle_at_each_disc_levels_key_slice(processed) ->
     result = validators.dciodvfy(path)
     assert result.errors == [], result.describe()
     assert all(f"<{PRIVATE_SCHEME}>" in w for w in result.warnings), result.describe()
+
+
+def test_the_outline_document_has_the_key_slice_outlines_for_viewers(processed) -> None:
+    """``process`` writes the key-slice outlines document (reports.outline_report) beside the SR:
+    one tool-like TID 1501 group per disc level, muscle and side, its SCOORD under the area NUM,
+    its area and fat those of the cohort's key_slice columns."""
+    import pydicom
+
+    from inference.vocabulary import Level, Muscle
+    from reports.equipment import ResultSeries
+    from reports.outline_report import CORNERSTONE_FREEHAND
+
+    study, _, out = processed
+    _, group, _, sr = _sr(out, study)
+    (name,) = [n for n in group["results"] if n.startswith("outlines-")]
+    document = pydicom.dcmread(out / study.study_uid / name)
+    assert document.SeriesDescription == ResultSeries.OUTLINES.description()
+    assert document.SeriesNumber == sr.SeriesNumber + 2 and document.StudyInstanceUID == sr.StudyInstanceUID
+    container = next(i for i in document.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    rows = {(r["muscle"], r["side"], r["level"]): r for r in _table(out, "cohort")
+            if r["study"] == study.study_uid and r["level"] in DISCS and r["side"] in ("left", "right")
+            and r["key_slice_sop_instance_uid"]}
+    muscles = {Muscle(m).code.value: m for m in ("multifidus", "erector_spinae")}
+    discs = {Level.parse(level).code.value: level for level in DISCS}
+    found = set()
+    for group_item in container.ContentSequence:
+        named = {}
+        for item in group_item.ContentSequence:
+            named.setdefault(item.ConceptNameCodeSequence[0].CodeValue, []).append(item)
+        assert named["112039"][0].TextValue == CORNERSTONE_FREEHAND
+        muscle_site, disc_site = named["363698007"]
+        side = {"7771000": "left", "24028007": "right"}[muscle_site.ContentSequence[0].ConceptCodeSequence[0].CodeValue]
+        key = (muscles[muscle_site.ConceptCodeSequence[0].CodeValue], side, discs[disc_site.ConceptCodeSequence[0].CodeValue])
+        row = rows[key]
+        area, fat = named["42798000"][0], named["129100"][0]
+        (scoord,) = [i for i in area.ContentSequence if i.ValueType == "SCOORD"]
+        assert scoord.RelationshipType == "INFERRED FROM" and scoord.GraphicType == "POLYLINE"
+        assert list(scoord.GraphicData[:2]) == list(scoord.GraphicData[-2:])  # closed
+        assert scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID \
+            == row["key_slice_sop_instance_uid"]
+        assert round(float(area.MeasuredValueSequence[0].NumericValue), 2) == float(row["key_slice_csa_mm2"])
+        assert round(float(fat.MeasuredValueSequence[0].NumericValue), 2) == float(row["key_slice_fat_percent"])
+        found.add(key)
+    assert found == set(rows) and len(container.ContentSequence) == len(rows)

@@ -351,10 +351,10 @@ def test_enhanced_multiframe_source(tmp_path: Path) -> None:
 def test_slice_levels_are_coded_as_the_body_or_the_disc() -> None:
     """A slice level from the level model names one body (L3) or one disc (L5-S1: CID 7304's
     SCT 715056000, as no S1 vertebra code is verified); a reference range names its bodies."""
-    from reports.sr import _sites
+    from reports.sr import finding_sites
 
     def located(level: str) -> list[str]:
-        return [site.value.value for site in _sites(Muscle.MULTIFIDUS, Laterality.LEFT, level)[1:]]
+        return [site.value.value for site in finding_sites(Muscle.MULTIFIDUS, Laterality.LEFT, level)[1:]]
 
     assert located("L5-S1") == ["715056000"]
     assert located("L3-L4") == ["62551000"]

@@ -19,11 +19,10 @@ orientations stops at the same check, "Individual SEG frames are out of plane"),
 the second slab reaches OHIF's display of a two-orientation series; the summary pages do. The
 test asserts that refusal, so that it notices when OHIF learns to show it.
 
-A third test loads the TID 1500 SR of the real Dixon study with its sagittal level reference
-(``tests/viewer/sr.mjs``): OHIF 3.13.2 stops on the full report (a TypeError on its groups without
-coordinates) and, given the key-slice outlines alone, draws them with their values but does not
-list them in its measurement panel (they are not "rehydratable" into cornerstone tools); its
-docstring says exactly why, and the test asserts both, so that it notices when OHIF changes.
+A third test loads the SRs of the real Dixon study with its sagittal level reference processed by
+the pipeline (``tests/viewer/sr.mjs``): OHIF 3.13.2 stops on the main report (a TypeError on its
+groups without coordinates), and lists the key-slice outline document (reports.outline_report) in
+its measurement panel, one row per outline; its docstring says why.
 """
 
 from __future__ import annotations
@@ -170,83 +169,33 @@ def test_ohif_shows_the_segs_of_two_angled_slabs(tmp_path: Path) -> None:
         "yet supported" in second.stdout, second.stdout
 
 
-#: The series descriptions of the test's copies of the report (:func:`_outlines_only`).
-OUTLINES_ONLY = "Key slice outlines only (test)"
-CORNERSTONE_FORM = "Outlines as cornerstone writes them (test)"
-
-
-def _outlines_only(sr, path: Path, cornerstone: bool = False) -> list[tuple[str, float, float]]:
-    """Save a copy of the report that keeps, of its measurement groups, only those with an image
-    region (the key slices' outlines), as another series; their (tracking identifier, area, fat).
-
-    With ``cornerstone``, the copy is rewritten into what OHIF can hydrate, which the report does
-    not write: each group's SCOORD moved under its area NUM as INFERRED FROM (TID 300 within TID
-    1501, as dcmjs writes it; TID 1410's measurements have no such row) and the tracking
-    identifier replaced by cornerstone's tool name ``Cornerstone3DTools@^0.1.0:PlanarFreehandROI``.
-    """
-    import copy
-
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    reduced = copy.deepcopy(sr)
-    container = next(i for i in reduced.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
-    container.ContentSequence = [g for g in container.ContentSequence
-                                 if any(i.ValueType == "SCOORD" for i in g.ContentSequence)]
-    found = []
-    for group in container.ContentSequence:
-        named = {i.ConceptNameCodeSequence[0].CodeValue: i for i in group.ContentSequence}
-        found.append((named["112039"].TextValue, float(named["42798000"].MeasuredValueSequence[0].NumericValue),
-                      float(named["129100"].MeasuredValueSequence[0].NumericValue)))
-        if cornerstone:
-            region = named["111030"]
-            group.ContentSequence = [i for i in group.ContentSequence if i is not region]
-            region.RelationshipType = "INFERRED FROM"
-            named["42798000"].ContentSequence = [region]
-            named["112039"].TextValue = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
-    description = CORNERSTONE_FORM if cornerstone else OUTLINES_ONLY
-    reduced.SeriesInstanceUID = generate_uid(entropy_srcs=[sr.SeriesInstanceUID, description])
-    reduced.SOPInstanceUID = generate_uid(entropy_srcs=[sr.SOPInstanceUID, description])
-    reduced.file_meta.MediaStorageSOPInstanceUID = reduced.SOPInstanceUID
-    reduced.SeriesDescription, reduced.SeriesNumber = description, 194 if cornerstone else 193
-    pydicom.dcmwrite(path, reduced, enforce_file_format=True)
-    return found
-
-
 def test_ohif_and_the_key_slice_outlines_of_the_report(tmp_path: Path) -> None:
-    """What OHIF 3.13.2 does with the report's key-slice outlines (reports.sr, TID 1410 with a
-    closed SCOORD POLYLINE), on the real Dixon study with its sagittal level reference.
+    """What OHIF 3.13.2 does with the key-slice outlines, on the real Dixon study with its
+    sagittal level reference processed by the pipeline: the main report (reports.sr, TID 1410
+    outlines among all other groups) and the outline document (reports.outline_report).
 
-    It does not list them in its measurement panel, for two reasons in its SR extension
-    (``@ohif/extension-cornerstone-dicom-sr``, ``getSopClassHandlerModule``), both asserted here so
-    that this test notices when OHIF changes:
-
-    1. Loading the full report stops the viewer ("Something went wrong"): ``_load`` parses every
-       measurement group, and ``_checkIfCanAddMeasurementsToDisplaySet`` reads
-       ``measurement.coords[0].ReferencedSOPSequence`` of each one; a group without a SCOORD (the
-       volumetric TID 1411 groups, the level TID 1501 groups, the per-slice TID 1410 groups that
-       reference SEG frames) has no coordinates, and that read throws a TypeError. The outlines,
-       last in the report (the loop runs backwards), are placed on their images before it throws.
-    2. Its measurement panel lists only measurements it "hydrates" into cornerstone tools, and
-       its hydration (``@cornerstonejs/adapters`` ``MeasurementReport``) needs a tracking
-       identifier naming a cornerstone tool (``Cornerstone3DTools@^0.1.0:PlanarFreehandROI``) or a
-       POLYLINE of 4 or 5 points (a rectangle), and the SCOORD INFERRED FROM the group's first NUM
-       (TID 300 within TID 1501, as dcmjs writes it), which TID 1410's measurements (TID 1419) do
-       not have: the SCOORD of TID 1410 is the group's own region.
-
-    What it does show: with the outlines alone (a copy of the report without the other groups,
-    made here), its SR viewport loads each outline onto its image and writes its labels (area,
-    fat fraction, finding site) with the report's values, and calls them not rehydratable. A
-    second copy rewritten as cornerstone writes measurements (SCOORD under the area NUM,
-    cornerstone's tool name as tracking identifier) is hydrated after OHIF's "track
-    measurements?" prompt and listed in the panel, one row per outline with its disc: what the
-    panel needs is exactly those two changes, and the groups without coordinates gone.
+    1. OHIF cannot open the main report ("Something went wrong"), which this asserts so that it
+       notices when OHIF changes: its SR extension (``@ohif/extension-cornerstone-dicom-sr``,
+       ``getSopClassHandlerModule``) parses every measurement group in ``_load``, and
+       ``_checkIfCanAddMeasurementsToDisplaySet`` reads ``measurement.coords[0].ReferencedSOPSequence``
+       of each one; a group without a SCOORD (the volumetric TID 1411 groups, the level TID 1501
+       groups, the per-slice TID 1410 groups that reference SEG frames) has no coordinates, and
+       that read throws a TypeError.
+    2. Its measurement panel lists only measurements it "hydrates" into cornerstone tools
+       (``@cornerstonejs/adapters`` ``MeasurementReport``): a tracking identifier naming a
+       cornerstone tool and the SCOORD INFERRED FROM the group's first NUM (TID 300 within TID
+       1501, as dcmjs writes it). TID 1410's outline is the group's own region, so even the main
+       report's outlines alone are drawn with their labels but not listed (found by the earlier
+       version of this test on a copy of the report reduced to them). The outline document has
+       exactly that form: OHIF asks whether to track its measurements and lists them, one row per
+       outline with its disc.
     """
     chromium, node, dist = requirements()
     import pydicom
 
     from inference.registry import DEFAULT_MODEL, load_model
     from inference.runtime import Segmenter
+    from reports.outline_report import CORNERSTONE_FREEHAND
     from reports.pipeline import WorkItem, run
 
     studies.require_data()
@@ -256,36 +205,34 @@ def test_ohif_and_the_key_slice_outlines_of_the_report(tmp_path: Path) -> None:
     results = run(WorkItem("dixon", {role: study.series[role].files for role in ("water", "fat")},
                            level_reference=tuple(study.series["sagittal"].files)), segmenter, software_version="0.1.0")
     (seg,) = results.segmentations
-    seg.save_as(tmp_path / "seg.dcm")
-    results.report.save_as(tmp_path / "sr.dcm")
-    sr = pydicom.dcmread(tmp_path / "sr.dcm")
-    outlines = _outlines_only(sr, tmp_path / "outlines.dcm")
-    assert len(outlines) >= 8, outlines
-    _outlines_only(sr, tmp_path / "cornerstone.dcm", cornerstone=True)
-    (_, full), (_, alone), (_, hydrated) = show_srs(
-        tmp_path, study.series["water"].files,
-        [tmp_path / "seg.dcm", tmp_path / "sr.dcm", tmp_path / "outlines.dcm", tmp_path / "cornerstone.dcm"],
-        study.study_uid, "ohif-key-slices", chromium, node, dist,
-        [str(sr.SeriesDescription), OUTLINES_ONLY, CORNERSTONE_FORM])
-    # 1. The full report: the outlines are placed, then the first group without coordinates throws.
+    assert [kind for kind, _ in results.datasets][:3] == ["seg", "sr", "outlines"]
+    paths = {}
+    for kind, dataset in results.datasets[:3]:
+        paths[kind] = tmp_path / f"{kind}.dcm"
+        dataset.save_as(paths[kind])
+    outlines = pydicom.dcmread(paths["outlines"])
+    container = next(i for i in outlines.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "126010")
+    groups = list(container.ContentSequence)
+    identifiers = [i.TextValue for g in groups for i in g.ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "112039"]
+    assert len(groups) >= 8 and identifiers == [CORNERSTONE_FREEHAND] * len(groups), identifiers
+    (_, full), (_, listed) = show_srs(
+        tmp_path, study.series["water"].files, list(paths.values()), study.study_uid, "ohif-key-slices", chromium,
+        node, dist, [str(results.report.SeriesDescription), str(outlines.SeriesDescription)])
+    # 1. The main report: the first group without coordinates throws.
     assert "Cannot read properties of undefined (reading 'ReferencedSOPSequence')" in full.stdout, full.stdout
     assert "_checkIfCanAddMeasurementsToDisplaySet" in full.stdout, full.stdout
-    # 2. The outlines alone: each parsed as an image-anchored measurement, not hydrated, labels drawn.
-    assert alone.returncode == 0, alone.stdout + alone.stderr
-    for identifier, _, _ in outlines:
-        assert f"Measurement is not rehydratable {identifier}" in alone.stdout, (identifier, alone.stdout)
-    assert "tracking prompt" not in alone.stdout
-    viewport_text = alone.stdout.split("VIEWPORT ", 1)[1].splitlines()[0]
-    shown = re.findall(r"Area: ([\d.]+) mm2 ?Fat fraction: ([\d.]+) %", viewport_text)
-    expected = {(f"{area:.2f}", f"{fat:.2f}") for _, area, fat in outlines}
-    assert len(shown) >= 2 and set(shown) <= expected, (shown, expected)
-    panel = alone.stdout.split("PANEL ", 1)[1].splitlines()[0]
-    assert "No tracked measurements" in panel, panel
-    # 3. Rewritten as cornerstone writes them: hydrated and listed, one row per outline.
-    assert hydrated.returncode == 0 and "tracking prompt: yes" in hydrated.stdout, hydrated.stdout
-    panel = hydrated.stdout.split("PANEL ", 1)[1].splitlines()[0]
-    assert f"Measurements ({len(outlines)})" in panel, panel
-    assert panel.count("disc") == len(outlines), panel
+    # 2. The outline document: hydrated and listed, one row per outline with its disc.
+    assert listed.returncode == 0 and "tracking prompt: yes" in listed.stdout, listed.stdout + listed.stderr
+    assert "not rehydratable" not in listed.stdout, listed.stdout
+    panel = listed.stdout.split("PANEL ", 1)[1].splitlines()[0]
+    assert f"Measurements ({len(groups)})" in panel, panel
+    assert panel.count("disc") == len(groups), panel
+    # Each row's area: the document's (rounded), or on the image shown cornerstone's own from the
+    # outline (within 1 mm2 here). The fat NUM and the side are not shown by OHIF.
+    areas = sorted(float(i.MeasuredValueSequence[0].NumericValue) for g in groups for i in g.ContentSequence
+                   if i.ValueType == "NUM" and i.ConceptNameCodeSequence[0].CodeValue == "42798000")
+    shown = sorted(float(v) for v in re.findall(r"([\d.]+)(?: mm²)? Max:", panel))
+    assert len(shown) == len(areas) and np.allclose(shown, areas, atol=1.0), (shown, areas)
 
 
 def show_srs(tmp_path: Path, images: list[Path], results: list[Path], study_uid: str, name: str, chromium: str,

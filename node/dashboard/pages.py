@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 #: Result kinds as the worker records them, in the order the job page lists them.
 RESULT_KINDS = {"seg": "Segmentation (DICOM SEG)", "sr": "Structured report (TID 1500 SR)",
+                "outlines": "Key-slice outlines (TID 1500 SR for viewers)",
                 "summary": "Summary page (Secondary Capture)"}
 
 #: Columns of the measurement table: (cohort row key, heading).
