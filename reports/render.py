@@ -48,15 +48,20 @@ __all__ = [
     "PREFERRED_DISCS",
     "RESEARCH_USE",
     "DisplaySlice",
+    "LevelRow",
+    "LevelValue",
     "Page",
     "choose_frames",
     "disc_key_frames",
     "display_slice",
     "key_frames",
     "level_bands",
+    "level_layout",
     "level_order",
+    "level_rows",
     "orientation_letters",
     "render_pages",
+    "split_level_tables",
 ]
 
 #: Rows and columns of every page.
@@ -915,97 +920,45 @@ def _row_cells(item: Assessment, notes: _Notes) -> dict[str, _Cell]:
     return cells
 
 
-def _groups(assessments: Sequence[Assessment]) -> list[tuple[str, list[Assessment]]]:
-    """Assessments by level group: the whole series first, then each level head to foot
-    (:func:`level_order`: L1, L1-L2, L2, ..., L5, L5-S1); in each, muscles in their order and
-    left, right, both."""
-    groups: dict[str, list[Assessment]] = {}
-    for item in assessments:
-        groups.setdefault(item.metrics.level, []).append(item)
-    order = sorted(groups, key=lambda level: (level != ALL_LEVELS, level_order(level)))
-    return [(level, sorted(groups[level], key=lambda a: (a.metrics.muscle.index,
-                                                           tuple(Laterality).index(a.metrics.side))))
-            for level in order]
+def _whole_series(assessments: Sequence[Assessment]) -> list[Assessment]:
+    """The whole series' rows (level group ``"all"``): muscles in their order, then left, right, both.
+    The levels have a compact table of their own (:func:`level_rows`)."""
+    rows = [a for a in assessments if a.metrics.level == ALL_LEVELS]
+    return sorted(rows, key=lambda a: (a.metrics.muscle.index, tuple(Laterality).index(a.metrics.side)))
 
 
 _TABLE_TOP, _HEADER_HEIGHT, _ROW_HEIGHT = 146, 54, 37
 _NOTE_SIZE, _NOTE_LINE = 13, 20
-#: The key-slice line under a disc level's rows: font size, height of a text line.
-_KEY_SIZE, _KEY_LINE = 14, 23
 
 
-def _key_slice_text(items: Sequence[Assessment], frame_count: int) -> str | None:
-    """A disc level's key slice in words: which image, and each muscle side's CSA and fat there.
-
-    Returns
-    -------
-    str or None
-        ``"Key slice (middle of the disc), image 12 of 29: MF R 812 mm² 9.1 %, L 790 mm² 8.7 % ·
-        ES R ..."`` (left and right sides; fat where measured on that slice), or None when no
-        row of the group has a key slice.
-    """
-    sides = [a.metrics for a in items if a.metrics.key_slice is not None and a.metrics.side is not Laterality.BOTH]
-    if not sides:
-        return None
-    frame = sides[0].key_slice.frame_index
-    parts: list[str] = []
-    for metrics in sorted(sides, key=lambda m: (m.muscle.index, m.side is not Laterality.RIGHT)):
-        key = metrics.key_slice
-        # No-break spaces: a line may break between sides, never inside one side's values.
-        fat = f"\u00a0{key.fat_percent:.1f}\u00a0%" if key.fat_percent is not None else ""
-        value = f"{metrics.side.letter}\u00a0{key.area_mm2:.0f}\u00a0mm\u00b2{fat}"
-        if parts and parts[-1][0] == metrics.muscle:
-            parts[-1] = (metrics.muscle, f"{parts[-1][1]}, {value}")
-        else:
-            parts.append((metrics.muscle, f"{metrics.muscle.short} {value}".replace(" ", "\u00a0")))
-    return (f"Key slice (middle of the disc), image {frame + 1} of {frame_count}: "
-            + "  \u00b7  ".join(text for _, text in parts))
-
-
-def _key_line(text: str) -> str:
-    """The key-slice text wrapped to the table's width."""
-    return _wrap(text, _KEY_SIZE, PAGE_SHAPE[1] - 32 - 16, indent="    ")
-
-
-def _entry_height(kind: str, value: object) -> float:
-    """Height in page pixels of a table entry: a group title or a row, or a key-slice line."""
-    if kind == "key":
-        return _KEY_LINE * (_key_line(value).count("\n") + 1) + 12
-    return _ROW_HEIGHT
-
-
-def _table_pages(assessments: Sequence[Assessment], frame_count: int = 0) -> list[list[tuple[str, object]]]:
-    """Entries of the measurement pages: ("group", title), ("row", assessment) and, after the
-    rows of a disc level with a key slice, ("key", text) (:func:`_key_slice_text`).
+def _table_pages(assessments: Sequence[Assessment]) -> list[list[tuple[str, object]]]:
+    """Entries of the whole series' measurement pages: ("group", title) and ("row", assessment).
 
     Rows go onto a page while the page's footnotes still fit below them, so that no note is ever
-    cut off; a group that continues on the next page repeats its title. ``frame_count`` is the
-    number of images of the series (to name the key slice "image 12 of 29").
+    cut off; a table that continues on the next page repeats its title. Only the whole series
+    (:func:`_whole_series`) is listed: the levels are on the compact page (:func:`level_rows`).
     """
+    items = _whole_series(assessments)
+    title = "Whole series"
+    if items and items[0].levels:
+        title += f" (compared with the {items[0].levels} reference)"
+    # A muscle's sides stay on one page, so that L, R and L+R are read together.
+    blocks: list[list[Assessment]] = []
+    for item in items:
+        if blocks and blocks[-1][0].metrics.muscle == item.metrics.muscle:
+            blocks[-1].append(item)
+        else:
+            blocks.append([item])
     pages: list[list[tuple[str, object]]] = []
     current: list[tuple[str, object]] = []
-    for level, items in _groups(assessments):
-        key = _key_slice_text(items, frame_count) if level != ALL_LEVELS else None
-        title = "Whole series" if level == ALL_LEVELS else f"Level {level}"
-        if level == ALL_LEVELS and items and items[0].levels:
-            title += f" (compared with the {items[0].levels} reference)"
-        # A muscle's sides stay on one page, so that L, R and L+R are read together.
-        blocks: list[list[Assessment]] = []
-        for item in items:
-            if blocks and blocks[-1][0].metrics.muscle == item.metrics.muscle:
-                blocks[-1].append(item)
-            else:
-                blocks.append([item])
-        for position, block in enumerate(blocks):
-            rows: list[tuple[str, object]] = [("row", item) for item in block]
-            if key is not None and position == len(blocks) - 1:
-                rows.append(("key", key))
-            addition = ([("group", title)] if position == 0 else []) + rows
-            if current and not _fits(current + addition):
-                pages.append(current)
-                current = addition if position == 0 else [("group", f"{title} (continued)")] + rows
-            else:
-                current = current + addition
+    for position, block in enumerate(blocks):
+        rows: list[tuple[str, object]] = [("row", item) for item in block]
+        addition = ([("group", title)] if position == 0 else []) + rows
+        if current and not _fits(current + addition):
+            pages.append(current)
+            current = [("group", f"{title} (continued)")] + rows
+        else:
+            current = current + addition
     if current or not pages:
         pages.append(current)
     return pages
@@ -1028,7 +981,7 @@ def _note_height(text: str) -> float:
 
 
 def _fits(entries: list[tuple[str, object]]) -> bool:
-    table = _HEADER_HEIGHT + sum(_entry_height(kind, value) for kind, value in entries)
+    table = _HEADER_HEIGHT + _ROW_HEIGHT * len(entries)
     _, wrapped = _page_notes(entries)
     return _TABLE_TOP + table + 16 + sum(_note_height(t) for t, _ in wrapped) <= PAGE_SHAPE[0] - 8
 
@@ -1037,8 +990,7 @@ def _table_page(figure, entries: list[tuple[str, object]], assessments: Sequence
     notes, wrapped = _page_notes(entries)
     columns = _columns(assessments)
     width = sum(c[2] for c in columns)
-    total = _HEADER_HEIGHT + (sum(_entry_height(kind, value) for kind, value in entries) if entries
-                              else _ROW_HEIGHT)
+    total = _HEADER_HEIGHT + _ROW_HEIGHT * max(len(entries), 1)
     table = figure.add_axes(_rect(16, _TABLE_TOP, width, total))
     table.set_axis_off()
     table.set_xlim(0, width)
@@ -1059,11 +1011,6 @@ def _table_page(figure, entries: list[tuple[str, object]], assessments: Sequence
                        fontweight="bold")
             y += _ROW_HEIGHT
             previous = None
-            continue
-        if kind == "key":
-            table.text(16, y + 6, _key_line(value), ha="left", va="top", color=_MUTED, fontsize=_KEY_SIZE,
-                       linespacing=1.25)
-            y += _entry_height(kind, value)
             continue
         item = value
         # A new muscle starts a new shade, so that its sides read as one block.
@@ -1129,6 +1076,360 @@ def _general_notes(assessments: Sequence[Assessment]) -> list[str]:
         lines.append("The grade cut-offs were defined on T2-weighted images; a Dixon fat fraction is a related but "
                      "different quantity.")
     return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Per vertebral level: one compact table
+
+
+@dataclass(frozen=True)
+class LevelValue:
+    """One muscle side at one level, as the compact table shows it.
+
+    Attributes
+    ----------
+    csa_mm2, fat_percent : float or None
+        The level's mean CSA and fat; at a disc with a key slice, the key slice's (None where the
+        muscle is not on the key slice, or has no fat measurement).
+    assessment : Assessment
+        The level group's row: its comparisons (a level-specific fat z), grade and fat note.
+    """
+
+    csa_mm2: float | None
+    fat_percent: float | None
+    assessment: Assessment
+
+    @property
+    def z(self) -> float | None:
+        """The fat z against the reference of this level (None: no such reference)."""
+        fat = self.assessment.fat
+        return fat.z if fat is not None else None
+
+    @property
+    def alert(self) -> bool:
+        """Red, as in the whole-series table: fat z at least 2, grade 2 or severe multifidus fat."""
+        item = self.assessment
+        return ((self.z is not None and self.z >= 2) or (item.grade is not None and item.grade.value == 2)
+                or (item.severe is not None and item.severe.value is True))
+
+
+@dataclass(frozen=True)
+class LevelRow:
+    """One level of the compact table.
+
+    Attributes
+    ----------
+    level : str
+        ``"L3"`` or ``"L3-L4"``.
+    disc : bool
+    slices : int
+        Images of the series at this level on which a muscle was measured.
+    key_frame : int or None
+        At a disc, the frame of its key slice, whose values the row shows; None elsewhere, or at
+        a disc without a key slice (the row then shows the disc's means).
+    values : mapping of (Muscle, Laterality) to LevelValue
+        Right and left side of each muscle measured at this level.
+    """
+
+    level: str
+    disc: bool
+    slices: int
+    key_frame: int | None
+    values: Mapping[tuple[Muscle, Laterality], LevelValue]
+
+
+def level_rows(assessments: Sequence[Assessment]) -> list[LevelRow]:
+    """The rows of the compact per-level table: one per level group, head to foot
+    (:func:`level_order`); the whole series (``"all"``) is not among them."""
+    groups: dict[str, list[Assessment]] = {}
+    for item in assessments:
+        if item.metrics.level != ALL_LEVELS:
+            groups.setdefault(item.metrics.level, []).append(item)
+    return [_level_row(level, groups[level]) for level in sorted(groups, key=level_order)]
+
+
+def _level_row(level: str, items: Sequence[Assessment]) -> LevelRow:
+    sides = [a for a in items if a.metrics.side is not Laterality.BOTH]
+    disc = _is_disc(level)
+    keys = [a.metrics.key_slice for a in sides if a.metrics.key_slice is not None]
+    key_frame = keys[0].frame_index if disc and keys else None
+    values: dict[tuple[Muscle, Laterality], LevelValue] = {}
+    for item in sides:
+        metrics = item.metrics
+        if key_frame is not None:
+            key = metrics.key_slice
+            csa, fat = (key.area_mm2, key.fat_percent) if key is not None else (None, None)
+        else:
+            csa, fat = metrics.mean_csa_mm2, metrics.fat.mean_percent if metrics.fat is not None else None
+        values[(metrics.muscle, metrics.side)] = LevelValue(csa, fat, item)
+    frames = {area.frame_index for item in items for area in item.metrics.slices}
+    return LevelRow(level, disc, len(frames), key_frame, values)
+
+
+def _level_muscles(rows: Sequence[LevelRow]) -> list[Muscle]:
+    """The muscles measured at any level, in their order."""
+    return sorted({muscle for row in rows for muscle, _ in row.values}, key=lambda m: m.index)
+
+
+def _compared_muscles(rows: Sequence[LevelRow]) -> frozenset[Muscle]:
+    """Muscles with a level-specific fat comparison at some level: they get fat z columns."""
+    return frozenset(muscle for row in rows for (muscle, _), value in row.values.items() if value.z is not None)
+
+
+#: Compact table: widths of the level and slice-count columns, the narrowest value column (four
+#: muscles' 16 values fit the page) and the widest (fewer muscles: spread, not stretched), px.
+_LEVEL_WIDTH, _SLICES_WIDTH, _VALUE_WIDTH, _VALUE_WIDEST = 160, 64, 64, 100
+#: Heights: muscle names above the column headers, the column headers, a body row, a disc row.
+_LEVEL_NAMES, _LEVEL_HEADER, _BODY_ROW, _DISC_ROW = 32, 50, 38, 52
+_LEVEL_GAP = 24
+_SIDES = (Laterality.RIGHT, Laterality.LEFT)
+
+
+def _block_columns(muscle: Muscle, compared: Collection[Muscle]) -> list[tuple[Muscle, str, Laterality]]:
+    """A muscle's columns: CSA right, left; fat right, left; and fat z right, left when compared."""
+    quantities = ("csa", "fat") + (("z",) if muscle in compared else ())
+    return [(muscle, quantity, side) for quantity in quantities for side in _SIDES]
+
+
+def _level_table_width(muscles: Sequence[Muscle], compared: Collection[Muscle]) -> float:
+    columns = sum(len(_block_columns(m, compared)) for m in muscles)
+    return _LEVEL_WIDTH + _SLICES_WIDTH + _VALUE_WIDTH * columns
+
+
+def split_level_tables(muscles: Sequence[Muscle], compared: Collection[Muscle] = ()) -> list[tuple[Muscle, ...]]:
+    """The muscles of each compact table: all in one when they fit the page's width; otherwise
+    the paraspinal muscles (multifidus, erector spinae) and the others (psoas, quadratus
+    lumborum) apart, and a muscle per table where even such a pair does not fit."""
+    room = PAGE_SHAPE[1] - 32
+    if _level_table_width(muscles, compared) <= room:
+        return [tuple(muscles)] if muscles else []
+    paraspinal = (Muscle.MULTIFIDUS, Muscle.ERECTOR_SPINAE)
+    tables: list[tuple[Muscle, ...]] = []
+    for group in ([m for m in muscles if m in paraspinal], [m for m in muscles if m not in paraspinal]):
+        if group:
+            fits = _level_table_width(group, compared) <= room
+            tables.extend([tuple(group)] if fits else [(m,) for m in group])
+    return tables
+
+
+def _level_row_height(row: LevelRow) -> float:
+    return _DISC_ROW if row.disc else _BODY_ROW
+
+
+def _level_table_height(rows: Sequence[LevelRow]) -> float:
+    return _LEVEL_NAMES + _LEVEL_HEADER + sum(_level_row_height(row) for row in rows)
+
+
+def level_layout(rows: Sequence[LevelRow], tables: Sequence[tuple[Muscle, ...]],
+                 room: float) -> list[list[tuple[tuple[Muscle, ...], list[LevelRow]]]]:
+    """Pages of the compact tables: each a list of (muscles, rows) tables, top to bottom.
+
+    Parameters
+    ----------
+    rows : sequence of LevelRow
+        Head to foot (:func:`level_rows`).
+    tables : sequence of tuple of Muscle
+        The muscles of each table (:func:`split_level_tables`).
+    room : float
+        Height in page pixels that the tables may take on a page.
+
+    Returns
+    -------
+    list of pages
+        Tables follow each other on a page while they fit; a table that does not fit below
+        another starts a new page, and one too long for a page continues on the next (its header
+        repeated), so that every level is listed once per table.
+    """
+    pages: list[list[tuple[tuple[Muscle, ...], list[LevelRow]]]] = []
+    current: list[tuple[tuple[Muscle, ...], list[LevelRow]]] = []
+    used = 0.0
+    for muscles in tables:
+        remaining = list(rows)
+        while remaining:
+            gap = _LEVEL_GAP if current else 0.0
+            count = 0
+            while (count < len(remaining)
+                   and used + gap + _level_table_height(remaining[:count + 1]) <= room):
+                count += 1
+            alone = _level_table_height(remaining) <= room
+            if current and (count == 0 or (count < len(remaining) and alone)):
+                pages.append(current)
+                current, used = [], 0.0
+                continue
+            count = max(count, 1)  # a page too small for even one row still shows it
+            current.append((muscles, remaining[:count]))
+            used += gap + _level_table_height(remaining[:count])
+            remaining = remaining[count:]
+    if current:
+        pages.append(current)
+    return pages
+
+
+def _level_cell(row: LevelRow, column: tuple[Muscle, str, Laterality], notes: _Notes) -> _Cell:
+    muscle, quantity, side = column
+    value = row.values.get((muscle, side))
+    if value is None:
+        return _Cell("\u2014", muted=True)
+    if quantity == "csa":
+        return _Cell(f"{value.csa_mm2:.0f}" if value.csa_mm2 is not None else "\u2014")
+    fat = value.assessment.metrics.fat
+    if quantity == "fat":
+        if value.fat_percent is None:
+            return _Cell("\u2014")
+        text, muted = f"{value.fat_percent:.1f}", False
+        if fat is not None and (not fat.reliable or fat.note):
+            text += notes.reason(fat.note or "unreliable")
+            muted = not fat.reliable
+        return _Cell(text, value.alert, muted)
+    if value.z is None:
+        return _Cell("\u2014", muted=True)
+    return _Cell(_signed(value.z, 1) + notes.reference(_stratum_text(value.assessment.fat)), value.z >= 2)
+
+
+def _level_notes(rows: Sequence[LevelRow], whole: Sequence[Assessment]) -> list[str]:
+    """The compact page's notes, once for the page: what the values are, the reference."""
+    items = [value.assessment for row in rows for value in row.values.values()]
+    methods = sorted({a.metrics.fat.method for a in items if a.metrics.fat is not None})
+    fat = f"; fat %: {', '.join(m.description for m in methods)}" if methods else ""
+    lines = [f"CSA mm\u00b2, mean over the level's slices{fat}. At a disc (blue rows): the values on its key slice, "
+             "the image nearest the middle of the disc."]
+    comparisons = [a.fat for a in items if a.fat is not None]
+    versions = sorted({c.reference_version for c in comparisons})
+    fallback = next((a.levels for a in whole if a.levels), None)
+    tail = (f"; all slices together are compared with the {fallback} reference (whole-series table)"
+            if fallback else "")
+    # Why a level was not compared when the reference does have that level (the patient, say).
+    other = sorted({c.reason for c in comparisons if c.z is None and c.reason and not _no_level_reference(c)})
+    if any(c.z is not None for c in comparisons):
+        lines.append(f"Fat z: against {versions[0]}'s values for that level (letters below); \u2014 where there "
+                     f"is none{tail}.")
+    elif other:
+        lines.append(f"Reference: no level compared ({'; '.join(other)}){tail}.")
+    elif versions:
+        lines.append(f"Reference: {versions[0]} has no per-level values for these levels "
+                     f"({rows[0].level} to {rows[-1].level}){tail}.")
+    if any(value.alert for row in rows for value in row.values.values()):
+        lines.append("Red: fat z at least 2, or grade 2 or severe multifidus fat over the level.")
+    return lines
+
+
+def _no_level_reference(comparison: Comparison) -> bool:
+    """Whether a comparison failed because the reference has no values over its levels (the
+    reason :func:`reports.reference.compare` gives: "... reference over L2 (available: L1-L5)")."""
+    return bool(comparison.reason) and f"reference over {comparison.levels} (" in comparison.reason
+
+
+@dataclass(frozen=True)
+class _LevelPage:
+    """What a compact page shows: its tables, the muscles with fat z columns, the notes' room."""
+
+    tables: list[tuple[tuple[Muscle, ...], list[LevelRow]]]
+    compared: frozenset[Muscle]
+    general: tuple[str, ...]
+
+
+def _wrapped_notes(general: Sequence[str], notes: _Notes) -> list[tuple[str, bool]]:
+    width = PAGE_SHAPE[1] - 40
+    return ([(_wrap(line, _NOTE_SIZE, width), True) for line in general]
+            + [(_wrap(line, _NOTE_SIZE, width), False) for line in notes.lines()])
+
+
+def _level_pages(assessments: Sequence[Assessment]) -> list[_LevelPage]:
+    """The compact per-level pages: none without levels, one unless the levels do not fit."""
+    rows = level_rows(assessments)
+    if not rows:
+        return []
+    compared = _compared_muscles(rows)
+    tables = split_level_tables(_level_muscles(rows), compared)
+    general = tuple(_level_notes(rows, _whole_series(assessments)))
+    # Room for the notes of every row, so that no page's notes (a part of them) are cut off.
+    notes = _Notes()
+    for muscles in tables:
+        for row in rows:
+            for muscle in muscles:
+                for column in _block_columns(muscle, compared):
+                    _level_cell(row, column, notes)
+    notes_height = 16 + sum(_note_height(text) for text, _ in _wrapped_notes(general, notes))
+    room = PAGE_SHAPE[0] - 8 - _TABLE_TOP - notes_height
+    return [_LevelPage(page, compared, general) for page in level_layout(rows, tables, room)]
+
+
+def _level_columns(muscles: Sequence[Muscle], compared: Collection[Muscle]) -> tuple[list, float]:
+    """The value columns of a table and their width (widened up to :data:`_VALUE_WIDEST`)."""
+    columns = [column for muscle in muscles for column in _block_columns(muscle, compared)]
+    spare = PAGE_SHAPE[1] - 32 - _LEVEL_WIDTH - _SLICES_WIDTH
+    return columns, min(_VALUE_WIDEST, spare / max(len(columns), 1))
+
+
+def _draw_level_table(figure, top: float, muscles: Sequence[Muscle], rows: Sequence[LevelRow],
+                      compared: Collection[Muscle], notes: _Notes) -> None:
+    columns, step = _level_columns(muscles, compared)
+    width = _LEVEL_WIDTH + _SLICES_WIDTH + step * len(columns)
+    height = _level_table_height(rows)
+    table = figure.add_axes(_rect(16, top, width, height))
+    table.set_axis_off()
+    table.set_xlim(0, width)
+    table.set_ylim(height, 0)
+    head = _LEVEL_NAMES + _LEVEL_HEADER
+    table.add_patch(_rectangle((0, 0), width, head, facecolor="#383838", edgecolor="none"))
+    bold = dict(color=_TEXT, fontsize=14, fontweight="bold", va="center", linespacing=1.15)
+    table.text(8, _LEVEL_NAMES + _LEVEL_HEADER / 2, "Level", ha="left", **bold)
+    table.text(_LEVEL_WIDTH + _SLICES_WIDTH - 8, _LEVEL_NAMES + _LEVEL_HEADER / 2, "Slices", ha="right", **bold)
+    # Each quantity over its right and left columns, the side under it: narrow columns stay legible.
+    headers = {"csa": "CSA mm\u00b2", "fat": "Fat %", "z": "Fat z"}
+    half = _LEVEL_NAMES + _LEVEL_HEADER / 2
+    x = _LEVEL_WIDTH + _SLICES_WIDTH
+    table.plot([x, x], [0, height], color="#606060", linewidth=1)
+    for muscle in muscles:
+        block = [c for c in columns if c[0] == muscle]
+        table.text(x + step * len(block) / 2, _LEVEL_NAMES / 2 + 2, muscle.display, ha="center", **bold)
+        for number, side in enumerate(_SIDES):  # the outline colours under the name: right, left
+            table.add_patch(_rectangle((x + 8 + number * (step * len(block) - 16) / 2, _LEVEL_NAMES - 4),
+                                       (step * len(block) - 16) / 2, 4, facecolor=_colour(muscle, side),
+                                       edgecolor="none"))
+        for _, quantity, side in block:
+            if side is _SIDES[0]:
+                table.text(x + step, half - 1, headers[quantity], ha="center", **{**bold, "va": "bottom"})
+            table.text(x + step - 8, half + 2, side.letter, ha="right", **{**bold, "va": "top"})
+            x += step
+        table.plot([x, x], [0, height], color="#606060", linewidth=1)
+    y = head
+    bodies = 0
+    for row in rows:
+        row_height = _level_row_height(row)
+        shade = _DISC_BAND if row.disc else _ROW_SHADES[bodies % 2]
+        bodies += not row.disc
+        table.add_patch(_rectangle((0, y), width, row_height, facecolor=shade, edgecolor="none"))
+        middle = y + row_height / 2 + 1
+        if row.disc:
+            table.text(26, y + 5, row.level, ha="left", va="top", color=_DISC_NAME, fontsize=16, fontweight="bold")
+            under = f"key slice, image {row.key_frame + 1}" if row.key_frame is not None else "mean (no key slice)"
+            table.text(26, y + row_height - 5, under, ha="left", va="bottom", color=_DISC_NAME, fontsize=12)
+        else:
+            table.text(8, middle, row.level, ha="left", va="center", color=_BODY_NAME, fontsize=16,
+                       fontweight="bold")
+        table.text(_LEVEL_WIDTH + _SLICES_WIDTH - 8, middle, str(row.slices), ha="right", va="center",
+                   color=_TEXT, fontsize=16)
+        x = _LEVEL_WIDTH + _SLICES_WIDTH
+        for column in columns:
+            cell = _level_cell(row, column, notes)
+            colour = _ALERT if cell.alert else (_MUTED if cell.muted else _TEXT)
+            table.text(x + step - 8, middle, cell.text, ha="right", va="center", color=colour, fontsize=16,
+                       fontweight="bold" if cell.alert else "normal")
+            x += step
+        y += row_height
+
+
+def _level_page(figure, page: _LevelPage) -> None:
+    notes = _Notes()
+    top = _TABLE_TOP
+    for muscles, rows in page.tables:
+        _draw_level_table(figure, top, muscles, rows, page.compared, notes)
+        top += _level_table_height(rows) + _LEVEL_GAP
+    y = top - _LEVEL_GAP + 16
+    for text, general in _wrapped_notes(page.general, notes):
+        _text_px(figure, 16, y, text, fontsize=_NOTE_SIZE, color=_TEXT if general else _MUTED, linespacing=1.2)
+        y += _note_height(text)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1456,8 +1757,9 @@ def render_pages(
     Returns
     -------
     list of Page
-        Key slices; the measurement table (more than one page when there are many level groups);
-        the charts. Each page is uint8 RGB :data:`PAGE_SHAPE`.
+        Key slices; the whole series' measurement table; with levels, the compact table per
+        vertebral level (:func:`level_rows`, one page unless the levels do not fit); the charts;
+        the centile charts with a site reference. Each page is uint8 RGB :data:`PAGE_SHAPE`.
     """
     import matplotlib
 
@@ -1465,11 +1767,15 @@ def render_pages(
         plan: list[tuple[str, str, object]] = [("slices", "Not measured: the segmentation failed quality control",
                                                 None)]
     else:
-        tables = _table_pages(assessments, len(label_map.series))
+        tables = _table_pages(assessments)
         plan = [("slices", "Key slices with muscle outlines", None)]
         for number, entries in enumerate(tables, start=1):
             suffix = f" ({number} of {len(tables)})" if len(tables) > 1 else ""
             plan.append(("table", f"Measurements and reference{suffix}", entries))
+        levels = _level_pages(assessments)
+        for number, page in enumerate(levels, start=1):
+            suffix = f" ({number} of {len(levels)})" if len(levels) > 1 else ""
+            plan.append(("levels", f"Per vertebral level{suffix}", page))
         plan.append(("charts", "Charts: fat and area against the reference", None))
         if _centile_panels(assessments):
             plan.append(("centiles", "Centile charts: the site reference's curves", None))
@@ -1495,6 +1801,8 @@ def render_pages(
                 _key_slice_page(figure, label_map, assessments, quality, shown)
             elif kind == "table":
                 _table_page(figure, entries, assessments)
+            elif kind == "levels":
+                _level_page(figure, entries)
             elif kind == "charts":
                 _chart_page(figure, assessments)
             else:

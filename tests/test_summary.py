@@ -24,7 +24,7 @@ from pydicom.uid import SecondaryCaptureImageStorage
 
 from inference.geometry import FrameGeometry, LabelMap, SeriesImage, group_stacks
 from inference.patient import from_dataset
-from inference.vocabulary import Muscle, Side
+from inference.vocabulary import Laterality, Muscle, Side
 from reports.assessment import assess
 from reports.equipment import ResultSeries
 from reports.levels import levels_by_height
@@ -32,6 +32,9 @@ from reports.metrics import FatSource, measure
 from reports.render import (
     PAGE_SHAPE,
     _fits,
+    _level_cell,
+    _level_page,
+    _level_pages,
     _Notes,
     _row_cells,
     _table_pages,
@@ -40,9 +43,12 @@ from reports.render import (
     display_slice,
     key_frames,
     level_bands,
+    level_layout,
     level_order,
+    level_rows,
     orientation_letters,
     render_pages,
+    split_level_tables,
 )
 from reports.summary import build_summary, encode_pages, write_pdf
 from reports.uids import ResultIdentity
@@ -242,22 +248,27 @@ def test_table_cells_say_what_was_measured_and_compared(summary) -> None:
     assert both["grade"].text == "\u2014"
 
 
-def test_level_groups_spill_onto_more_table_pages_without_losing_a_row(tum01) -> None:  # noqa: F811
+def test_levels_get_one_compact_page_beside_the_whole_series_table(tum01) -> None:  # noqa: F811
     series, label_map, _ = tum01
     level_of = levels_by_height({"L2": (80.0, 120.0), "L3": (40.0, 79.0), "L4": (0.0, 39.0)})
     metrics = measure(label_map, FatSource(water=series["water"], fat=series["fat"]), level_of=level_of)
     patient = from_dataset({})
     assessments = assess(metrics, patient)
+    # The full table lists the whole series only; every level is a row of the compact table.
     tables = _table_pages(assessments)
-    assert len(tables) > 1
     listed = [value for page in tables for kind, value in page if kind == "row"]
-    assert sorted(map(id, listed)) == sorted(map(id, assessments))
+    assert sorted(map(id, listed)) == sorted(id(a) for a in assessments if a.metrics.level == "all")
     for page in tables:
         assert page[0][0] == "group" and _fits(page)
+    rows = level_rows(assessments)
+    assert [row.level for row in rows] == ["L2", "L3", "L4"]
+    shown = {id(value.assessment) for row in rows for value in row.values.values()}
+    assert shown == {id(a) for a in assessments if a.metrics.level != "all" and a.metrics.side != "both"}
     pages = render_pages(label_map, assessments, patient, model_name=MODEL, model_version=VERSION,
                          software_version=SOFTWARE)
-    assert len(pages) == len(tables) + 2
-    assert pages[1].title.startswith(f"Page 2 of {len(pages)}: Measurements and reference (1 of {len(tables)})")
+    assert len(pages) == len(tables) + 3
+    assert pages[1].title.startswith(f"Page 2 of {len(pages)}: Measurements and reference")
+    assert pages[-2].title.startswith(f"Page {len(pages) - 1} of {len(pages)}: Per vertebral level.")
     assert pages[-1].title.startswith(f"Page {len(pages)} of {len(pages)}: Charts")
 
 
@@ -336,10 +347,38 @@ LEVEL_RANGES = {"L3": (92.0, 115.0), "L3-L4": (80.0, 91.0), "L4": (52.0, 79.0), 
 DISC_KEYS = {"L3-L4": 21, "L4-L5": 11, "L5-S1": 2}
 
 
-def _levelled_study():
-    """A synthetic Dixon stack of 29 axial images with multifidus and erector spinae on both sides,
-    its levels (:data:`LEVEL_RANGES`) and disc key slices (:data:`DISC_KEYS`), measured and assessed."""
+#: Eight levels on the same stack, L1-L2 to L5, as the level model found them on the real TUM01
+#: study: each disc's key slice is the image nearest its middle.
+EIGHT_LEVELS = {"L1-L2": (104.0, 115.0), "L2": (88.0, 103.0), "L2-L3": (80.0, 87.0), "L3": (60.0, 79.0),
+                "L3-L4": (52.0, 59.0), "L4": (32.0, 51.0), "L4-L5": (24.0, 31.0), "L5": (0.0, 23.0)}
+EIGHT_KEYS = {"L1-L2": 27, "L2-L3": 21, "L3-L4": 14, "L4-L5": 7}
+#: Ten levels, L1 to L5-S1, the most a lumbar series shows.
+TEN_LEVELS = {"L1": (108.0, 115.0), "L1-L2": (100.0, 107.0), "L2": (88.0, 99.0), "L2-L3": (80.0, 87.0),
+              "L3": (64.0, 79.0), "L3-L4": (56.0, 63.0), "L4": (40.0, 55.0), "L4-L5": (32.0, 39.0),
+              "L5": (12.0, 31.0), "L5-S1": (0.0, 11.0)}
+TEN_KEYS = {"L1-L2": 25, "L2-L3": 21, "L3-L4": 15, "L4-L5": 9, "L5-S1": 1}
+
+
+#: Psoas major and quadratus lumborum beside :data:`tests.test_metrics.MEANING`'s four labels:
+#: label value, muscle, side, position across and in depth (mm from the centre), semi-axes (mm).
+OTHER_MUSCLES = ((5, "psoas_major", "right", -22, -18, (9, 9)), (6, "psoas_major", "left", 22, -18, (9, 9)),
+                 (7, "quadratus_lumborum", "right", -58, 10, (7, 6)),
+                 (8, "quadratus_lumborum", "left", 58, 10, (7, 6)))
+
+
+def _levelled_study(ranges=None, keys=None, four_muscles=False):
+    """A synthetic Dixon stack of 29 axial images with multifidus and erector spinae on both sides
+    (and psoas and quadratus lumborum with ``four_muscles``), its levels (:data:`LEVEL_RANGES`
+    unless ``ranges``) and disc key slices (:data:`DISC_KEYS` unless ``keys``), measured and
+    assessed."""
+    from inference.card import LabelInfo
     from tests.test_metrics import MEANING, _ellipse_mask, _oblique_stack, _series
+
+    shapes = [(1, -36, 22, (13, 11)), (4, 36, 22, (14, 11)), (2, -13, 28, (7, 9)), (3, 13, 28, (7.5, 9))]
+    meaning = dict(MEANING)
+    if four_muscles:
+        shapes += [(value, across, depth, semi) for value, _, _, across, depth, semi in OTHER_MUSCLES]
+        meaning.update({value: LabelInfo(muscle, side) for value, muscle, side, *_ in OTHER_MUSCLES})
 
     geometry = _oblique_stack(tilt_degrees=0, slices=29, step_mm=4.0, size=96, spacing=(1.5, 1.5))
     rng = np.random.default_rng(7)
@@ -350,8 +389,7 @@ def _levelled_study():
         grow = 1 + 0.4 * (28 - k) / 28  # larger towards the foot
         label = np.zeros(frame.shape, np.uint8)
         body = _ellipse_mask(frame, centre, (62, 48), (row, column))
-        for value, across, depth, semi in ((1, -36, 22, (13, 11)), (4, 36, 22, (14, 11)),
-                                           (2, -13, 28, (7, 9)), (3, 13, 28, (7.5, 9))):
+        for value, across, depth, semi in shapes:
             where = centre + across * row + depth * column
             label[_ellipse_mask(frame, where, (semi[0] * grow, semi[1] * grow), (row, column))] = value
         fraction = np.where(label > 0, 0.08 + 0.006 * (28 - k), 0.9) * body
@@ -361,9 +399,9 @@ def _levelled_study():
         labels.append(label)
     water_series = _series(water, geometry, "1.2.3.100")
     fat_series = _series(fat, geometry, "1.2.3.200")
-    label_map = LabelMap(water_series, tuple(labels), MEANING)
+    label_map = LabelMap(water_series, tuple(labels), meaning)
     metrics = measure(label_map, FatSource(water=water_series, fat=fat_series),
-                      level_of=levels_by_height(LEVEL_RANGES), key_frames=DISC_KEYS)
+                      level_of=levels_by_height(ranges or LEVEL_RANGES), key_frames=keys or DISC_KEYS)
     patient = from_dataset({})
     return SimpleNamespace(label_map=label_map, metrics=metrics, assessments=assess(metrics, patient),
                            patient=patient)
@@ -372,6 +410,11 @@ def _levelled_study():
 @pytest.fixture(scope="module")
 def levelled():
     return _levelled_study()
+
+
+@pytest.fixture(scope="module")
+def levelled_eight():
+    return _levelled_study(EIGHT_LEVELS, EIGHT_KEYS)
 
 
 def test_page_one_shows_the_disc_levels_key_slices_preferring_l3_to_s1() -> None:
@@ -411,37 +454,162 @@ def test_disc_key_frames_come_from_the_disc_levels_metrics(levelled) -> None:
     assert len(first[1].SourceImageSequence) == len(levelled.label_map.series)
 
 
-def test_level_groups_are_listed_head_to_foot_with_each_discs_key_slice(levelled) -> None:
+def test_level_rows_run_head_to_foot_with_each_discs_key_slice(levelled) -> None:
     assert sorted(["L5-S1", "L5", "L1-L2", "T12-L1", "S1", "L1", "T12", "L10x"], key=level_order) == [
         "T12", "T12-L1", "L1", "L1-L2", "L5", "L5-S1", "S1", "L10x"]
-    tables = _table_pages(levelled.assessments, len(levelled.label_map.series))
-    titles = [value for page in tables for kind, value in page if kind == "group" and "continued" not in value]
-    assert titles[0].startswith("Whole series")
-    assert titles[1:] == ["Level L3", "Level L3-L4", "Level L4", "Level L4-L5", "Level L5", "Level L5-S1"]
-    listed = [value for page in tables for kind, value in page if kind == "row"]
-    assert sorted(map(id, listed)) == sorted(map(id, levelled.assessments))
-    # A disc level's rows are followed by its key slice: the image and each side's CSA and fat there.
-    keys = [(page, n) for page in tables for n, (kind, _) in enumerate(page) if kind == "key"]
-    assert len(keys) == 3
-    by_level = {(a.metrics.level, a.metrics.muscle, a.metrics.side): a.metrics for a in levelled.assessments}
-    for page, n in keys:
-        rows = [value for kind, value in page[:n] if kind == "row"]
-        level = rows[-1].metrics.level
-        text = page[n][1]
-        assert text.startswith(f"Key slice (middle of the disc), image {DISC_KEYS[level] + 1} of 29: ")
-        right = by_level[(level, "multifidus", "right")].key_slice
-        values = f"R {right.area_mm2:.0f} mm\u00b2 {right.fat_percent:.1f} %".replace(" ", "\u00a0")
-        assert f"{Muscle.MULTIFIDUS.short}\u00a0{values}" in text
-        assert f"{Muscle.ERECTOR_SPINAE.short}\u00a0R\u00a0".replace(" ", "\u00a0") in text and ", L\u00a0" in text
-    for page in tables:
-        assert _fits(page)
+    rows = level_rows(levelled.assessments)
+    assert [(row.level, row.disc) for row in rows] == [("L3", False), ("L3-L4", True), ("L4", False),
+                                                       ("L4-L5", True), ("L5", False), ("L5-S1", True)]
+    by_key = {(a.metrics.level, a.metrics.muscle, a.metrics.side): a.metrics for a in levelled.assessments}
+    for row in rows:
+        # Images of the level (4 mm apart) on which the muscles were measured.
+        low, high = LEVEL_RANGES[row.level]
+        assert row.slices == sum(low <= 4 * k <= high for k in range(29))
+        assert set(row.values) == {(m, s) for m in (Muscle.MULTIFIDUS, Muscle.ERECTOR_SPINAE)
+                                   for s in (Laterality.RIGHT, Laterality.LEFT)}
+        for (muscle, side), value in row.values.items():
+            metrics = by_key[(row.level, muscle, side)]
+            if row.disc:  # at a disc, the key slice's values: what clinicians read there
+                assert row.key_frame == DISC_KEYS[row.level] == metrics.key_slice.frame_index
+                assert (value.csa_mm2, value.fat_percent) == (metrics.key_slice.area_mm2,
+                                                              metrics.key_slice.fat_percent)
+            else:
+                assert row.key_frame is None
+                assert (value.csa_mm2, value.fat_percent) == (metrics.mean_csa_mm2, metrics.fat.mean_percent)
+            assert value.z is None and not value.alert  # reference-v1 has no value for a single level
+    notes = _Notes()
+    disc = rows[1]
+    right = disc.values[(Muscle.MULTIFIDUS, Laterality.RIGHT)]
+    assert _level_cell(disc, (Muscle.MULTIFIDUS, "csa", Laterality.RIGHT), notes).text == f"{right.csa_mm2:.0f}"
+    assert _level_cell(disc, (Muscle.MULTIFIDUS, "fat", Laterality.RIGHT), notes).text == f"{right.fat_percent:.1f}"
+    assert _level_cell(disc, (Muscle.PSOAS_MAJOR, "csa", Laterality.RIGHT), notes).text == "\u2014"
+    assert not notes.lines()
+    # A disc whose key slice was excluded shows the disc's means, and says so (no key frame).
+    without = level_rows([a for a in levelled.assessments if a.metrics.key_slice is None])
+    assert all(row.key_frame is None for row in without)
+    assert level_rows([a for a in levelled.assessments if a.metrics.level == "all"]) == []
+
+
+def test_eight_levels_give_one_compact_page(levelled_eight) -> None:
+    study = levelled_eight
+    pages = render_pages(study.label_map, study.assessments, study.patient, model_name=MODEL, model_version=VERSION,
+                         software_version=SOFTWARE)
+    tables = _table_pages(study.assessments)
+    # Page 1, the whole series' table, one compact page for the eight levels, the charts.
+    assert len(tables) == 1 and len(pages) == 4
+    assert [p.title.split(": ")[0] for p in pages] == [f"Page {n} of 4" for n in range(1, 5)]
+    assert pages[2].title.startswith("Page 3 of 4: Per vertebral level. ")
+    # Page 1 shows the discs' key slices and references them; the others show every image's numbers.
+    assert pages[0].frames == tuple(EIGHT_KEYS[d] for d in ("L1-L2", "L2-L3", "L3-L4", "L4-L5"))
+    assert all(p.frames == () for p in pages[1:])
+    identity = ResultIdentity(["1.2.3.100"], f"{MODEL} {VERSION}", SOFTWARE)
+    datasets = encode_pages(pages, study.label_map, identity, None, model_name=MODEL, model_version=VERSION,
+                            software_version=SOFTWARE, created=CREATED)
+    uids = {study.label_map.series.geometry[i].sop_instance_uid for i in pages[0].frames}
+    assert {item.ReferencedSOPInstanceUID for item in datasets[0].SourceImageSequence} == uids
+    assert all(len(ds.SourceImageSequence) == 29 for ds in datasets[1:])
+    # One note for the whole page: no per-level reference; the whole series is the comparison.
+    (page,) = _level_pages(study.assessments)
+    assert [len(rows) for _, rows in page.tables] == [8]
+    assert any(line.startswith("Reference: reference-v1 has no per-level values for these levels (L1-L2 to L5); "
+                               "all slices together are compared with the L1-L5 reference") for line in page.general)
+    if os.environ.get("MUSCLENODE_SAVE_PAGES"):
+        from PIL import Image
+
+        Image.fromarray(pages[2].pixels).save(Path(os.environ["MUSCLENODE_SAVE_PAGES"]) / "eight_levels.png")
+
+
+def test_compact_tables_split_by_width_and_continue_by_height() -> None:
+    mf, es, ps, ql = Muscle
+    assert split_level_tables([mf, es]) == [(mf, es)]
+    assert split_level_tables([mf, es, ps, ql]) == [(mf, es, ps, ql)]  # 16 values fit the page's width
+    # Fat z columns where a level has its own reference: too wide for one table.
+    assert split_level_tables([mf, es, ps, ql], compared={mf, es}) == [(mf, es), (ps, ql)]
+    assert split_level_tables([mf, ps, ql], compared={mf, ps, ql}) == [(mf,), (ps, ql)]
+    assert split_level_tables([]) == []
+    rows = [SimpleNamespace(level=f"L{k}", disc=False) for k in range(10)]  # 38 px each under an 82 px header
+    whole = 82 + 10 * 38
+    assert level_layout(rows, [(mf, es)], whole) == [[((mf, es), rows)]]
+    # A second table that fits a page alone starts the next page rather than breaking.
+    assert level_layout(rows, [(mf, es), (ps, ql)], whole + 200) == [[((mf, es), rows)], [((ps, ql), rows)]]
+    two = level_layout(rows, [(mf, es), (ps, ql)], 2 * whole + 24)
+    assert two == [[((mf, es), rows), ((ps, ql), rows)]]
+    # Too many levels for a page: the table continues, every level listed once.
+    pages = level_layout(rows, [(mf,)], 82 + 4 * 38)
+    assert [[r.level for _, chunk in page for r in chunk] for page in pages] == [
+        ["L0", "L1", "L2", "L3"], ["L4", "L5", "L6", "L7"], ["L8", "L9"]]
+
+
+def test_a_level_specific_reference_gets_fat_z_columns_for_that_muscle(levelled) -> None:
+    import dataclasses
+
+    person = Dataset()
+    person.PatientSex, person.PatientAge = "F", "045Y"
+    assessments = assess(levelled.metrics, from_dataset(person))
+    whole = next(a for a in assessments if a.metrics.level == "all" and a.metrics.muscle == "multifidus"
+                 and a.metrics.side == "right")
+    assert whole.fat.stratum is not None
+    changed = []
+    for item in assessments:
+        if item.metrics.level == "L5" and item.metrics.muscle == "multifidus" and item.metrics.side != "both":
+            item = dataclasses.replace(item, fat=dataclasses.replace(whole.fat, z=2.4, levels="L5"))
+        changed.append(item)
+    (page,) = _level_pages(changed)
+    assert page.compared == {Muscle.MULTIFIDUS}
+    assert any(line.startswith("Fat z: against reference-v1's values for that level") for line in page.general)
+    # Without the person's sex and age, the levels (none of which reference-v1 has) say that, not
+    # the person's missing data; a level whose reference exists but does not fit the person says why.
+    unknown = [a for a in levelled.assessments if a.metrics.level != "all"]
+    assert any("has no per-level values" in line for line in _level_pages(levelled.assessments)[0].general)
+    missing = dataclasses.replace(unknown[0].fat, reason="no reference group fits this patient: sex is missing")
+    odd = [dataclasses.replace(unknown[0], fat=missing)] + unknown[1:]
+    (general,) = [p.general for p in _level_pages(odd)]
+    assert any(line.startswith("Reference: no level compared (no reference group fits this patient: sex is "
+                               "missing)") for line in general)
+    assert any(line.startswith("Red: ") for line in page.general)
+    rows = level_rows(changed)
+    l5 = next(row for row in rows if row.level == "L5")
+    notes = _Notes()
+    cell = _level_cell(l5, (Muscle.MULTIFIDUS, "z", Laterality.RIGHT), notes)
+    assert cell.text.startswith("+2.4") and cell.alert and len(notes.references) == 1
+    assert _level_cell(l5, (Muscle.MULTIFIDUS, "fat", Laterality.RIGHT), notes).alert
+    assert _level_cell(rows[0], (Muscle.MULTIFIDUS, "z", Laterality.RIGHT), notes).text == "\u2014"
+
+
+def _text_boxes(figure) -> list:
+    from matplotlib.text import Text
+
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    return [(t.get_text(), t.get_window_extent(renderer)) for t in figure.findobj(Text)
+            if t.get_visible() and t.get_text().strip()]
+
+
+@pytest.mark.parametrize("levels", [8, 10])
+def test_the_compact_page_fits_four_muscles_without_cutting_or_crowding_text(levels) -> None:
+    from reports.render import _figure
+
+    ranges, keys = (EIGHT_LEVELS, EIGHT_KEYS) if levels == 8 else (TEN_LEVELS, TEN_KEYS)
+    study = _levelled_study(ranges, keys, four_muscles=True)
+    pages = _level_pages(study.assessments)
+    assert len(pages) == 1 and [len(rows) for _, rows in pages[0].tables] == [levels]
+    figure = _figure()
+    _level_page(figure, pages[0])
+    boxes = _text_boxes(figure)
+    assert len(boxes) > 18 * levels
+    for text, box in boxes:  # inside the page, clear of its bottom edge
+        assert box.x0 >= 0 and box.x1 <= PAGE_SHAPE[1] and box.y0 >= 8 and box.y1 <= PAGE_SHAPE[0], text
+    for n, (text, box) in enumerate(boxes):  # no text runs into another
+        for other, second in boxes[n + 1:]:
+            overlap = min(box.x1, second.x1) - max(box.x0, second.x0), min(box.y1, second.y1) - max(box.y0, second.y0)
+            assert min(overlap) <= 0.5, (text, other)
 
 
 def test_rendering_with_levels_draws_bands_on_the_slice_chart(levelled, tmp_path: Path) -> None:
     pages = render_pages(levelled.label_map, levelled.assessments, levelled.patient, model_name=MODEL,
                          model_version=VERSION, software_version=SOFTWARE)
-    tables = _table_pages(levelled.assessments, len(levelled.label_map.series))
-    assert len(pages) == len(tables) + 2 and all(p.pixels.shape == PAGE_SHAPE + (3,) for p in pages)
+    tables = _table_pages(levelled.assessments)
+    assert len(pages) == len(tables) + 3 and all(p.pixels.shape == PAGE_SHAPE + (3,) for p in pages)
     # The slice-by-slice chart (lower part of the chart page) shades the discs; without levels, no band.
     disc = (0x17, 0x3a, 0x5e)
     profile = pages[-1].pixels[560:]
