@@ -57,10 +57,11 @@ def test_orthanc_sends_a_study_and_the_node_holds_every_instance_byte_for_byte(p
     t2 = decisions["t2_tse_tra"]
     assert t2["selected"] and t2["kind"] == "t2"
     sagittal = decisions["t2_tse_sag"]
-    assert not sagittal["selected"] and "not axial" in sagittal["reason"]
+    # The sagittal series is not measured: it is the study's level reference.
+    assert not sagittal["selected"] and sagittal["role"] == "level_reference" and "not axial" in sagittal["reason"]
 
     text = node.cli("status").stdout
-    assert "SELECTED Dixon water" in text and "skipped: not axial" in text
+    assert "SELECTED Dixon water" in text and "level reference: the sagittal series, T2-weighted" in text
 
 
 def test_non_lumbar_study_is_skipped_with_its_reason(pacs_and_node, tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ its measurement panel, one row per outline; its docstring says why.
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import os
@@ -37,6 +38,7 @@ import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -235,13 +237,12 @@ def test_ohif_and_the_key_slice_outlines_of_the_report(tmp_path: Path) -> None:
     assert len(shown) == len(areas) and np.allclose(shown, areas, atol=1.0), (shown, areas)
 
 
-def show_srs(tmp_path: Path, images: list[Path], results: list[Path], study_uid: str, name: str, chromium: str,
-             node: str, dist: Path, descriptions: list[str]) -> list[tuple[Path, subprocess.CompletedProcess]]:
-    """Upload images and results into a DICOMweb Orthanc, load each SR (by series description) in
-    OHIF with tests/viewer/sr.mjs: screenshots and what it said."""
+@contextlib.contextmanager
+def ohif_serving(tmp_path: Path, images: list[Path], results: list[Path], dist: Path) -> Iterator[tuple[str, Path]]:
+    """A DICOMweb Orthanc holding the images and results, and OHIF served from the same origin:
+    yields (origin, folder for screenshots); both are stopped on leaving."""
     orthanc = dicomweb_orthanc(tmp_path / "orthanc").start()
     server = None
-    shots = []
     try:
         orthanc.upload(images)
         orthanc.upload(results)
@@ -252,16 +253,25 @@ def show_srs(tmp_path: Path, images: list[Path], results: list[Path], study_uid:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         artifacts = Path(os.environ.get("MUSCLENODE_ARTIFACTS", REPO / "artifacts"))
         artifacts.mkdir(parents=True, exist_ok=True)
+        yield origin, artifacts
+    finally:
+        if server is not None:
+            server.shutdown()
+        orthanc.stop()
+
+
+def show_srs(tmp_path: Path, images: list[Path], results: list[Path], study_uid: str, name: str, chromium: str,
+             node: str, dist: Path, descriptions: list[str]) -> list[tuple[Path, subprocess.CompletedProcess]]:
+    """Load each SR (by series description) in OHIF with tests/viewer/sr.mjs: screenshots and
+    what it said."""
+    shots = []
+    with ohif_serving(tmp_path, images, results, dist) as (origin, artifacts):
         for index, description in enumerate(descriptions, start=1):
             shot = artifacts / f"{name}-{index}.png"
             result = subprocess.run([node, str(VIEWER / "sr.mjs"), origin, study_uid, str(shot), description],
                                     cwd=VIEWER, capture_output=True, text=True, timeout=170,
                                     env={**os.environ, "CHROMIUM": chromium})
             shots.append((shot, result))
-    finally:
-        if server is not None:
-            server.shutdown()
-        orthanc.stop()
     return shots
 
 
@@ -273,21 +283,9 @@ def viewport(result: subprocess.CompletedProcess) -> dict[str, float]:
 
 def show(tmp_path: Path, images: list[Path], segs: list[Path], study_uid: str, name: str, chromium: str, node: str,
          dist: Path, seg_indices: tuple[int, ...]) -> list[tuple[Path, subprocess.CompletedProcess]]:
-    """Upload images and SEGs into a DICOMweb Orthanc, load each SEG in OHIF: screenshots and what view.mjs said."""
-    orthanc = dicomweb_orthanc(tmp_path / "orthanc").start()
-    server = None
+    """Load each SEG in OHIF: screenshots and what view.mjs said."""
     shots = []
-    try:
-        orthanc.upload(images)
-        orthanc.upload(segs)
-        port = free_port()
-        origin = f"http://127.0.0.1:{port}"
-        config = (VIEWER / "app-config.js").read_text().replace("__ORIGIN__", origin).encode()
-        server = same_origin_server(port, dist, config, orthanc.url)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-
-        artifacts = Path(os.environ.get("MUSCLENODE_ARTIFACTS", REPO / "artifacts"))
-        artifacts.mkdir(parents=True, exist_ok=True)
+    with ohif_serving(tmp_path, images, segs, dist) as (origin, artifacts):
         for index in seg_indices:
             shot = artifacts / (f"{name}.png" if len(seg_indices) == 1 else f"{name}-{index + 1}.png")
             result = subprocess.run(
@@ -296,10 +294,6 @@ def show(tmp_path: Path, images: list[Path], segs: list[Path], study_uid: str, n
                 env={**os.environ, "CHROMIUM": chromium, "SEG_INDEX": str(index)},
             )
             shots.append((shot, result))
-    finally:
-        if server is not None:
-            server.shutdown()
-        orthanc.stop()
     return shots
 
 
