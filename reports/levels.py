@@ -1,11 +1,10 @@
 """Vertebral levels of slices.
 
-Metrics can be grouped by level when the level of a slice is known. Today a level comes from an
-assignment of head-foot ranges (from the configuration or a research sidecar); a level model
-(vertebra or disc labels) plugs in as another function with the same signature, a
-:data:`reports.metrics.LevelAssigner`: frame geometry in, level name or ``None`` out.
-:func:`inference.vertebrae.level_of` is such a function, built from the bodies the level model
-found on the study's sagittal series (``musclenode levels`` uses it; the pipeline does not yet).
+Metrics are grouped by level when the level of a slice is known, through a
+:data:`reports.metrics.LevelAssigner`: frame geometry in, level name or ``None`` out. The
+pipeline's levels come from the bodies the level model found on the study's sagittal series
+(:func:`inference.vertebrae.assign_levels`, as ``musclenode levels`` prints them); here, an
+assignment of head-foot ranges, for tests and research sidecars.
 """
 
 from __future__ import annotations
