@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -991,6 +992,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"musclenode: configuration error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (``musclenode levels --json | head``): stop quietly, as other
+        # commands do, with the status of a process killed by SIGPIPE. Pointing stdout at devnull
+        # keeps the interpreter's final flush from raising again (Python docs, signal: SIGPIPE).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":  # pragma: no cover

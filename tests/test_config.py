@@ -248,3 +248,23 @@ def test_config_show_round_trips_every_section(tmp_path: Path) -> None:
 def test_example_configuration_is_valid() -> None:
     config = load_config(REPO / "deploy" / "musclenode.example.toml", environ={})
     assert config.peers[0].ae_title == "ORTHANC" and config.destinations[0].name == "pacs"
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    """``musclenode ... | head``: when the reader closes the pipe, the command stops with the
+    status of SIGPIPE and no traceback."""
+    import subprocess
+    import sys
+
+    from tests.peers import REPO
+
+    script = ("import sys, node.cli as cli\n"
+              "cli._config_settings = lambda args: [print('x' * 100) for _ in range(20000)] and 0\n"
+              "sys.exit(cli.main(['config', 'settings']))\n")
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert process.stdout.readline().startswith(b"xxx")
+    process.stdout.close()  # the reader goes away with most of the output unread
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 141, stderr.decode()
+    assert b"Traceback" not in stderr and b"BrokenPipeError" not in stderr, stderr.decode()
