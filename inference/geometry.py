@@ -52,6 +52,7 @@ __all__ = [
     "SeriesImage",
     "LateralityFinding",
     "LabelMap",
+    "orientation_normal",
     "read_series",
     "series_from_datasets",
     "group_stacks",
@@ -1040,6 +1041,15 @@ def pair_components(components: Mapping[str, SeriesImage],
     return {role: components[role].without(drop[role]) for role in roles}
 
 
+def orientation_normal(orientation: Sequence[float]) -> np.ndarray | None:
+    """The unit normal (LPS) of a plane given by its ImageOrientationPatient (row cosine, then
+    column cosine): their cross product, normalised; None for a degenerate orientation (parallel
+    or zero cosines)."""
+    normal = np.cross(np.asarray(orientation[:3], dtype=float), np.asarray(orientation[3:6], dtype=float))
+    length = float(np.linalg.norm(normal))
+    return None if length < 1e-6 else normal / length
+
+
 def axial_tilt_degrees(orientation: Sequence[float]) -> float | None:
     """Angle (degrees) between a plane's normal and the patient's head-foot (LPS z) axis.
 
@@ -1054,17 +1064,16 @@ def axial_tilt_degrees(orientation: Sequence[float]) -> float | None:
         0 for an axial plane, 90 for a sagittal or coronal one; None for a degenerate
         orientation (parallel or zero cosines).
     """
-    normal = np.cross(np.asarray(orientation[:3], dtype=float), np.asarray(orientation[3:6], dtype=float))
-    length = float(np.linalg.norm(normal))
-    if length < 1e-6:
+    normal = orientation_normal(orientation)
+    if normal is None:
         return None
-    return math.degrees(math.acos(min(1.0, abs(float(normal[2])) / length)))
+    return math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
 
 
 def plane_name(orientation: Sequence[float]) -> str:
     """``"axial"``, ``"coronal"`` or ``"sagittal"``: the plane a slice is closest to (or ``"degenerate"``)."""
-    normal = np.cross(np.asarray(orientation[:3], dtype=float), np.asarray(orientation[3:6], dtype=float))
-    if float(np.linalg.norm(normal)) < 1e-6:
+    normal = orientation_normal(orientation)
+    if normal is None:
         return "degenerate"
     return ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(normal)))]
 

@@ -50,14 +50,15 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from inference.geometry import axial_tilt_degrees, plane_name
+from inference.geometry import axial_tilt_degrees, orientation_normal, plane_name
 from inference.set_aside import MIN_FRAMES
 from inference.vertebrae import NO_LEVEL_REFERENCE, SAGITTAL_COSINE
 from inference.vocabulary import Contrast
 
 from ..config import Rules
 
-__all__ = ["LEVEL_REFERENCE", "NO_LEVEL_REFERENCE", "Decision", "SeriesHeaders", "decide_study", "level_reference", "dixon_role", "echo_phase", "orientation_name", "series_weighting"]
+__all__ = ["LEVEL_REFERENCE", "NO_LEVEL_REFERENCE", "Decision", "SeriesHeaders", "decide_study", "dixon_role",
+           "echo_phase", "level_reference", "orientation_name"]
 
 MR_IMAGE_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.4": "MR Image Storage",
@@ -352,12 +353,6 @@ def _weighting(series: SeriesHeaders) -> tuple[Contrast | None, str]:
     return None, shown
 
 
-def series_weighting(series: SeriesHeaders) -> tuple[Contrast | None, str]:
-    """T1 or T2 weighting of a series and the evidence (the rule the selection uses), or
-    ``(None, what was seen)``: used to prefer a T2 sagittal reference for vertebral levels."""
-    return _weighting(series)
-
-
 #: The role of a study's level reference in its decision and in the series of its jobs.
 LEVEL_REFERENCE = "level_reference"
 #: Preference among sagittal series: T2 shows the discs and end plates best, then T1.
@@ -365,14 +360,11 @@ _REFERENCE_PREFERENCE = {Contrast.T2: 0, Contrast.T1: 1}
 
 
 def _slice_normal(series: SeriesHeaders) -> np.ndarray | None:
-    """The unit normal (LPS) of the series' first frame with an orientation, or None."""
+    """The unit normal (LPS) of the series' first frame with a usable orientation, or None."""
     for frame in series.frames:
-        orientation = frame.get("orientation")
-        if orientation:
-            normal = np.cross(np.asarray(orientation[:3], float), np.asarray(orientation[3:6], float))
-            length = float(np.linalg.norm(normal))
-            if length > 1e-6:
-                return normal / length
+        normal = orientation_normal(frame["orientation"]) if frame.get("orientation") else None
+        if normal is not None:
+            return normal
     return None
 
 
