@@ -40,7 +40,6 @@ from highdicom.sr import (
     ContainerContentItem,
     CoordinatesForMeasurement,
     GraphicTypeValues,
-    MeasurementReport,
     MeasurementsAndQualitativeEvaluations,
     RelationshipTypeValues,
     TextContentItem,
@@ -49,13 +48,13 @@ from highdicom.sr import (
 from pydicom.dataset import Dataset
 
 from inference.geometry import LabelMap
-from inference.patient import PatientContext, result_header
+from inference.patient import PatientContext
 from inference.segmentation_quality import SegmentationQuality
 
 from . import codes as mn
 from .assessment import Assessment
-from .equipment import MANUFACTURER, Equipment, ResultSeries
-from .sr import (device_observation_context, document_notes, finding_sites, is_multiframe, key_slice_label, key_slice_outline,
+from .equipment import MANUFACTURER, ResultSeries
+from .sr import (document_notes, finding_sites, is_multiframe, key_slice_label, key_slice_outline, measurement_document,
                  research_note, slice_measurements)
 from .uids import ResultIdentity
 
@@ -145,23 +144,7 @@ def build_outline_report(
         evidence = [by_uid[uid] for uid in referenced]
     else:
         evidence = [pydicom.dcmread(Path(series.source_paths[uid]), stop_before_pixels=True) for uid in referenced]
-    # The document repeats the patient's attributes of its first evidence: as the node read them.
-    evidence[0] = result_header(evidence[0])
-    report = MeasurementReport(
-        observation_context=device_observation_context(card_name, card_version, software_version,
-                                                       device_serial_number, patient),
-        procedure_reported=mn.PROCEDURE_REPORTED,
-        imaging_measurements=groups,
-    )
     main_report = ResultSeries.SR.identification(identity, series.series_number)["sop_instance_uid"]
-    report[0].ContentSequence.append(_notes(card_name, card_version, labels, main_report))
-    equipment = Equipment(software_version, f"{card_name} {card_version}", device_serial_number)
-    return Comprehensive3DSR(
-        evidence=evidence,
-        content=report[0],
-        **ResultSeries.OUTLINES.identification(identity, series.series_number),
-        **equipment.general_equipment(),
-        is_complete=True,
-        is_final=True,
-        coding_schemes=[mn.coding_scheme()],
-    )
+    return measurement_document(groups, _notes(card_name, card_version, labels, main_report), evidence,
+                                ResultSeries.OUTLINES, identity, series.series_number, card_name, card_version,
+                                software_version, device_serial_number, patient)

@@ -305,7 +305,7 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
         before inference; never transient for bad input.
     """
     from reports.outline_report import build_outline_report
-    from reports.seg import build_segmentations
+    from reports.seg import build_segmentations, source_datasets_of
     from reports.sr import build_report
     from reports.summary import build_summary
 
@@ -366,10 +366,11 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
         segmentations = build_segmentations(label_map, card.name, card.version, identity, software_version)
     except ValueError as exc:  # highdicom's and our checks of what a SEG can reference
         raise PipelineError(f"cannot make a DICOM SEG on these images: {exc}") from exc
+    sources = source_datasets_of(label_map)  # read once: evidence of both reports
     report = build_report(label_map, segmentations, assessments, identity, card.name, card.version,
-                          software_version, patient=patient, quality=quality)
+                          software_version, patient=patient, source_datasets=sources, quality=quality)
     outlines = build_outline_report(label_map, assessments, identity, card.name, card.version, software_version,
-                                    patient=patient, quality=quality)
+                                    patient=patient, source_datasets=sources, quality=quality)
     summary = build_summary(label_map, assessments, patient, identity, card.name, card.version, software_version,
                             source_dataset, quality=quality)
     seconds["results"] = time.perf_counter() - started

@@ -92,7 +92,8 @@ from .seg import SegmentRef, segment_frames, segments, source_datasets_of
 from .uids import ResultIdentity, derive_uid
 
 __all__ = ["RESEARCH_STATEMENT", "build_report", "device_observation_context", "document_notes", "finding_sites", "is_multiframe",
-           "key_slice_label", "key_slice_outline", "outline", "research_note", "slice_measurements"]
+           "key_slice_label", "key_slice_outline", "measurement_document", "outline", "research_note",
+           "slice_measurements"]
 
 RESEARCH_STATEMENT = (
     "For research use only. Not for diagnostic use: automated measurements by musclenode, not "
@@ -603,8 +604,6 @@ def build_report(
         raise ValueError("no SEG: the report measures segments")
     series = label_map.series
     sources = list(source_datasets) if source_datasets is not None else source_datasets_of(label_map)
-    # The SR repeats the patient's attributes of its first evidence: as the node read them.
-    sources[0] = result_header(sources[0])
     # (muscle, side) -> segment, and (muscle, side, source instance, source frame) -> (SEG, frame).
     by_key: dict[tuple[str, str], SegmentRef] = {}
     frames: dict[tuple[str, str, str, int], tuple[Dataset, int, SegmentRef]] = {}
@@ -646,20 +645,38 @@ def build_report(
             planar.append(_planar(area, assessment, ref, seg, seg_frame, series.sop_class_uid, multiframe,
                                   identity))
 
-    equipment = Equipment(software_version, f"{card_name} {card_version}", device_serial_number)
-    observation_context = device_observation_context(card_name, card_version, software_version,
-                                                      device_serial_number, patient)
+    notes = _document_notes(assessments, patient, card_name, card_version, label_map.set_aside, quality)
+    return measurement_document(groups + planar + outlines, notes, [*sources, *segmentations], ResultSeries.SR,
+                                identity, series.series_number, card_name, card_version, software_version,
+                                device_serial_number, patient)
+
+
+def measurement_document(groups: Sequence, notes: ContainerContentItem, evidence: Sequence[Dataset],
+                         result_series: ResultSeries, identity: ResultIdentity, source_series_number: int | None,
+                         card_name: str, card_version: str, software_version: str,
+                         device_serial_number: str = MANUFACTURER,
+                         patient: PatientContext | None = None) -> Comprehensive3DSR:
+    """A complete, final Comprehensive 3D SR holding a TID 1500 Measurement Report.
+
+    The report has the device observation context (:func:`device_observation_context`), the
+    procedure reported, ``groups`` as its imaging measurements and ``notes`` (the document's
+    Qualitative Evaluations, :func:`document_notes`); the document is ``result_series``'
+    (:meth:`reports.equipment.ResultSeries.identification`) and repeats the patient's attributes of
+    its first evidence as the node read them (:func:`inference.patient.result_header`).
+    """
+    evidence = [result_header(evidence[0]), *evidence[1:]]
     report = MeasurementReport(
-        observation_context=observation_context,
+        observation_context=device_observation_context(card_name, card_version, software_version,
+                                                       device_serial_number, patient),
         procedure_reported=mn.PROCEDURE_REPORTED,
-        imaging_measurements=groups + planar + outlines,
+        imaging_measurements=list(groups),
     )
-    report[0].ContentSequence.append(_document_notes(assessments, patient, card_name, card_version,
-                                                     label_map.set_aside, quality))
+    report[0].ContentSequence.append(notes)
+    equipment = Equipment(software_version, f"{card_name} {card_version}", device_serial_number)
     return Comprehensive3DSR(
-        evidence=[*sources, *segmentations],
+        evidence=evidence,
         content=report[0],
-        **ResultSeries.SR.identification(identity, series.series_number),
+        **result_series.identification(identity, source_series_number),
         **equipment.general_equipment(),
         is_complete=True,
         is_final=True,
