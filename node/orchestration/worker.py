@@ -34,8 +34,6 @@ from .pipeline_settings import pipeline_settings
 from .routing import destinations_for
 from ..storage.index import Index
 from ..storage.jobs import Job, JobQueue
-from inference.vertebrae import NO_LEVEL_REFERENCE
-
 from .rules import LEVEL_REFERENCE, Decision
 from ..storage.store import InstanceStore
 
@@ -178,10 +176,10 @@ class Workers:
             if series.version != job.versions[series_uid]:
                 raise _Superseded()
             files[role] = [self.store.root / i["path"] for i in self.index.instances(series_uid)]
-        # The rules' level reference (jobs queued before the rules chose one have none).
-        reference = files.pop(LEVEL_REFERENCE, [])
-        return WorkItem(kind=job.kind, series_files=files, level_reference=tuple(reference),
-                        level_reason=None if reference else NO_LEVEL_REFERENCE)
+        # The rules' level reference (jobs queued before the rules chose one have none, and the
+        # pipeline then says there is no sagittal series).
+        reference = tuple(files.pop(LEVEL_REFERENCE, ()))
+        return WorkItem(kind=job.kind, series_files=files, level_reference=reference)
 
     def _process(self, job: Job, segmenter) -> None:
         started = time.perf_counter()
