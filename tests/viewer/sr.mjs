@@ -4,32 +4,17 @@
 // track the report's measurements (it does when it can hydrate them: then "Yes"), then
 // "VIEWPORT <text>" (the page's text: the SR viewport writes each measurement's labels there)
 // and "PANEL <text>" (the measurement panel).
-import { chromium } from 'playwright-core';
+import { log, skipTour, withStudy } from './ohif.mjs';
 
 const [origin, study, shot, description] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-         '--disable-component-update', '--disable-sync', '--no-first-run', '--use-gl=swiftshader',
-         '--enable-unsafe-swiftshader', '--ignore-gpu-blocklist'],
-});
-const log = (...a) => console.log(new Date().toISOString(), ...a);
 const text = async locator => (await locator.innerText()).replace(/\s+/g, ' ');
-try {
-  const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
-  page.on('console', m => {
-    if (['error', 'warning'].includes(m.type()) || /rehydratable|Error Boundary/.test(m.text())) {
-      log(`console ${m.type()}:`, m.text().slice(0, 400).replace(/\s+/g, ' '));
-    }
-  });
-  page.on('pageerror', e => log('page error:', String(e).slice(0, 400)));
-  await page.goto(`${origin}/viewer?StudyInstanceUIDs=${study}`, { waitUntil: 'domcontentloaded' });
-  await page.waitForSelector('.cornerstone-canvas, canvas', { timeout: 60000 });
-  log('canvas present');
-  await page.waitForTimeout(3000);
-  // The onboarding tour (Shepherd) covers the page on a first visit: skip it.
-  await page.keyboard.press('Escape');
-  await page.evaluate(() => document.querySelectorAll('.shepherd-modal-overlay-container, .shepherd-element').forEach(e => e.remove()));
+const onConsole = m => {
+  if (['error', 'warning'].includes(m.type()) || /rehydratable|Error Boundary/.test(m.text())) {
+    log(`console ${m.type()}:`, m.text().slice(0, 400).replace(/\s+/g, ' '));
+  }
+};
+await withStudy(origin, study, shot, onConsole, async page => {
+  await skipTour(page);
   const thumbnails = page.locator('[data-cy^="study-browser-thumbnail"]');
   const sr = thumbnails.filter({ hasText: description });
   await sr.first().waitFor({ timeout: 30000 });
@@ -54,10 +39,4 @@ try {
     log('PANEL (no measurement panel button)');
   }
   await page.screenshot({ path: shot });
-} catch (e) {
-  log('FAILED', String(e).slice(0, 1000));
-  await (await browser.contexts()[0]?.pages()[0])?.screenshot({ path: shot.replace(/\.png$/, '-failed.png') }).catch(() => {});
-  process.exitCode = 1;
-} finally {
-  await browser.close();
-}
+});

@@ -1,28 +1,13 @@
 // Open a study in OHIF, load its SEG over the MR series, screenshot the viewport.
 // Usage: node view.mjs <origin> <studyUID> <screenshot.png> <label> [<label>...]
 // SEG_INDEX (environment, default 0): which SEG thumbnail to load, for studies with several SEGs.
-import { chromium } from 'playwright-core';
+import { log, skipTour, withStudy } from './ohif.mjs';
 
 const [origin, study, shot, ...labels] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
-  args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-         '--disable-component-update', '--disable-sync', '--no-first-run', '--use-gl=swiftshader',
-         '--enable-unsafe-swiftshader', '--ignore-gpu-blocklist'],
-});
-const log = (...a) => console.log(new Date().toISOString(), ...a);
-try {
-  const page = await browser.newPage({ viewport: { width: 1600, height: 1000 } });
-  page.on('console', m => { if (m.type() === 'error') log('console error:', m.text().slice(0, 300)); });
-  page.on('pageerror', e => log('page error:', String(e).slice(0, 300)));
-  await page.goto(`${origin}/viewer?StudyInstanceUIDs=${study}`, { waitUntil: 'domcontentloaded' });
-  await page.waitForSelector('.cornerstone-canvas, canvas', { timeout: 60000 });
-  log('canvas present');
-  await page.waitForTimeout(3000);
+const onConsole = m => { if (m.type() === 'error') log('console error:', m.text().slice(0, 300)); };
+await withStudy(origin, study, shot, onConsole, async page => {
   await page.screenshot({ path: shot.replace(/\.png$/, '-mr.png') });
-  // The onboarding tour (Shepherd) covers the page on a first visit: skip it.
-  await page.keyboard.press('Escape');
-  await page.evaluate(() => document.querySelectorAll('.shepherd-modal-overlay-container, .shepherd-element').forEach(e => e.remove()));
+  await skipTour(page);
   // The SEG's thumbnail in the study browser: double-click loads it into the active viewport.
   const segIndex = Number(process.env.SEG_INDEX || 0);
   const segs = page.locator('[data-cy="study-browser-thumbnail"], [data-cy^="study-browser-thumbnail"]').filter({ hasText: 'SEG' });
@@ -48,10 +33,4 @@ try {
   await page.screenshot({ path: shot });
   const box = await page.locator('.cornerstone-viewport-element, [data-viewport-uid]').first().boundingBox();
   console.log('VIEWPORT ' + JSON.stringify(box));
-} catch (e) {
-  log('FAILED', String(e).slice(0, 1000));
-  await (await browser.contexts()[0]?.pages()[0])?.screenshot({ path: shot.replace(/\.png$/, '-failed.png') }).catch(() => {});
-  process.exitCode = 1;
-} finally {
-  await browser.close();
-}
+});
