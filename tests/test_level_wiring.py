@@ -203,3 +203,16 @@ def test_results_are_made_again_with_levels_when_the_sagittal_series_comes_later
     for prefix in (ResultSeries.SR.description(), "Paraspinal muscles ("):
         assert count(after, prefix) == count(before, prefix) == 1, prefix
     assert disc_sites(report()) > 0
+
+
+def test_a_study_with_only_a_sagittal_series_lists_it_with_its_reason(tmp_path: Path) -> None:
+    """Nothing to measure: the level reference gave no numbers either, and skipped_and_failed.csv
+    says so, as it does for every series that gave none."""
+    studies.require_data(list(studies.vertebrae_files(SUBJECT)))
+    study, _ = studies.write_vertebrae_study(tmp_path / "in", SUBJECT, seed="wiring/sagittal-only", axial=())
+    run = _process(tmp_path / "in", tmp_path / "out")
+    assert run.returncode == 3, run.stdout + run.stderr  # nothing selected
+    with open(tmp_path / "out" / "skipped_and_failed.csv", newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["series"] == study.series["sagittal"].series_uid and row["outcome"] == "skipped"
+    assert row["reason"].startswith("no axial series was selected; level reference: the sagittal series"), row

@@ -217,18 +217,23 @@ def _process(task: StudyTask, record: dict[str, Any]) -> None:
     files, series = _read_headers(task, record)
     descriptions = {s.series_uid: str(s.first("SeriesDescription") or "") for s in series}
     groups: dict[str, list[Decision]] = defaultdict(list)
-    reference_uid = None
+    reference: Decision | None = None
     for decision in decide_study(series, task.rules):
         if decision.selected and decision.grouping:
             groups[decision.grouping].append(decision)
         elif decision.role == LEVEL_REFERENCE:
-            reference_uid = decision.series_uid
+            reference = decision
         else:
             record["problems"].append(_problem(study, decision.series_uid, descriptions.get(decision.series_uid, ""),
                                                "skipped", decision.reason))
     if not groups:
+        # A level reference without an axial series to give levels to gave no numbers either.
+        if reference is not None:
+            record["problems"].append(_problem(study, reference.series_uid, descriptions.get(reference.series_uid, ""),
+                                               "skipped", f"no axial series was selected; {reference.reason}"))
         record["status"] = "nothing selected"
         return
+    reference_uid = reference.series_uid if reference is not None else None
     folder = Path(task.out) / study
     folder.mkdir(parents=True, exist_ok=True)
     segmenter = segmenter_for(task.model)
