@@ -39,6 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from .card import KIND_VERTEBRAE, CardError, ModelCard
+from .end_plate_edge import EdgeSettings, edge_position, end_plate_profile
 from .geometry import FrameGeometry, SeriesImage
 from .vocabulary import Level, Vertebra
 
@@ -58,11 +59,13 @@ __all__ = [
     "end_plate",
     "end_plate_offsets",
     "find_bodies",
+    "image_edges",
     "is_sagittal",
     "level_of",
     "model_grid",
     "move_end_plates",
     "name_candidates",
+    "place_end_plates",
     "spine_axis",
     "plane_crossing",
     "upsample2",
@@ -852,7 +855,11 @@ def find_bodies(series: SeriesImage, card: ModelCard, naming: str | None = None,
     naming = naming or card.postprocess.get("naming", NAMING)
     bodies, problems = bodies_from_labels(prediction.classes, prediction.positions, prediction.voxel_ml,
                                           prediction.normal, naming)
-    bodies = [move_end_plates(b, *end_plate_offsets(card, b.name)) for b in bodies]
+    edge = card.postprocess.get("end_plate_edge")
+    settings = EdgeSettings(edge) if edge else None
+    bodies = [place_end_plates(b, end_plate_offsets(card, b.name),
+                               image_edges(b, series, prediction.normal, settings) if settings else (None, None),
+                               settings) for b in bodies]
     return LevelReference(**prediction.info, bodies=tuple(bodies), problems=tuple(problems),
                           disc_mm=_disc_height(bodies))
 
@@ -875,6 +882,76 @@ def move_end_plates(body: Body, superior_mm: float, inferior_mm: float) -> Body:
     crosses the spine's axis (:func:`inference.training.vertebrae_eval.calibrate`)."""
     return replace(body, superior=body.superior - superior_mm * body.superior_normal,
                    inferior=body.inferior + inferior_mm * body.inferior_normal)
+
+
+def image_edges(body: Body, series: SeriesImage, normal: np.ndarray, settings: EdgeSettings
+                ) -> tuple[float | None, float | None]:
+    """Where the image itself shows the body's end plates (:mod:`inference.end_plate_edge`).
+
+    Parameters
+    ----------
+    body : Body
+        As the model found it (end plates before any offset).
+    series : SeriesImage
+        The sagittal series; the frame of its largest stack nearest the body's centroid is used.
+    normal : numpy.ndarray
+        ``(3,)`` unit normal of the sagittal frames.
+    settings : EdgeSettings
+
+    Returns
+    -------
+    superior, inferior : float or None
+        mm outwards from each end-plate centre along its normal where the intensity rises most
+        steeply into the disc (before the card's offset), or None where the image cannot say.
+    """
+    stack = max(series.stacks, key=len)
+    nearest = min(stack, key=lambda i: abs(float((body.centroid - np.asarray(series.geometry[i].centre))
+                                                 @ np.asarray(series.geometry[i].normal))))
+    frame, image = series.geometry[nearest], series.frames[nearest]
+    edges = []
+    for superior, centre, plate_normal in ((True, body.superior, body.superior_normal),
+                                           (False, body.inferior, body.inferior_normal)):
+        across = _unit(np.cross(plate_normal, normal))
+        profile = end_plate_profile(image, frame, centre, plate_normal, across, superior)
+        edges.append(edge_position(profile, settings)[0])
+    return edges[0], edges[1]
+
+
+def place_end_plates(body: Body, model_offsets: tuple[float, float], edges: tuple[float | None, float | None],
+                     settings: EdgeSettings | None) -> Body:
+    """The end plates used: the model's, moved by its offsets, averaged with the image's edges.
+
+    Parameters
+    ----------
+    body : Body
+        As the model found it.
+    model_offsets : tuple of float
+        ``(superior, inferior)`` mm into the body (:func:`end_plate_offsets`, :func:`move_end_plates`).
+    edges : tuple of (float or None)
+        From :func:`image_edges`, mm outwards from the model's end plates.
+    settings : EdgeSettings or None
+        The card's ``postprocess.end_plate_edge``; None: the model's end plates alone.
+
+    Returns
+    -------
+    Body
+        Each end-plate centre moved along its normal to ``(1 - w) * model + w * (edge - offset)``
+        with the card's weight ``w``, where the image gives an edge within ``max_move_mm`` of the
+        model's end plate; elsewhere the model's end plate with its offset.
+    """
+    moved = move_end_plates(body, *model_offsets)
+    if settings is None:
+        return moved
+    placed = {}
+    for side, edge, offset, outwards in (("superior", edges[0], settings.offset_mm[0], 1.0),
+                                         ("inferior", edges[1], settings.offset_mm[1], -1.0)):
+        if edge is None or abs(edge - offset) > settings.max_move_mm:
+            continue
+        plate_normal = getattr(body, f"{side}_normal")
+        from_image = getattr(body, side) + outwards * (edge - offset) * plate_normal
+        current = getattr(moved, side)
+        placed[side] = current + settings.weight * float((from_image - current) @ plate_normal) * plate_normal
+    return replace(moved, **placed)
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,11 @@ from tests.studies import require_data, vertebrae_files, write_vertebrae_study
 
 #: Held-out subjects the data tests use: two of each set.
 SUBJECTS = ("myosegmentum-07", "myosegmentum-34", "zukic-10", "zukic-19")
-#: Share of axial slices that must get the right level: 429/465 = 0.923 measured through DICOM with
-#: model 1.0.0, the axis through the bodies' centroids and the card's end-plate offsets (420/465 =
-#: 0.903 before; README "Vertebral levels"); the 95 % aimed at is not reached (end plates found
-#: about 1 mm off at random, see there).
-MIN_LEVEL_ACCURACY = 0.91
+#: Share of axial slices that must get the right level: 442/465 = 0.951 measured through DICOM with
+#: model 1.0.0, the axis through the bodies' centroids and end plates half the model's (with its
+#: offsets), half the image's steepest rise into the disc (429/465 = 0.923 with the model's alone;
+#: README "Vertebral levels"). The margin allows a few slices on end plates to flip on other CPUs.
+MIN_LEVEL_ACCURACY = 0.94
 
 
 # ---------------------------------------------------------------------------------------------

@@ -361,13 +361,20 @@ def robustness(card: ModelCard, volumes: Sequence[Volume]) -> dict[str, dict[str
     variants of the held-out sagittal series: the field of view cut through the middle of the
     second labelled body (L2 in MyoSegmenTUM, T12 in Zukic) or through the middle of L5,
     contrast inverted inside the body, 3 mm slices with 1.2 mm pixels, 5 mm slices with 0.5 mm
-    pixels. ``{variant: {dataset: [right, bodies]}}``."""
+    pixels. ``{variant: {dataset: [right, bodies]}}``; for the variants that see the whole spine
+    also ``"axial slices": [right, slices]``, the axial slices at their true level
+    (:func:`axial_accuracy`)."""
     from inference.vertebrae import find_bodies as find
 
     out: dict[str, dict[str, list[int]]] = {}
 
-    def count(variant: str, volume: Volume, frames, images) -> None:
+    def count(variant: str, volume: Volume, frames, images, axial: bool = False) -> None:
         reference = find(series_of(frames, images, "1.2.3.4.1", "1.2.3.4", "sag"), card)
+        if axial:
+            tally = out.setdefault(variant, {}).setdefault("axial slices", [0, 0])
+            for counts in axial_accuracy(volume, reference).values():
+                tally[0] += counts["right"]
+                tally[1] += counts["slices"]
         middle = frames[len(frames) // 2]
         tally = out.setdefault(variant, {}).setdefault(volume.dataset, [0, 0])
         for vertebra, centroid in volume.bodies().items():
@@ -390,10 +397,11 @@ def robustness(card: ModelCard, volumes: Sequence[Volume]) -> dict[str, dict[str
             top = np.percentile(image, 99)
             body = ndimage.gaussian_filter(image, 3) > 0.1 * top
             inverted.append(np.where(body, top - image, image).clip(0).astype(np.float32))
-        count("contrast inverted inside the body", volume, frames, inverted)
+        count("contrast inverted inside the body", volume, frames, inverted, axial=True)
         for thickness, pixel, n in ((3.0, 1.2, 17), (5.0, 0.5, 11)):
             thin = sagittal_frames(volume, n_slices=n, spacing_between=thickness * 1.1, thickness=thickness, pixel=pixel)
-            count(f"{thickness:g} mm slices, {pixel:g} mm pixels", volume, thin, render(volume, thin, thickness))
+            count(f"{thickness:g} mm slices, {pixel:g} mm pixels", volume, thin, render(volume, thin, thickness),
+                  axial=True)
     return out
 
 
@@ -499,8 +507,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "where the slice cuts the line through the labelled bodies' centroids (inference.training."
             "vertebrae_eval.true_level; the runtime maps a slice through the same axis, the line through the "
             "found bodies' centroids); slices whose level the labels cannot give are not counted. The naming "
-            f"method ({chosen!r}) and the end-plate offsets of the card's postprocess were measured on the "
-            f"{len(chosen_for_calibration)} training subjects (calibrate), never on these."),
+            f"method ({chosen!r}), the end-plate offsets of the card's postprocess and the offsets and weight of "
+            "its end_plate_edge (the image's steepest rise into the disc, averaged with the model's end plate) "
+            f"were measured on the {len(chosen_for_calibration)} training subjects (calibrate), never on these."),
         "dice": dice,
         "naming": naming_shares,
         "naming_method": chosen,
@@ -519,6 +528,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 SWEEP_TILTS = (("straight", 0.0), ("tilted", 15.0), ("tilted -12", -12.0))
 #: Errors larger than this (mm) are a body missed or misnamed, not an end plate off.
 END_PLATE_OUTLIER_MM = 4.0
+#: Shares of the image's edge in the end plates tried by :func:`calibrate` (0: the model's alone).
+EDGE_WEIGHTS = (0.0, 0.5, 1.0)
 
 
 def boundary_errors(volume: Volume, reference, step: float = 0.25) -> list[tuple[str, str, str, float]]:
@@ -578,19 +589,37 @@ def calibrate(card: ModelCard, volumes: Sequence[Volume], min_per_vertebra: int 
     missed or misnamed) are left out. The naming method is the one that names most bodies right
     on these subjects (ties: ``consensus``). The axial slices of these subjects at their true
     level without and with the offsets are recorded too.
+
+    The image's own edges (:func:`inference.vertebrae.image_edges`) are measured the same way:
+    ``postprocess.end_plate_edge.offset_mm`` are their median errors, and its ``weight`` (the
+    edge's share in the end plate used, :func:`inference.vertebrae.place_end_plates`) is the one
+    of :data:`EDGE_WEIGHTS` that puts most of these subjects' axial slices at their true level;
+    with weight 0 the card has no ``end_plate_edge``.
     """
-    from inference.vertebrae import LevelReference, end_plate_offsets, move_end_plates
+    from inference.end_plate_edge import EdgeSettings
+    from inference.vertebrae import LevelReference, end_plate_offsets, image_edges, place_end_plates
 
     bare = ModelCard.from_dict({**card.to_dict(), "postprocess": {}}, card.path)
     hits = {n: 0 for n in ("consensus", "direct", "order")}
     cases = []
     errors: list[tuple[str, str, str, float]] = []
+    edge_errors: list[tuple[str, str, str, float]] = []
+    unoffset = EdgeSettings({"offset_mm": [0.0, 0.0], "weight": 1.0})
     for volume in volumes:
-        reference = find_bodies(sagittal_series(volume), bare, naming="consensus")
+        series = sagittal_series(volume)
+        reference = find_bodies(series, bare, naming="consensus")
         frames = [f for frames in axial_geometries(volume).values() for f in frames]
         truths = [true_level(volume, f) for f in frames]
-        cases.append((reference, [(f, t) for f, (t, known) in zip(frames, truths) if known]))
+        edges = {b.name: image_edges(b, series, np.asarray(series.geometry[0].normal), unoffset)
+                 for b in reference.bodies}
+        cases.append((reference, [(f, t) for f, (t, known) in zip(frames, truths) if known], edges))
         errors += boundary_errors(volume, reference)
+        # The image's edges alone (no offset), measured the same way, where the image gave one.
+        at_edges = LevelReference(**{**reference.__dict__, "bodies": tuple(
+            place_end_plates(b, (0.0, 0.0), edges[b.name], unoffset) for b in reference.bodies)})
+        found = {(b.name, side) for b in reference.bodies
+                 for side, edge in zip(("superior", "inferior"), edges[b.name]) if edge is not None}
+        edge_errors += [e for e in boundary_errors(volume, at_edges) if (e[0], e[1]) in found]
         result = evaluate_subject(volume, bare)
         for naming in hits:
             hits[naming] += sum(result[naming]["named_right"].values())
@@ -613,29 +642,46 @@ def calibrate(card: ModelCard, volumes: Sequence[Volume], min_per_vertebra: int 
                 row[k] = median(values)
         if vertebra in measured:
             by_vertebra[vertebra] = row
-    postprocess = {"end_plate_offset_mm": offsets, "end_plate_offset_mm_by_vertebra": by_vertebra}
+    postprocess: dict = {"end_plate_offset_mm": offsets, "end_plate_offset_mm_by_vertebra": by_vertebra}
     offset_card = ModelCard.from_dict({**card.to_dict(), "postprocess": postprocess}, card.path)
+    kept_edges = [e for e in edge_errors if abs(e[3]) <= END_PLATE_OUTLIER_MM]
+    edge_sides = {side: [e[3] for e in kept_edges if e[1] == side] for side in ("superior", "inferior")}
+    edge_offsets = [median(edge_sides["superior"]), median(edge_sides["inferior"])]
 
-    def right(moved_card: ModelCard | None) -> int:
+    def right(moved_card: ModelCard | None, weight: float = 0.0) -> int:
+        settings = EdgeSettings({"offset_mm": edge_offsets, "weight": weight}) if weight else None
         count = 0
-        for reference, frames in cases:
+        for reference, frames, edges in cases:
             if moved_card is not None:
                 reference = LevelReference(**{**reference.__dict__, "bodies": tuple(
-                    move_end_plates(b, *end_plate_offsets(moved_card, b.name)) for b in reference.bodies)})
+                    place_end_plates(b, end_plate_offsets(moved_card, b.name), edges[b.name], settings)
+                    for b in reference.bodies)})
             assign = level_of(reference)
             count += sum(assign(f) == t for f, t in frames)
         return count
 
-    total = sum(len(frames) for _, frames in cases)
+    # The edge's share: the weight that puts most training slices at their level (ties: the smaller).
+    by_weight = {weight: right(offset_card, weight) for weight in EDGE_WEIGHTS}
+    weight = max(EDGE_WEIGHTS, key=lambda w: (by_weight[w], -w))
+    if weight:
+        postprocess["end_plate_edge"] = {"offset_mm": edge_offsets, "weight": weight,
+                                         "min_disc_to_body": unoffset.min_disc_to_body,
+                                         "max_move_mm": unoffset.max_move_mm}
+    total = sum(len(frames) for _, frames, _ in cases)
     naming = max(hits, key=lambda n: (hits[n], n == "consensus"))
     sides = {side: [e[3] for e in kept if e[1] == side] for side in ("superior", "inferior")}
+
+    def spread(values: list[float]) -> dict:
+        return {"median": round(float(np.median(values)), 2), "mean": round(float(np.mean(values)), 2),
+                "sd": round(float(np.std(values)), 2), "n": len(values)}
+
     return {"naming": naming, **postprocess,
             "calibration": {"subjects": [v.name for v in volumes], "axial_slices": total,
                             "right_without_offsets": right(None), "right_with_offsets": right(offset_card),
+                            "right_by_edge_weight": {str(w): n for w, n in by_weight.items()},
                             "bodies_named_right": hits,
-                            "end_plate_errors_mm": {
-                                side: {"median": round(float(np.median(v)), 2), "mean": round(float(np.mean(v)), 2),
-                                       "sd": round(float(np.std(v)), 2), "n": len(v)} for side, v in sides.items()},
+                            "end_plate_errors_mm": {side: spread(v) for side, v in sides.items()},
+                            "edge_errors_mm": {side: spread(v) for side, v in edge_sides.items()},
                             "end_plate_errors_by_vertebra_mm": measured,
                             "outliers_left_out": len(errors) - len(kept),
                             "note": ("measured on training subjects only (inference.training.vertebrae_eval."
@@ -644,7 +690,10 @@ def calibrate(card: ModelCard, volumes: Sequence[Volume], min_per_vertebra: int 
                                      "the model's body ends beyond the labelled one where the slice crosses "
                                      "the axis through the centroids); offsets = median errors, rounded to "
                                      "0.25 mm; [median, mean, count] per vertebra and side; errors over 4 mm "
-                                     "(a body missed or misnamed) left out")}}
+                                     "(a body missed or misnamed) left out. edge_errors_mm: the same for the "
+                                     "image's edges alone (inference.end_plate_edge, no offset), where the image "
+                                     "gave one; end_plate_edge.offset_mm = their median errors; its weight is the "
+                                     "one of right_by_edge_weight that puts most of these slices at their level")}}
 
 
 def make_card(path: Path, onnx: Path, version: str, training: dict, accuracy: dict,
