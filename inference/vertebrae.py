@@ -732,8 +732,9 @@ def bodies_from_labels(classes: np.ndarray, positions: np.ndarray, voxel_ml: flo
         return [], ["only fragments of vertebral bodies were found on the sagittal series"]
     candidates, split = _split_tall(candidates, classes, normal, voxel_ml)
     if split:
-        problems.append(f"{split} bodies much taller than the others were split at their narrowest "
-                        "point (two bodies joined across a disc)")
+        joined = "a body much taller than the others was" if split == 1 else \
+            f"{split} bodies much taller than the others were"
+        problems.append(f"{joined} split at the narrowest point (two bodies joined across a disc)")
         candidates = [c for c in candidates if c.volume_ml >= max(MIN_BODY_ML, MIN_BODY_SHARE * median)]
     centroids = np.array([c.points.mean(axis=0) for c in candidates])
     # Order along the spine: head to foot (LPS z decreasing), which holds for any lumbar spine

@@ -1306,7 +1306,7 @@ def _level_notes(rows: Sequence[LevelRow], whole: Sequence[Assessment]) -> list[
     elif other:
         lines.append(f"Reference: no level compared ({'; '.join(other)}){tail}.")
     elif versions:
-        lines.append(f"Reference: {versions[0]} has no per-level values for these levels "
+        lines.append(f"Reference: {versions[0]} has no per-level values for these muscles at these levels "
                      f"({rows[0].level} to {rows[-1].level}){tail}.")
     if any(value.alert for row in rows for value in row.values.values()):
         lines.append("Red: fat z at least 2, or grade 2 or severe multifidus fat over the level.")

@@ -212,6 +212,9 @@ def test_a_study_with_only_a_sagittal_series_lists_it_with_its_reason(tmp_path: 
     study, _ = studies.write_vertebrae_study(tmp_path / "in", SUBJECT, seed="wiring/sagittal-only", axial=())
     run = _process(tmp_path / "in", tmp_path / "out")
     assert run.returncode == 3, run.stdout + run.stderr  # nothing selected
+    # The progress line and the closing summary count the study alike.
+    assert "(0 done, 0 failed, 1 nothing selected)" in run.stderr, run.stderr
+    assert "0 done (0 by an earlier run), 0 failed, 1 with nothing selected" in run.stdout, run.stdout
     with open(tmp_path / "out" / "skipped_and_failed.csv", newline="") as handle:
         (row,) = list(csv.DictReader(handle))
     assert row["series"] == study.series["sagittal"].series_uid and row["outcome"] == "skipped"

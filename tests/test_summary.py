@@ -511,7 +511,8 @@ def test_eight_levels_give_one_compact_page(levelled_eight) -> None:
     # One note for the whole page: no per-level reference; the whole series is the comparison.
     (page,) = _level_pages(study.assessments)
     assert [len(rows) for _, rows in page.tables] == [8]
-    assert any(line.startswith("Reference: reference-v1 has no per-level values for these levels (L1-L2 to L5); "
+    assert any(line.startswith("Reference: reference-v1 has no per-level values for these muscles at these "
+                               "levels (L1-L2 to L5); "
                                "all slices together are compared with the L1-L5 reference") for line in page.general)
     if os.environ.get("MUSCLENODE_SAVE_PAGES"):
         from PIL import Image

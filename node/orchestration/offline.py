@@ -213,7 +213,7 @@ def _run(paths: Sequence[Path], out: Path, config: Config, model: ModelSpec, mod
                                inputs=inputs, out=str(out), model=model, model_id=model_id,
                                software_version=__version__, rules=config.rules, settings=settings))
     summary.resumed = len(records)
-    bar = ProgressBar("processing", len(tasks), ("done", "failed"), stream=stream)
+    bar = ProgressBar("processing", len(tasks), ("done", "failed", "nothing selected"), stream=stream)
     try:
         for index, record, error in executor.map_unordered(run_study, tasks, resources=resources):
             if error is not None:
@@ -223,13 +223,20 @@ def _run(paths: Sequence[Path], out: Path, config: Config, model: ModelSpec, mod
             for text in record.get("tracebacks", []):
                 log.error("study %s failed:\n%s", record["study"], text)
             records[record["study"]] = record
-            bar.advance(**{"failed" if record["status"] in ("failed", "partial") else "done": 1})
+            bar.advance(**{_progress_counter(record["status"]): 1})
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
         bar.close()
     _tally(records, summary)
     _write_tables(out, records)
+
+
+def _progress_counter(status: str) -> str:
+    """The progress bar's counter of a study's status, the same three the closing summary counts."""
+    if status in ("failed", "partial"):
+        return "failed"
+    return "nothing selected" if status == "nothing selected" else "done"
 
 
 def _tally(records: dict[str, dict[str, Any]], summary: CohortSummary) -> None:
