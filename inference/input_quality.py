@@ -163,7 +163,45 @@ def body_mask(pixels: np.ndarray) -> np.ndarray:
         return np.zeros(values.shape, dtype=bool)
     sizes = np.bincount(labels.reshape(-1))[1:]
     largest = labels == (int(np.argmax(sizes)) + 1)
-    return ndi.binary_fill_holes(ndi.binary_closing(largest, iterations=2))
+    # Closed and filled on the component's bounding box with a background margin wider than the
+    # closing reaches (_CLOSING + 1 pixels): outside it every pixel stays background, so the
+    # result is the same as on the whole slice, on a third to a half of the pixels.
+    rows, columns = np.nonzero(largest.any(axis=1))[0], np.nonzero(largest.any(axis=0))[0]
+    margin = _CLOSING + 1
+    box = (slice(max(0, int(rows[0]) - margin), int(rows[-1]) + margin + 1),
+           slice(max(0, int(columns[0]) - margin), int(columns[-1]) + margin + 1))
+    body = np.zeros(values.shape, dtype=bool)
+    body[box] = _fill_holes(ndi.binary_closing(largest[box], iterations=_CLOSING))
+    return body
+
+
+#: Iterations of the body mask's closing (3 x 3 cross): gaps up to about 4 pixels are bridged.
+_CLOSING = 2
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes(mask)``, the same pixels, found faster.
+
+    A hole is a 4-connected background component that does not touch the edge of the array;
+    labelling the background once finds them all, where ``binary_fill_holes`` dilates from the
+    edge until nothing changes (one pass over the array per pixel of the longest path).
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        bool ``(rows, columns)``.
+
+    Returns
+    -------
+    numpy.ndarray
+        bool, same shape: ``mask`` with its holes set.
+    """
+    background, _ = ndi.label(~mask)  # 4-connected, as binary_fill_holes' default structure
+    outside = np.zeros(int(background.max()) + 1, dtype=bool)
+    for edge in (background[0], background[-1], background[:, 0], background[:, -1]):
+        outside[edge] = True
+    outside[0] = False  # label 0 is the mask itself
+    return ~outside[background]
 
 
 def _neighbour_correlation(values: np.ndarray) -> float:
