@@ -32,7 +32,7 @@ from inference.set_aside import SetAsideKind
 __all__ = [
     "BAND_DEPTH_MM", "INTERIOR_DEPTH_MM", "MAX_PIXEL_SPACING_MM", "MIN_BAND_RATIO", "MIN_BODY_FRACTION",
     "MIN_NEIGHBOUR_CORRELATION", "SKIN_FRACTION",
-    "SliceQuality", "body_mask", "fat_suppression_problem", "measure_series", "measure_slice",
+    "SliceQuality", "body_mask", "body_masks", "fat_suppression_problem", "measure_series", "measure_slice",
     "resolution_problem", "set_aside_unusable", "slice_problem",
 ]
 
@@ -214,7 +214,8 @@ def _neighbour_correlation(values: np.ndarray) -> float:
     return (corr(values[:, :-1], values[:, 1:]) + corr(values[:-1, :], values[1:, :])) / 2
 
 
-def measure_slice(pixels: np.ndarray, pixel_spacing: Sequence[float]) -> SliceQuality:
+def measure_slice(pixels: np.ndarray, pixel_spacing: Sequence[float], body: np.ndarray | None = None
+                  ) -> SliceQuality:
     """Body fraction, neighbour correlation and subcutaneous band ratio of one slice.
 
     Parameters
@@ -223,9 +224,14 @@ def measure_slice(pixels: np.ndarray, pixel_spacing: Sequence[float]) -> SliceQu
         ``(rows, columns)`` greyscale values.
     pixel_spacing : sequence of 2 float
         ``(between rows, between columns)`` in mm, as PixelSpacing.
+    body : numpy.ndarray, optional
+        ``body_mask(pixels)`` when already found (bool, same shape): not found again.
     """
     values = np.nan_to_num(np.asarray(pixels, dtype=np.float64))
-    body = body_mask(values)
+    # The slice is measured with NaN as 0: the mask of the pixels as they are is that same mask
+    # only when every pixel is finite (always, for pixels read from integer Pixel Data).
+    if body is None or not np.isfinite(pixels).all():
+        body = body_mask(values)
     fraction = float(body.mean()) if body.size else 0.0
     correlation = _neighbour_correlation(values) if min(values.shape) > 1 else 0.0
     ratio = None
@@ -287,13 +293,26 @@ def fat_suppression_problem(qualities: Sequence[SliceQuality]) -> str | None:
     return None
 
 
-def measure_series(series: SeriesImage) -> list[SliceQuality]:
-    """:func:`measure_slice` of every frame of a series, in frame order."""
-    return [measure_slice(pixels, geometry.pixel_spacing) for pixels, geometry in zip(series.frames, series.geometry)]
+def body_masks(series: SeriesImage) -> list[np.ndarray]:
+    """:func:`body_mask` of every frame of a series, in frame order: found once for the input
+    checks (:func:`set_aside_unusable`) and the segmentation's
+    (:func:`inference.segmentation_quality.check_segmentation`), which both need it."""
+    return [body_mask(pixels) for pixels in series.frames]
 
 
-def set_aside_unusable(series: SeriesImage) -> tuple[SeriesImage, list[SliceQuality]]:
+def measure_series(series: SeriesImage, bodies: Sequence[np.ndarray] | None = None) -> list[SliceQuality]:
+    """:func:`measure_slice` of every frame of a series, in frame order; ``bodies`` are the frames'
+    :func:`body_masks` when already found."""
+    bodies = bodies if bodies is not None else [None] * len(series.frames)
+    return [measure_slice(pixels, geometry.pixel_spacing, body)
+            for pixels, geometry, body in zip(series.frames, series.geometry, bodies)]
+
+
+def set_aside_unusable(series: SeriesImage, bodies: Sequence[np.ndarray] | None = None
+                       ) -> tuple[SeriesImage, list[SliceQuality]]:
     """Set aside the blank and noise-only frames of a series (:func:`slice_problem`).
+
+    ``bodies`` are the frames' :func:`body_masks` when already found.
 
     Returns
     -------
@@ -311,7 +330,7 @@ def set_aside_unusable(series: SeriesImage) -> tuple[SeriesImage, list[SliceQual
     """
     drop = {}
     kept: list[SliceQuality] = []
-    for index, quality in enumerate(measure_series(series)):
+    for index, quality in enumerate(measure_series(series, bodies)):
         problem = slice_problem(quality)
         if problem is None:
             kept.append(quality)
