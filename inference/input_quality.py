@@ -214,6 +214,34 @@ def _neighbour_correlation(values: np.ndarray) -> float:
     return (corr(values[:, :-1], values[:, 1:]) + corr(values[:-1, :], values[1:, :])) / 2
 
 
+def _depth_mm(body: np.ndarray, pixel_spacing: Sequence[float]) -> np.ndarray:
+    """Depth below the skin line: each body pixel's distance (mm) to the nearest pixel outside the
+    body, the slice's edge counting as outside; 0 outside the body.
+
+    Parameters
+    ----------
+    body : numpy.ndarray
+        bool ``(rows, columns)``, not all False.
+    pixel_spacing : sequence of 2 float
+        ``(between rows, between columns)`` in mm.
+
+    Returns
+    -------
+    numpy.ndarray
+        float64, same shape.
+    """
+    # The distance transform runs on the body's bounding box with a ring of one background
+    # pixel: the nearest outside pixel of a body pixel is never beyond that ring (moving it onto
+    # the ring brings it no further in either direction), so the depths are those of the whole
+    # slice, on the box's pixels only.
+    rows, columns = np.nonzero(body.any(axis=1))[0], np.nonzero(body.any(axis=0))[0]
+    box = (slice(int(rows[0]), int(rows[-1]) + 1), slice(int(columns[0]), int(columns[-1]) + 1))
+    depth = np.zeros(body.shape, dtype=np.float64)
+    depth[box] = ndi.distance_transform_edt(np.pad(body[box], 1),
+                                            sampling=tuple(float(s) for s in pixel_spacing))[1:-1, 1:-1]
+    return depth
+
+
 def measure_slice(pixels: np.ndarray, pixel_spacing: Sequence[float], body: np.ndarray | None = None
                   ) -> SliceQuality:
     """Body fraction, neighbour correlation and subcutaneous band ratio of one slice.
@@ -236,8 +264,7 @@ def measure_slice(pixels: np.ndarray, pixel_spacing: Sequence[float], body: np.n
     correlation = _neighbour_correlation(values) if min(values.shape) > 1 else 0.0
     ratio = None
     if body.any():
-        # Depth below the skin line in mm: the distance to the nearest pixel outside the body.
-        depth = ndi.distance_transform_edt(np.pad(body, 1), sampling=tuple(float(s) for s in pixel_spacing))[1:-1, 1:-1]
+        depth = _depth_mm(body, pixel_spacing)
         band = values[body & (depth >= BAND_DEPTH_MM[0]) & (depth <= BAND_DEPTH_MM[1])]
         interior = values[body & (depth > INTERIOR_DEPTH_MM)]
         if band.size >= 50 and interior.size >= 50:
