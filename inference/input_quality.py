@@ -242,8 +242,8 @@ def _depth_mm(body: np.ndarray, pixel_spacing: Sequence[float]) -> np.ndarray:
     return depth
 
 
-def measure_slice(pixels: np.ndarray, pixel_spacing: Sequence[float], body: np.ndarray | None = None
-                  ) -> SliceQuality:
+def measure_slice(pixels: np.ndarray, pixel_spacing: Sequence[float], body: np.ndarray | None = None,
+                  band_ratio: bool = True) -> SliceQuality:
     """Body fraction, neighbour correlation and subcutaneous band ratio of one slice.
 
     Parameters
@@ -254,6 +254,10 @@ def measure_slice(pixels: np.ndarray, pixel_spacing: Sequence[float], body: np.n
         ``(between rows, between columns)`` in mm, as PixelSpacing.
     body : numpy.ndarray, optional
         ``body_mask(pixels)`` when already found (bool, same shape): not found again.
+    band_ratio : bool
+        False: the band ratio is not measured (None), for an image whose fat signal is not
+        checked (:func:`fat_suppression_problem`); its distance transform is most of a slice's
+        measuring once the body is found.
     """
     values = np.nan_to_num(np.asarray(pixels, dtype=np.float64))
     # The slice is measured with NaN as 0: the mask of the pixels as they are is that same mask
@@ -262,16 +266,21 @@ def measure_slice(pixels: np.ndarray, pixel_spacing: Sequence[float], body: np.n
         body = body_mask(values)
     fraction = float(body.mean()) if body.size else 0.0
     correlation = _neighbour_correlation(values) if min(values.shape) > 1 else 0.0
-    ratio = None
-    if body.any():
-        depth = _depth_mm(body, pixel_spacing)
-        band = values[body & (depth >= BAND_DEPTH_MM[0]) & (depth <= BAND_DEPTH_MM[1])]
-        interior = values[body & (depth > INTERIOR_DEPTH_MM)]
-        if band.size >= 50 and interior.size >= 50:
-            inside = float(np.median(interior))
-            if inside > 0:
-                ratio = float(np.median(band)) / inside
-    return SliceQuality(fraction, correlation, ratio)
+    return SliceQuality(fraction, correlation, _band_ratio(values, body, pixel_spacing) if band_ratio else None)
+
+
+def _band_ratio(values: np.ndarray, body: np.ndarray, pixel_spacing: Sequence[float]) -> float | None:
+    """:attr:`SliceQuality.band_ratio` of one slice: ``values`` (float64) and ``body`` (bool) are
+    ``(rows, columns)``, ``pixel_spacing`` in mm."""
+    if not body.any():
+        return None
+    depth = _depth_mm(body, pixel_spacing)
+    band = values[body & (depth >= BAND_DEPTH_MM[0]) & (depth <= BAND_DEPTH_MM[1])]
+    interior = values[body & (depth > INTERIOR_DEPTH_MM)]
+    if band.size < 50 or interior.size < 50:
+        return None
+    inside = float(np.median(interior))
+    return float(np.median(band)) / inside if inside > 0 else None
 
 
 def slice_problem(quality: SliceQuality) -> tuple[SetAsideKind, str] | None:
@@ -327,19 +336,21 @@ def body_masks(series: SeriesImage) -> list[np.ndarray]:
     return [body_mask(pixels) for pixels in series.frames]
 
 
-def measure_series(series: SeriesImage, bodies: Sequence[np.ndarray] | None = None) -> list[SliceQuality]:
+def measure_series(series: SeriesImage, bodies: Sequence[np.ndarray] | None = None,
+                   band_ratio: bool = True) -> list[SliceQuality]:
     """:func:`measure_slice` of every frame of a series, in frame order; ``bodies`` are the frames'
-    :func:`body_masks` when already found."""
+    :func:`body_masks` when already found, ``band_ratio`` as for :func:`measure_slice`."""
     bodies = bodies if bodies is not None else [None] * len(series.frames)
-    return [measure_slice(pixels, geometry.pixel_spacing, body)
+    return [measure_slice(pixels, geometry.pixel_spacing, body, band_ratio)
             for pixels, geometry, body in zip(series.frames, series.geometry, bodies)]
 
 
-def set_aside_unusable(series: SeriesImage, bodies: Sequence[np.ndarray] | None = None
-                       ) -> tuple[SeriesImage, list[SliceQuality]]:
+def set_aside_unusable(series: SeriesImage, bodies: Sequence[np.ndarray] | None = None,
+                       band_ratio: bool = True) -> tuple[SeriesImage, list[SliceQuality]]:
     """Set aside the blank and noise-only frames of a series (:func:`slice_problem`).
 
-    ``bodies`` are the frames' :func:`body_masks` when already found.
+    ``bodies`` are the frames' :func:`body_masks` when already found; ``band_ratio`` False leaves
+    the band ratio unmeasured (:func:`measure_slice`), where the fat signal is not checked.
 
     Returns
     -------
@@ -357,7 +368,7 @@ def set_aside_unusable(series: SeriesImage, bodies: Sequence[np.ndarray] | None 
     """
     drop = {}
     kept: list[SliceQuality] = []
-    for index, quality in enumerate(measure_series(series, bodies)):
+    for index, quality in enumerate(measure_series(series, bodies, band_ratio)):
         problem = slice_problem(quality)
         if problem is None:
             kept.append(quality)

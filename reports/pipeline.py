@@ -216,7 +216,8 @@ def read_and_measure(item: WorkItem, settings: PipelineSettings = PipelineSettin
                      ) -> tuple[dict[str, SeriesImage], dict[str, list[SliceQuality]], dict[FrameKey, np.ndarray]]:
     """Read a work item's series, with what cannot be used set aside, what
     :func:`inference.input_quality.measure_slice` measured on the frames each series kept (not for
-    a fat-fraction map, and not for Dixon components, whose pairing may drop more frames), and
+    a fat-fraction map, and not for Dixon components, whose pairing may drop more frames; the band
+    ratio only of the image :func:`check_inputs` checks for fat signal), and
     the body mask (:func:`inference.input_quality.body_mask`) of every frame measured, by frame,
     for the segmentation's quality control.
 
@@ -254,7 +255,8 @@ def read_and_measure(item: WorkItem, settings: PipelineSettings = PipelineSettin
         masks = body_masks(series)
         bodies.update(zip(_frame_keys(series), masks))
         try:
-            images[role], qualities[role] = set_aside_unusable(series, masks)
+            images[role], qualities[role] = set_aside_unusable(
+                series, masks, band_ratio=item.kind in FAT_SIGNAL_KINDS and role == item.kind)
         except GeometryError as exc:
             raise PipelineError(f"the {role} series holds no anatomy to measure: {exc}") from exc
     if item.kind == "dixon" and len(images) > 1:
