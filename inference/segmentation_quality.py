@@ -184,8 +184,8 @@ class _Outline:
     depth: float  # 0 front of the body, 1 back
 
 
-def slice_features(labels: np.ndarray, image: np.ndarray, frame, meaning: Mapping[int, Any]
-                   ) -> tuple[float, dict[int, _Outline]]:
+def slice_features(labels: np.ndarray, image: np.ndarray, frame, meaning: Mapping[int, Any],
+                   body: np.ndarray | None = None) -> tuple[float, dict[int, _Outline]]:
     """The body's area (mm2) and each outline's area, centroid, share inside the body and depth.
 
     Parameters
@@ -196,8 +196,10 @@ def slice_features(labels: np.ndarray, image: np.ndarray, frame, meaning: Mappin
         The frame's own pixels, ``(rows, columns)``.
     frame : inference.geometry.FrameGeometry
     meaning : mapping of int to LabelInfo
+    body : numpy.ndarray, optional
+        ``body_mask(image)`` when already found (bool, ``(rows, columns)``).
     """
-    body = body_mask(image)
+    body = body_mask(image) if body is None else body
     pixel_area = float(frame.pixel_spacing[0] * frame.pixel_spacing[1])
     body_area = float(body.sum()) * pixel_area
     if body.any():
@@ -300,7 +302,8 @@ def _continuity_problems(index: int, stack: Sequence[int], outlines: Sequence[Ma
     return problems
 
 
-def check_segmentation(label_map: LabelMap, images: Sequence[np.ndarray] | None = None) -> SegmentationQuality:
+def check_segmentation(label_map: LabelMap, images: Sequence[np.ndarray] | None = None,
+                       bodies: Sequence[np.ndarray | None] | None = None) -> SegmentationQuality:
     """Judge every frame of a label map and give the series its verdict (module notes).
 
     Parameters
@@ -312,6 +315,9 @@ def check_segmentation(label_map: LabelMap, images: Sequence[np.ndarray] | None 
         The pixels the body outline is found on, one ``(rows, columns)`` array per frame (default:
         the label map's series; give the in-phase or fat image of a Dixon group, whose body
         outline is sharper than the water image's).
+    bodies : sequence of numpy.ndarray or None, optional
+        :func:`inference.input_quality.body_mask` of each image where already found (the input
+        checks found it on the series' own frames), None where not.
 
     Returns
     -------
@@ -323,8 +329,11 @@ def check_segmentation(label_map: LabelMap, images: Sequence[np.ndarray] | None 
         raise ValueError(f"{len(images)} images for a label map of {len(series)} frames")
     required = [(muscle, side) for muscle in PARASPINAL for side in Side
                 if any(i.muscle == muscle and i.side == side for i in label_map.meaning.values())]
-    features = [slice_features(labels, image, geometry, label_map.meaning)
-                for labels, image, geometry in zip(label_map.labels, images, series.geometry)]
+    bodies = list(bodies) if bodies is not None else [None] * len(images)
+    if len(bodies) != len(images):
+        raise ValueError(f"{len(bodies)} body masks for {len(images)} images")
+    features = [slice_features(labels, image, geometry, label_map.meaning, body)
+                for labels, image, geometry, body in zip(label_map.labels, images, series.geometry, bodies)]
     outlines = [f[1] for f in features]
     uncertainty = label_map.uncertainty or tuple({} for _ in series.geometry)
     kept_sides = {f.frame_index for f in label_map.findings if f.action != "swapped"}

@@ -15,14 +15,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from inference.card import KIND_VERTEBRAE, CardError, ModelCard
 from inference.geometry import (MAX_OBLIQUE_DEGREES, GeometryError, LabelMap, SeriesImage, pair_components,
                                 read_series, set_aside_off_plane)
-from inference.input_quality import (SliceQuality, fat_suppression_problem, measure_series, resolution_problem,
-                                     set_aside_unusable)
+from inference.input_quality import (SliceQuality, body_masks, fat_suppression_problem, measure_series,
+                                     resolution_problem, set_aside_unusable)
 from inference.patient import PatientContext, from_dataset
 from inference.registry import DEFAULT_LEVEL_MODEL, load_model
 from inference.runtime import Segmenter
@@ -203,11 +204,22 @@ def read_inputs(item: WorkItem, settings: PipelineSettings = PipelineSettings())
     return read_and_measure(item, settings)[0]
 
 
+#: A frame of a source series: (SOP Instance UID, frame number).
+FrameKey = tuple[str, int]
+
+
+def _frame_keys(series: SeriesImage) -> list[FrameKey]:
+    return [(g.sop_instance_uid, g.frame_number) for g in series.geometry]
+
+
 def read_and_measure(item: WorkItem, settings: PipelineSettings = PipelineSettings(),
-                     ) -> tuple[dict[str, SeriesImage], dict[str, list[SliceQuality]]]:
-    """Read a work item's series, with what cannot be used set aside, and what
+                     ) -> tuple[dict[str, SeriesImage], dict[str, list[SliceQuality]], dict[FrameKey, np.ndarray]]:
+    """Read a work item's series, with what cannot be used set aside, what
     :func:`inference.input_quality.measure_slice` measured on the frames each series kept (not for
-    a fat-fraction map, and not for Dixon components, whose pairing may drop more frames).
+    a fat-fraction map, and not for Dixon components, whose pairing may drop more frames; the band
+    ratio only of the image :func:`check_inputs` checks for fat signal), and
+    the body mask (:func:`inference.input_quality.body_mask`) of every frame measured, by frame,
+    for the segmentation's quality control.
 
     Every series loses the images :func:`inference.geometry.read_series` cannot use, its
     off-plane frames (:func:`inference.geometry.set_aside_off_plane`) and its blank and
@@ -224,6 +236,7 @@ def read_and_measure(item: WorkItem, settings: PipelineSettings = PipelineSettin
     """
     images: dict[str, SeriesImage] = {}
     qualities: dict[str, list[SliceQuality]] = {}
+    bodies: dict[FrameKey, np.ndarray] = {}
     for role, files in item.series_files.items():
         try:
             series = read_series(files)
@@ -239,8 +252,11 @@ def read_and_measure(item: WorkItem, settings: PipelineSettings = PipelineSettin
             # in-phase), are checked instead.
             images[role] = series
             continue
+        masks = body_masks(series)
+        bodies.update(zip(_frame_keys(series), masks))
         try:
-            images[role], qualities[role] = set_aside_unusable(series)
+            images[role], qualities[role] = set_aside_unusable(
+                series, masks, band_ratio=item.kind in FAT_SIGNAL_KINDS and role == item.kind)
         except GeometryError as exc:
             raise PipelineError(f"the {role} series holds no anatomy to measure: {exc}") from exc
     if item.kind == "dixon" and len(images) > 1:
@@ -253,7 +269,7 @@ def read_and_measure(item: WorkItem, settings: PipelineSettings = PipelineSettin
         reason = too_few_frames(len(series), series.set_aside, f"the {role} series")
         if reason is not None:
             raise PipelineError(reason)
-    return images, qualities
+    return images, qualities, bodies
 
 
 #: Kinds of work item whose segmented image must carry fat signal: a weighted series measured by
@@ -311,7 +327,7 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
 
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    images, qualities = read_and_measure(item, settings)
+    images, qualities, bodies = read_and_measure(item, settings)
     check_inputs(item, images, qualities)
     set_aside = tuple(dict.fromkeys(entry for series in images.values() for entry in series.set_aside))
     if set_aside:
@@ -335,7 +351,7 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
                             "series: there is nothing to measure")
 
     started = time.perf_counter()
-    quality = check_segmentation(label_map)
+    quality = check_segmentation(label_map, bodies=[bodies.get(key) for key in _frame_keys(label_map.series)])
     if quality.verdict is not Verdict.PASS:
         log.warning("segmentation quality %s: %s", quality.verdict, quality.reason)
     seconds["quality"] = time.perf_counter() - started
