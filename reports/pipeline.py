@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -183,19 +184,20 @@ def find_level_reference(files: Sequence[Path], settings: PipelineSettings = Pip
         return None, f"the sagittal reference series cannot be used: {exc}"
 
 
-def series_levels(item: WorkItem, series: SeriesImage, settings: PipelineSettings = PipelineSettings()
-                  ) -> SeriesLevels:
+def series_levels(item: WorkItem, series: SeriesImage, settings: PipelineSettings = PipelineSettings(),
+                  found: tuple[LevelReference | None, str | None] | None = None) -> SeriesLevels:
     """The vertebral level of every frame of ``series`` from the work item's sagittal reference.
 
-    No frame has a level, with the reason, when the item has no reference, the reference cannot
-    be read or the level model finds no body on it, or the two series do not share a frame of
-    reference (:func:`inference.vertebrae.assign_levels`).
+    ``found`` is :func:`find_level_reference`'s answer for the item's reference when already
+    known. No frame has a level, with the reason, when the item has no reference, the reference
+    cannot be read or the level model finds no body on it, or the two series do not share a frame
+    of reference (:func:`inference.vertebrae.assign_levels`).
     """
     if item.level_bodies is not None:
         return assign_levels(item.level_bodies, series)
     if not item.level_reference:
         return assign_levels(None, series, item.level_reason or NO_LEVEL_REFERENCE)
-    reference, problem = find_level_reference(item.level_reference, settings)
+    reference, problem = found if found is not None else find_level_reference(item.level_reference, settings)
     return assign_levels(reference, series, problem)
 
 
@@ -320,6 +322,18 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
         When the series cannot be read or segmented, or is refused by :func:`check_inputs`
         before inference; never transient for bad input.
     """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="level-reference") as pool:
+        # The level model looks at the sagittal series while the axial series is read and
+        # segmented: ONNX Runtime and scipy release the GIL, so on a second core its time is not
+        # added to the job's (bench/level_job.py). Its answer is the same either way.
+        found = (pool.submit(find_level_reference, item.level_reference, settings)
+                 if item.level_bodies is None and item.level_reference else None)
+        return _run(item, segmenter, settings, software_version, found)
+
+
+def _run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings, software_version: str,
+         found: Future | None) -> Results:
+    """:func:`run`, with the level reference being found in ``found`` (None: found here if any)."""
     from reports.outline_report import build_outline_report
     from reports.seg import build_segmentations, source_datasets_of
     from reports.sr import build_report
@@ -360,7 +374,7 @@ def run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings = Pipel
     source = next(iter(label_map.series.source_paths.values()), None)
     source_dataset = dcmread(source, stop_before_pixels=True) if source else None
     patient = item.patient or (from_dataset(source_dataset) if source_dataset is not None else from_dataset(Dataset()))
-    levels = series_levels(item, label_map.series, settings)
+    levels = series_levels(item, label_map.series, settings, found.result() if found is not None else None)
     if levels.reason:
         log.info("no vertebral levels: %s", levels.reason)
     by_frame = {(g.sop_instance_uid, g.frame_number): level
