@@ -1056,6 +1056,15 @@ class SeriesLevels:
     reference: LevelReference | None = field(default=None, repr=False)
     offsets_mm: tuple[float | None, ...] = ()
 
+    @property
+    def problems(self) -> tuple[str, ...]:
+        """What the level reference reported about the bodies behind these levels (bodies named by
+        their order against the model's own names, bodies split, gaps): () when no frame has a
+        level (then :attr:`reason` says why) or nothing was seen."""
+        if self.reference is None or self.reason is not None:
+            return ()
+        return tuple(self.reference.problems)
+
     def key_frames(self, excluded: Collection[int] = ()) -> dict[str, int]:
         """Each disc level's key slice, the frame nearest the middle of the disc that quality
         control kept (:func:`disc_key_frames`): disc level name to frame index."""
@@ -1064,13 +1073,14 @@ class SeriesLevels:
 
     def as_dict(self) -> dict:
         """A JSON-compatible summary (job record, study record): the reference series, the
-        frames per level in head-to-foot order of first appearance, and the reason for none."""
+        frames per level in head-to-foot order of first appearance, the reason for none, and the
+        reference's :attr:`problems`."""
         counts: dict[str, int] = {}
         for level in self.levels:
             key = level or "none"
             counts[key] = counts.get(key, 0) + 1
         return {"reference": None if self.reference is None else self.reference.series_instance_uid,
-                "reason": self.reason, "frames": counts}
+                "reason": self.reason, "frames": counts, "problems": list(self.problems)}
 
 
 def assign_levels(reference: LevelReference | None, series: SeriesImage, reason: str | None = None) -> SeriesLevels:

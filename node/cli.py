@@ -211,12 +211,13 @@ def _process(args: argparse.Namespace) -> int:
             if problem["outcome"] in ("failed", "not measured"):
                 print(f"{problem['outcome']} {problem['study']} {problem['description'] or problem['series']}:"
                       f" {problem['reason']}")
-    print(f"{summary.files} files ({summary.not_dicom} not DICOM) in {summary.studies} studies:"
+    print(f"{summary.files} files ({summary.not_dicom} not DICOM) in {summary.studies} "
+          f"{'study' if summary.studies == 1 else 'studies'}:"
           f" {summary.done} done ({summary.resumed} by an earlier run), {summary.failed} failed,"
           f" {summary.nothing_selected} with nothing selected; {summary.groups - summary.groups_failed} of"
           f" {summary.groups} selected groups processed ({summary.groups_not_measured} not measured: their"
           f" segmentation failed quality control), {summary.skipped_series} series skipped")
-    print(f"results, cohort, studies and skipped_and_failed tables (CSV, Parquet) and process.log in {out}")
+    print(f"results, cohort, slices, studies and skipped_and_failed tables (CSV, Parquet) and process.log in {out}")
     if summary.exit_code:
         print(f"exit status {summary.exit_code}: {EXIT_CODES[summary.exit_code]}")
     return summary.exit_code
@@ -805,7 +806,10 @@ def _reference_calibrate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="musclenode", description=__doc__)
+    parser = argparse.ArgumentParser(prog="musclenode", description=(
+        "A DICOM node that segments the lumbar paraspinal muscles on MRI and measures their cross-sectional "
+        "area, volume and fat per vertebral level; results go back as DICOM SEG, a TID 1500 SR and summary "
+        "pages."))
     parser.add_argument("--version", action="version", version=f"musclenode {__version__}")
     parser.add_argument(
         "-c", "--config", help="TOML configuration file (default: $MUSCLENODE_CONFIG, else embedded defaults)"

@@ -37,10 +37,12 @@ class Assessment:
     severe: Grade | None
     levels: str | None
     levels_note: str | None
+    #: What the level reference reported about its bodies (see :func:`assess`), on every group.
+    levels_problems: tuple[str, ...] = ()
 
 
 def _levels(metrics: MuscleMetrics, assume_levels: str | None, levels_known: Sequence[str],
-            levels_reason: str | None = None) -> tuple[str | None, str | None]:
+            levels_reason: str | None = None, levels_problems: Sequence[str] = ()) -> tuple[str | None, str | None]:
     if metrics.level != ALL_LEVELS:
         return metrics.level, None
     if assume_levels is None:
@@ -48,9 +50,11 @@ def _levels(metrics: MuscleMetrics, assume_levels: str | None, levels_known: Seq
     if levels_known:
         # Per-level rows are used for the level groups where the reference has that level; this
         # group is the fallback over the whole series, and says so.
-        return assume_levels, (f"levels identified ({levels_known[0]} to {levels_known[-1]}): each level is "
-                               f"compared where the reference has that level; all slices together are compared "
-                               f"with the {assume_levels} reference")
+        # What the level reference saw that may make a level wrong travels with the levels.
+        warns = f"; the level reference reports: {'; '.join(levels_problems)}" if levels_problems else ""
+        return assume_levels, (f"levels identified ({levels_known[0]} to {levels_known[-1]}){warns}: each level "
+                               f"is compared where the reference has that level; all slices together are "
+                               f"compared with the {assume_levels} reference")
     why = f" ({levels_reason})" if levels_reason else ""
     return assume_levels, (
         f"vertebral levels of the slices were not identified{why}; the whole series is compared with the "
@@ -66,6 +70,7 @@ def assess(
     table: ReferenceTable | None = None,
     site: SiteReference | None = None,
     levels_reason: str | None = None,
+    levels_problems: Sequence[str] = (),
 ) -> list[Assessment]:
     """Compare every muscle group's fat and area with the reference, and grade its fat.
 
@@ -84,12 +89,16 @@ def assess(
     levels_reason : str, optional
         Why the slices have no levels (no sagittal series, another frame of reference), stated
         in the note of the whole-series comparison.
+    levels_problems : sequence of str
+        What the level reference reported about its bodies (named by their order, split, gaps:
+        :attr:`inference.vertebrae.SeriesLevels.problems`), stated in that note when levels are
+        known.
     """
     assessments = []
     levels_known = sorted({item.level for item in metrics if item.level != ALL_LEVELS},
                           key=lambda level: Level.parse(level).order)
     for item in metrics:
-        levels, note = _levels(item, assume_levels, levels_known, levels_reason)
+        levels, note = _levels(item, assume_levels, levels_known, levels_reason, levels_problems)
         fat_comparison = grade = severe = None
         if item.fat is not None and item.fat.mean_percent is not None:
             fat_comparison = compare(
@@ -103,5 +112,6 @@ def assess(
             item.mean_csa_mm2, method=csa_method, muscle=item.muscle, measurement="csa_mm2",
             levels=levels, patient=patient, table=table, site=site,
         )
-        assessments.append(Assessment(item, fat_comparison, csa_comparison, grade, severe, levels, note))
+        assessments.append(Assessment(item, fat_comparison, csa_comparison, grade, severe, levels, note,
+                                      tuple(levels_problems) if levels_known else ()))
     return assessments

@@ -384,7 +384,7 @@ def _run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings, softw
         metrics = measure(label_map, _fat_source(item.kind, images, settings), level_of=level_of,
                           exclude=quality.excluded_frames, key_frames=levels.key_frames(quality.excluded_frames))
         assessments = assess(metrics, patient, assume_levels=settings.assume_levels, site=settings.site_reference,
-                             levels_reason=levels.reason)
+                             levels_reason=levels.reason, levels_problems=levels.problems)
     else:  # no number leaves the node: the SR and summary say "not measured" and why
         metrics, assessments = [], []
     seconds["measure"] = time.perf_counter() - started

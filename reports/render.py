@@ -1310,6 +1310,10 @@ def _level_notes(rows: Sequence[LevelRow], whole: Sequence[Assessment]) -> list[
                      f"({rows[0].level} to {rows[-1].level}){tail}.")
     if any(value.alert for row in rows for value in row.values.values()):
         lines.append("Red: fat z at least 2, or grade 2 or severe multifidus fat over the level.")
+    problems = next((a.levels_problems for a in items if a.levels_problems), ())
+    if problems:
+        lines.append(f"Levels: the level reference reports {'; '.join(problems)}. Check the levels on the sagittal "
+                     "series.")
     return lines
 
 

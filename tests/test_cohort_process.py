@@ -221,6 +221,8 @@ def test_one_broken_study_among_good_ones(tmp_path: Path) -> None:
     kept = {s.study_uid: (inside / s.study_uid / "study.json").stat().st_mtime_ns for s in good}
     again = _process(str(tmp_path / "in"), "--out", str(inside), "--workers", "0")
     assert again.returncode == 1 and "(2 by an earlier run)" in again.stdout, again.stdout
+    assert "processing (2 done by an earlier run): 1/1 (0 done, 1 failed, 0 nothing selected)" in again.stderr, \
+        again.stderr
     assert "19 files (1 not DICOM) in 3 studies" in again.stdout
     assert {uid: (inside / uid / "study.json").stat().st_mtime_ns for uid in kept} == kept
     assert _csv(inside / "cohort.csv") == rows

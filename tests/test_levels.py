@@ -192,6 +192,19 @@ def test_end_plate_offsets_per_vertebra_from_the_card():
     assert end_plate_offsets(bare, "L3") == (0.0, 0.0)
 
 
+def test_series_levels_carry_the_reference_problems():
+    from inference.vertebrae import SeriesLevels
+
+    reference = _reference([_body("L3", 0.0), _body("L4", -40.0)])
+    reference = LevelReference(**{**reference.__dict__, "problems": ("gap between L4 and L5",)})
+    levels = SeriesLevels("1.2.3", ("L3", None), None, reference, (0.0, None))
+    assert levels.problems == ("gap between L4 and L5",)
+    assert levels.as_dict()["problems"] == ["gap between L4 and L5"]
+    # No level given (another frame of reference, say): the reason is what counts, not the problems.
+    unused = SeriesLevels("1.2.3", (None, None), "another frame of reference", reference)
+    assert unused.problems == () and unused.as_dict()["problems"] == []
+
+
 def test_gap_gives_no_level_between():
     assign = level_of(_reference([_body("L2", 0.0), _body("L4", -80.0)]))
     assert assign(_axial(-15)) == "L2"

@@ -656,3 +656,18 @@ def test_an_excluded_image_is_shown_among_the_disc_key_slices(levelled) -> None:
     # The three discs' key slices and the excluded image, head to foot.
     assert pages[0].frames == (21, 15, 11, 2)
     assert _near(pages[0].pixels, (255, 90, 90), tolerance=10).sum() > 500  # its alert frame and title
+
+
+def test_what_the_level_reference_reports_travels_with_the_levels(levelled) -> None:
+    """A level named by its order, a body split: the whole-series note (SR and summary) and the
+    per-level page say so; without levels nothing is said."""
+    problems = ("1 of 6 bodies were named by their order: the model's own name for them differed",)
+    assessments = assess(levelled.metrics, levelled.patient, levels_problems=problems)
+    whole = next(a for a in assessments if a.metrics.level == "all" and a.levels_note)
+    assert f"the level reference reports: {problems[0]}" in whole.levels_note
+    assert all(a.levels_problems == problems for a in assessments)
+    (page,) = _level_pages(assessments)
+    assert f"Levels: the level reference reports {problems[0]}. Check the levels on the sagittal series." \
+        in page.general
+    (plain,) = _level_pages(levelled.assessments)
+    assert not any(line.startswith("Levels:") for line in plain.general)

@@ -213,7 +213,9 @@ def _run(paths: Sequence[Path], out: Path, config: Config, model: ModelSpec, mod
                                inputs=inputs, out=str(out), model=model, model_id=model_id,
                                software_version=__version__, rules=config.rules, settings=settings))
     summary.resumed = len(records)
-    bar = ProgressBar("processing", len(tasks), ("done", "failed", "nothing selected"), stream=stream)
+    # Studies an earlier run finished are not among the tasks: the description says how many.
+    described = f"processing ({summary.resumed} done by an earlier run)" if summary.resumed else "processing"
+    bar = ProgressBar(described, len(tasks), ("done", "failed", "nothing selected"), stream=stream)
     try:
         for index, record, error in executor.map_unordered(run_study, tasks, resources=resources):
             if error is not None:

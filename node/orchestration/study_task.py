@@ -242,7 +242,8 @@ def _process(task: StudyTask, record: dict[str, Any]) -> None:
     reference_files = tuple(files[reference_uid]) if reference_uid else ()
     bodies, no_reference = (find_level_reference(reference_files, task.settings) if reference_files
                             else (None, NO_LEVEL_REFERENCE))
-    record["level_reference"] = {"series": reference_uid, "reason": no_reference}
+    record["level_reference"] = {"series": reference_uid, "reason": no_reference,
+                                 "problems": list(bodies.problems) if bodies is not None else []}
     for members in groups.values():
         item = WorkItem(kind=members[0].kind, series_files={d.role: files[d.series_uid] for d in members},
                         level_reference=reference_files if bodies is not None else (), level_reason=no_reference,
