@@ -20,6 +20,7 @@ from inference.patient import PatientContext
 from inference.vocabulary import FatMethod, Level
 
 from .grades import Grade, fat_infiltration_grade, severe_multifidus_fat
+from .levels import is_slice_level
 from .metrics import ALL_LEVELS, MuscleMetrics
 from .reference import Comparison, ReferenceTable, SiteReference, compare
 
@@ -95,7 +96,8 @@ def assess(
         known.
     """
     assessments = []
-    levels_known = sorted({item.level for item in metrics if item.level != ALL_LEVELS},
+    # The slices' own levels (a body or a disc), not the ranges measured over several of them.
+    levels_known = sorted({item.level for item in metrics if is_slice_level(item.level)},
                           key=lambda level: Level.parse(level).order)
     for item in metrics:
         levels, note = _levels(item, assume_levels, levels_known, levels_reason, levels_problems)

@@ -12,8 +12,48 @@ from __future__ import annotations
 from typing import Callable, Mapping
 
 from inference.geometry import FrameGeometry
+from inference.vocabulary import Level, vertebra_range
 
-__all__ = ["levels_by_height"]
+__all__ = ["LEVEL_RANGES", "is_slice_level", "levels_by_height", "range_members"]
+
+#: Ranges of vertebral bodies measured as groups of their own, beside each level, when a series
+#: has slices at every body and disc of the range: the ranges the published references give their
+#: values over (reference-v1: L1-L5, Crawford et al. AJNR 2016; L3-L5, Sollmann et al. 2020; see
+#: reports/data/reference-v1-sources.csv). Named as those references name them: "L3-L5" is the
+#: bodies L3 to L5 and the discs between, never a disc.
+LEVEL_RANGES = ("L1-L5", "L3-L5")
+
+
+def is_slice_level(name: str) -> bool:
+    """Whether a group's level is a slice's level, one body or disc (``"L3"``, ``"L3-L4"``), not
+    a range of bodies (``"L3-L5"``, :data:`LEVEL_RANGES`) nor the whole series."""
+    try:
+        Level.parse(name)
+    except ValueError:
+        return False
+    return True
+
+
+def range_members(levels: str) -> tuple[str, ...]:
+    """The slice levels of a range of bodies, head to foot.
+
+    >>> range_members("L3-L5")
+    ('L3', 'L3-L4', 'L4', 'L4-L5', 'L5')
+
+    Raises
+    ------
+    ValueError
+        For text that is no range of vertebrae (:func:`inference.vocabulary.vertebra_range`), or
+        a range of under three bodies: "L3-L4" names the disc between them as a slice's level.
+    """
+    bodies = vertebra_range(levels)
+    if len(bodies) < 3:
+        raise ValueError(f"levels {levels!r}: a range of levels spans at least three bodies; "
+                         "two adjacent ones name the disc between them")
+    members = []
+    for upper in bodies[:-1]:
+        members += [Level(upper).name, Level(upper, disc=True).name]
+    return tuple(members + [Level(bodies[-1]).name])
 
 
 def levels_by_height(ranges: Mapping[str, tuple[float, float]]) -> Callable[[FrameGeometry], str | None]:

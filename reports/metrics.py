@@ -33,6 +33,7 @@ from inference.vocabulary import FatMethod, FatQuantity, Laterality, Muscle
 
 from .fat import cluster_fat, dixon_fat_fraction, erode, summarise_fraction, two_point_fat_fraction, vendor_fraction
 from .grades import CITATION_WESSELINK_2024, fat_unreliable_reason
+from .levels import range_members
 
 __all__ = ["ALL_LEVELS", "FatSource", "FatResult", "MuscleMetrics", "SliceArea", "measure"]
 
@@ -338,6 +339,7 @@ def measure(
     level_of: LevelAssigner | None = None,
     exclude: Collection[int] = (),
     key_frames: Mapping[str, int] | None = None,
+    level_ranges: Sequence[str] = (),
 ) -> list[MuscleMetrics]:
     """Metrics of every muscle in a label map, per side and both sides, overall and per level.
 
@@ -357,6 +359,12 @@ def measure(
         Each disc level's key slice, the frame nearest the middle of the disc
         (:meth:`inference.vertebrae.SeriesLevels.key_frames`): that level's metrics carry the
         muscle on that frame as ``key_slice`` (its cross-sectional area and fat there).
+    level_ranges : sequence of str
+        Ranges of bodies such as ``"L3-L5"`` (:data:`reports.levels.LEVEL_RANGES`) measured as
+        groups of their own, named so, where the series has a slice at every body and disc of
+        the range (:func:`reports.levels.range_members`; the frames quality control excluded
+        count for that, not for the metrics): the range's volume, mean CSA and fat, as the
+        published references measured them.
 
     Returns
     -------
@@ -372,6 +380,12 @@ def measure(
     for index, level in levels.items():
         if level and index not in excluded:
             groups.setdefault(level, []).append(index)
+    present = set(levels.values())
+    for levels_range in level_ranges:
+        members = range_members(levels_range)
+        frames = [i for i, level in levels.items() if level in members and i not in excluded]
+        if present.issuperset(members) and frames:
+            groups[levels_range] = frames
 
     results: list[MuscleMetrics] = []
     for muscle in Muscle:

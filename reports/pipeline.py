@@ -33,6 +33,7 @@ from inference.set_aside import SetAside, too_few_frames
 from inference.vertebrae import NO_LEVEL_REFERENCE, LevelReference, SeriesLevels, assign_levels, find_bodies
 from inference.vocabulary import DIXON_COMPONENTS, Contrast, FatMethod, Laterality
 from reports.assessment import Assessment, assess
+from reports.levels import LEVEL_RANGES
 from reports.metrics import ALL_LEVELS, FatSource, MuscleMetrics, measure
 from reports.reference import SiteReference
 from reports.uids import ResultIdentity
@@ -382,7 +383,8 @@ def _run(item: WorkItem, segmenter: Segmenter, settings: PipelineSettings, softw
     level_of = (lambda frame: by_frame.get((frame.sop_instance_uid, frame.frame_number))) if by_frame else None
     if quality.measured:
         metrics = measure(label_map, _fat_source(item.kind, images, settings), level_of=level_of,
-                          exclude=quality.excluded_frames, key_frames=levels.key_frames(quality.excluded_frames))
+                          exclude=quality.excluded_frames, key_frames=levels.key_frames(quality.excluded_frames),
+                          level_ranges=LEVEL_RANGES)
         assessments = assess(metrics, patient, assume_levels=settings.assume_levels, site=settings.site_reference,
                              levels_reason=levels.reason, levels_problems=levels.problems)
     else:  # no number leaves the node: the SR and summary say "not measured" and why

@@ -40,6 +40,7 @@ from inference.set_aside import describe_counts
 from inference.vocabulary import FatQuantity, Laterality, Level, Muscle, Side
 
 from .assessment import Assessment
+from .levels import is_slice_level
 from .metrics import ALL_LEVELS
 from .reference import Comparison
 
@@ -1293,6 +1294,10 @@ def _level_notes(rows: Sequence[LevelRow], whole: Sequence[Assessment]) -> list[
     fat = f"; fat %: {', '.join(m.description for m in methods)}" if methods else ""
     lines = [f"CSA mm\u00b2, mean over the level's slices{fat}. At a disc (blue rows): the values on its key slice, "
              "the image nearest the middle of the disc."]
+    ranges = [row.level for row in rows if not is_slice_level(row.level)]
+    if ranges:
+        lines.append(f"{', '.join(ranges)}: every slice from the first body to the last, discs included, as the "
+                     "published references measure over a range of levels.")
     comparisons = [a.fat for a in items if a.fat is not None]
     versions = sorted({c.reference_version for c in comparisons})
     fallback = next((a.levels for a in whole if a.levels), None)
@@ -1301,8 +1306,8 @@ def _level_notes(rows: Sequence[LevelRow], whole: Sequence[Assessment]) -> list[
     # Why a level was not compared when the reference does have that level (the patient, say).
     other = sorted({c.reason for c in comparisons if c.z is None and c.reason and not _no_level_reference(c)})
     if any(c.z is not None for c in comparisons):
-        lines.append(f"Fat z: against {versions[0]}'s values for that level (letters below); \u2014 where there "
-                     f"is none{tail}.")
+        lines.append(f"Fat z: against {versions[0]}'s values for that level or range (letters below); \u2014 where "
+                     f"there is none{tail}.")
     elif other:
         lines.append(f"Reference: no level compared ({'; '.join(other)}){tail}.")
     elif versions:

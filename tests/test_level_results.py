@@ -80,7 +80,7 @@ def test_cohort_rows_per_level_with_key_slices_of_the_discs(processed) -> None:
     levels = {r["level"] for r in rows}
     assert "all" in levels
     assert {"L2", "L3", "L4", "L2-L3", "L3-L4", "L4-L5"} <= levels, levels
-    assert levels <= BODIES | DISCS | {"all"}, levels
+    assert levels <= BODIES | DISCS | {"all", "L3-L5"}, levels
     slice_uids = set(study.series["water"].sop_instance_uids)
     for row in rows:
         if row["level"] in DISCS:
@@ -92,6 +92,25 @@ def test_cohort_rows_per_level_with_key_slices_of_the_discs(processed) -> None:
     sides = {(r["muscle"], r["side"]) for r in rows if r["level"] == "L3-L4"}
     assert {("multifidus", "left"), ("multifidus", "right"), ("erector_spinae", "left"),
             ("erector_spinae", "right")} <= sides, sides
+
+
+def test_a_range_of_levels_is_compared_with_the_reference_over_that_range(processed) -> None:
+    """The series covers L3 to L5 (bodies and discs), not L1: the group L3-L5 is measured (its
+    volume, CSA and fat over the range) and erector spinae is compared with reference-v1's rows
+    over L3-L5 (Sollmann 2020, the age band of this 34-year-old), the first comparison of levels with a published reference; the
+    multifidus has no reference over L3-L5 and says so."""
+    study, _, out = processed
+    rows = [r for r in _table(out, "cohort") if r["study"] == study.study_uid]
+    over = {(r["muscle"], r["side"]): r for r in rows if r["level"] == "L3-L5"}
+    assert not [r for r in rows if r["level"] == "L1-L5"]  # L1 is not covered
+    slices = [r for r in _table(out, "slices") if r["study"] == study.study_uid and r["muscle"] == "erector_spinae"
+              and r["side"] == "right" and r["level"] in {"L3", "L3-L4", "L4", "L4-L5", "L5"}]
+    erector = over[("erector_spinae", "right")]
+    assert int(erector["slices"]) == len(slices)
+    assert float(erector["volume_cm3"]) > 0
+    assert erector["fat_z"] and "erector_spinae fat_fraction_percent L3-L5" in erector["reference"], erector
+    assert not over[("multifidus", "right")]["fat_z"]
+    assert "over L3-L5" in over[("multifidus", "right")]["no_reference_reason"]
 
 
 def test_slices_csv_rows_carry_levels(processed) -> None:

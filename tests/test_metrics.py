@@ -12,7 +12,7 @@ from scipy.spatial.transform import Rotation
 from inference.card import LabelInfo
 from inference.geometry import FrameGeometry, LabelMap, SeriesImage, StudyInfo, group_stacks, read_series
 from reports.fat import cluster_fat, dixon_fat_fraction
-from reports.levels import levels_by_height
+from reports.levels import LEVEL_RANGES, levels_by_height, range_members
 from reports.metrics import FatSource, measure
 from tests import studies
 
@@ -142,6 +142,34 @@ def test_levels_group_the_slices() -> None:
     assert counts[("all", "left")] == 4 and counts[("L4", "left")] == 2 and counts[("L3", "left")] == 2
     with pytest.raises(ValueError, match="overlap"):
         levels_by_height({"L4": (0.0, 20.0), "L3": (10.0, 30.0)})
+
+
+def test_a_range_of_levels_is_a_group_only_where_every_body_and_disc_has_a_slice() -> None:
+    geometry = _oblique_stack(tilt_degrees=0, slices=6, step_mm=10.0, size=40, spacing=(1.0, 1.0))
+    labels = []
+    for frame in geometry:
+        label = np.zeros(frame.shape, np.uint8)
+        label[10:20, 25:35] = 3
+        labels.append(label)
+    image = [np.ones(g.shape, np.float32) for g in geometry]
+    label_map = LabelMap(_series(image, geometry), tuple(labels), MEANING)
+    heights = sorted(float(g.centre[2]) for g in geometry)
+    # Head to foot: L3, L3-L4, L4, L4-L5, L5, L5 (one slice each, two at L5).
+    names = ["L5", "L5", "L4-L5", "L4", "L3-L4", "L3"]
+    ranges = {name: (h - 1.0, h + 1.0) for h, name in zip(heights, names) if name != "L5"}
+    ranges["L5"] = (heights[0] - 1.0, heights[1] + 1.0)
+    level_of = levels_by_height(ranges)
+    results = {(m.level, m.side): m for m in measure(label_map, level_of=level_of, level_ranges=LEVEL_RANGES)}
+    assert results[("L3-L5", "left")].n_slices == 6
+    assert results[("L3-L5", "left")].volume_cm3 == pytest.approx(results[("all", "left")].volume_cm3)
+    assert ("L1-L5", "left") not in results  # L1 to L2-L3 have no slice
+    # A disc without a slice (L4-L5 not assigned): the range is not covered, so no group.
+    del ranges["L4-L5"]
+    gaps = {(m.level, m.side) for m in measure(label_map, level_of=levels_by_height(ranges), level_ranges=LEVEL_RANGES)}
+    assert ("L3-L5", "left") not in gaps and ("L4", "left") in gaps
+    assert range_members("L1-L5")[:3] == ("L1", "L1-L2", "L2")
+    with pytest.raises(ValueError, match="at least three bodies"):
+        range_members("L4-L5")
 
 
 def test_a_disc_level_carries_its_key_slice() -> None:

@@ -18,7 +18,7 @@ from inference.vocabulary import PRIVATE_SCHEME, FatMethod, Laterality, Muscle, 
 from reports import codes
 from reports.assessment import Assessment, assess
 from reports.equipment import ResultSeries
-from reports.levels import levels_by_height
+from reports.levels import LEVEL_RANGES, levels_by_height
 from reports.metrics import ALL_LEVELS, FatSource, measure
 from reports.seg import build_segmentation, segment_frames, segment_numbers, segments, source_datasets_of
 from reports.sr import RESEARCH_STATEMENT, build_report
@@ -364,17 +364,21 @@ def test_slice_levels_are_coded_as_the_body_or_the_disc() -> None:
 
 def _key_slice_report(results: Results, label_map: LabelMap | None = None, slice_levels: bool = True,
                       muscles: tuple[str, ...] = ("multifidus", "erector_spinae")):
-    """A report of TUM01's manual labels with levels L4 (slices 0-9), L3-L4 (10-12) and L3 (13-28)
-    by height, L3-L4's key slice the middle one; the assessments (of ``muscles``) and the report."""
+    """A report of TUM01's manual labels with levels L5 (slices 0-3), L4-L5 (4-5), L4 (6-9), L3-L4
+    (10-12) and L3 (13-28) by height, L3-L4's key slice the middle one, and the range L3-L5 (all of
+    them, as :data:`reports.levels.LEVEL_RANGES` has it); the assessments (of ``muscles``) and the
+    report."""
     tum01 = results.tum01
     label_map = label_map or tum01.label_map
     order = sorted(range(len(tum01.water)), key=lambda i: float(tum01.water.geometry[i].centre[2]))
     heights = [float(tum01.water.geometry[i].centre[2]) for i in order]
-    level_of = levels_by_height({"L4": (heights[0] - 1, heights[9] + 0.1), "L3-L4": (heights[10] - 0.1, heights[12] + 0.1),
+    level_of = levels_by_height({"L5": (heights[0] - 1, heights[3] + 0.1), "L4-L5": (heights[4] - 0.1, heights[5] + 0.1),
+                                 "L4": (heights[6] - 0.1, heights[9] + 0.1), "L3-L4": (heights[10] - 0.1, heights[12] + 0.1),
                                  "L3": (heights[13] - 0.1, heights[-1] + 1)}) if slice_levels else None
     patient = from_dataset(pydicom.dcmread(tum01.study.series["water"].files[0], stop_before_pixels=True))
     assessments = assess(measure(label_map, FatSource(water=tum01.water, fat=tum01.fat), level_of,
-                                 key_frames={"L3-L4": order[11]} if slice_levels else None), patient)
+                                 key_frames={"L3-L4": order[11]} if slice_levels else None,
+                                 level_ranges=LEVEL_RANGES), patient)
     assessments = [a for a in assessments if a.metrics.muscle in muscles]
     sources = source_datasets_of(label_map)
     seg = build_segmentation(label_map, *CARD, tum01.identity(), SOFTWARE, sources)
@@ -466,6 +470,10 @@ def test_the_report_with_key_slice_outlines_passes_dciodvfy_and_pixelmed(results
     # One muscle: the validator runs out of 4 GB on both muscles' groups with their level groups.
     _, small = _key_slice_report(results, LabelMap(tum01.water, labels, MEANING), muscles=("multifidus",))
     assert len(_outlines(small)) == 2
+    # The range L3-L5 is among the groups validated, its finding sites the bodies L3, L4 and L5.
+    ranges = {k: g for k, g in _by_tracking_id(_groups(small, "1501")).items() if k.endswith(", L3-L5")}
+    assert ranges and all([s.value for s in g.finding_sites][1:] == codes.level_sites("L3-L5")
+                          for g in ranges.values())
     path = results.tum01.folder / "key-slices-one-slice-sr.dcm"
     small.save_as(path)
     result = validators.sr_validator(path)
