@@ -128,16 +128,21 @@ def test_mirrored_input_swaps_left_and_right_results() -> None:
         -original[("multifidus", "both")].asymmetry_percent)
 
 
-def test_levels_group_the_slices() -> None:
-    geometry = _oblique_stack(tilt_degrees=0, slices=4, step_mm=10.0, size=40, spacing=(1.0, 1.0))
+def _square_stack(slices: int) -> LabelMap:
+    """``slices`` axial frames 10 mm apart, each with the same 10 x 10 mm left multifidus."""
+    geometry = _oblique_stack(tilt_degrees=0, slices=slices, step_mm=10.0, size=40, spacing=(1.0, 1.0))
     labels = []
     for frame in geometry:
         label = np.zeros(frame.shape, np.uint8)
         label[10:20, 25:35] = 3
         labels.append(label)
     image = [np.ones(g.shape, np.float32) for g in geometry]
+    return LabelMap(_series(image, geometry), tuple(labels), MEANING)
+
+
+def test_levels_group_the_slices() -> None:
     level_of = levels_by_height({"L4": (-1.0, 15.0), "L3": (15.0, 35.0)})
-    results = measure(LabelMap(_series(image, geometry), tuple(labels), MEANING), level_of=level_of)
+    results = measure(_square_stack(4), level_of=level_of)
     counts = {(m.level, m.side): m.n_slices for m in results}
     assert counts[("all", "left")] == 4 and counts[("L4", "left")] == 2 and counts[("L3", "left")] == 2
     with pytest.raises(ValueError, match="overlap"):
@@ -145,15 +150,8 @@ def test_levels_group_the_slices() -> None:
 
 
 def test_a_range_of_levels_is_a_group_only_where_every_body_and_disc_has_a_slice() -> None:
-    geometry = _oblique_stack(tilt_degrees=0, slices=6, step_mm=10.0, size=40, spacing=(1.0, 1.0))
-    labels = []
-    for frame in geometry:
-        label = np.zeros(frame.shape, np.uint8)
-        label[10:20, 25:35] = 3
-        labels.append(label)
-    image = [np.ones(g.shape, np.float32) for g in geometry]
-    label_map = LabelMap(_series(image, geometry), tuple(labels), MEANING)
-    heights = sorted(float(g.centre[2]) for g in geometry)
+    label_map = _square_stack(6)
+    heights = sorted(float(g.centre[2]) for g in label_map.series.geometry)
     # Head to foot: L3, L3-L4, L4, L4-L5, L5, L5 (one slice each, two at L5).
     names = ["L5", "L5", "L4-L5", "L4", "L3-L4", "L3"]
     ranges = {name: (h - 1.0, h + 1.0) for h, name in zip(heights, names) if name != "L5"}
