@@ -1294,6 +1294,7 @@ def _level_notes(rows: Sequence[LevelRow], whole: Sequence[Assessment]) -> list[
     fat = f"; fat %: {', '.join(m.description for m in methods)}" if methods else ""
     lines = [f"CSA mm\u00b2, mean over the level's slices{fat}. At a disc (blue rows): the values on its key slice, "
              "the image nearest the middle of the disc."]
+    slice_levels = [row.level for row in rows if is_slice_level(row.level)]
     ranges = [row.level for row in rows if not is_slice_level(row.level)]
     if ranges:
         lines.append(f"{', '.join(ranges)}: every slice from the first body to the last, discs included, as the "
@@ -1312,7 +1313,7 @@ def _level_notes(rows: Sequence[LevelRow], whole: Sequence[Assessment]) -> list[
         lines.append(f"Reference: no level compared ({'; '.join(other)}){tail}.")
     elif versions:
         lines.append(f"Reference: {versions[0]} has no per-level values for these muscles at these levels "
-                     f"({rows[0].level} to {rows[-1].level}){tail}.")
+                     f"({slice_levels[0]} to {slice_levels[-1]}){tail}.")
     if any(value.alert for row in rows for value in row.values.values()):
         lines.append("Red: fat z at least 2, or grade 2 or severe multifidus fat over the level.")
     problems = next((a.levels_problems for a in items if a.levels_problems), ())

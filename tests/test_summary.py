@@ -366,11 +366,11 @@ OTHER_MUSCLES = ((5, "psoas_major", "right", -22, -18, (9, 9)), (6, "psoas_major
                  (8, "quadratus_lumborum", "left", 58, 10, (7, 6)))
 
 
-def _levelled_study(ranges=None, keys=None, four_muscles=False):
+def _levelled_study(ranges=None, keys=None, four_muscles=False, level_ranges=()):
     """A synthetic Dixon stack of 29 axial images with multifidus and erector spinae on both sides
     (and psoas and quadratus lumborum with ``four_muscles``), its levels (:data:`LEVEL_RANGES`
-    unless ``ranges``) and disc key slices (:data:`DISC_KEYS` unless ``keys``), measured and
-    assessed."""
+    unless ``ranges``) and disc key slices (:data:`DISC_KEYS` unless ``keys``), measured (with
+    the groups of ``level_ranges`` too) and assessed."""
     from inference.card import LabelInfo
     from tests.test_metrics import MEANING, _ellipse_mask, _oblique_stack, _series
 
@@ -401,7 +401,8 @@ def _levelled_study(ranges=None, keys=None, four_muscles=False):
     fat_series = _series(fat, geometry, "1.2.3.200")
     label_map = LabelMap(water_series, tuple(labels), meaning)
     metrics = measure(label_map, FatSource(water=water_series, fat=fat_series),
-                      level_of=levels_by_height(ranges or LEVEL_RANGES), key_frames=keys or DISC_KEYS)
+                      level_of=levels_by_height(ranges or LEVEL_RANGES), key_frames=keys or DISC_KEYS,
+                      level_ranges=level_ranges)
     patient = from_dataset({})
     return SimpleNamespace(label_map=label_map, metrics=metrics, assessments=assess(metrics, patient),
                            patient=patient)
@@ -671,3 +672,16 @@ def test_what_the_level_reference_reports_travels_with_the_levels(levelled) -> N
         in page.general
     (plain,) = _level_pages(levelled.assessments)
     assert not any(line.startswith("Levels:") for line in plain.general)
+
+
+def test_a_range_row_comes_last_and_the_note_names_the_slice_levels() -> None:
+    """L3-L5 measured as a range (every body and disc between has slices): its row closes the
+    per-level page, a note says what it holds, and the page's reference note names the levels
+    the slices have (L1-L2 to L5), not "L1-L2 to L3-L5"."""
+    study = _levelled_study(EIGHT_LEVELS, EIGHT_KEYS, level_ranges=("L3-L5",))
+    # Multifidus alone: reference-v1 has no multifidus row over any of these levels or L3-L5.
+    (page,) = _level_pages([a for a in study.assessments if a.metrics.muscle is Muscle.MULTIFIDUS])
+    assert [row.level for _, rows in page.tables for row in rows][-1] == "L3-L5"
+    assert any(line.startswith("L3-L5: every slice from the first body to the last") for line in page.general)
+    assert any(line.startswith("Reference: reference-v1 has no per-level values for these muscles at these "
+                               "levels (L1-L2 to L5); ") for line in page.general), page.general
