@@ -577,15 +577,24 @@ def name_candidates(votes: Sequence[np.ndarray], naming: str = NAMING) -> tuple[
         direct = [int(np.argmax(v[1:]) + 1) for v in votes]
         disagree = [i for i in range(n) if direct[i] != offset + i]
         if disagree:
+            # Which bodies, so that a reader can look at them on the sagittal series.
+            which = ", ".join(f"{_vertebra_name(offset + i, classes)} (the model: {_vertebra_name(direct[i], classes)})"
+                              for i in disagree)
             problems.append(f"{len(disagree)} of {n} bodies were named by their order: the model's own "
-                            "name for them differed")
+                            f"name for them differed: {which}")
     else:
         raise ValueError(f"naming must be direct, order or consensus, not {naming!r}")
     names = [offset + i if 1 <= offset + i < classes else None for i in range(n)]
     unnamed = names.count(None)
     if unnamed:
-        problems.append(f"{unnamed} bodies outside T11-L5 were not named")
+        problems.append(f"{unnamed} {'body' if unnamed == 1 else 'bodies'} outside T11-L5 "
+                        f"{'was' if unnamed == 1 else 'were'} not named")
     return names, problems
+
+
+def _vertebra_name(index: int, classes: int) -> str:
+    """The name of vertebra index ``index`` (T11 = 1 ... L5 = 7), or "unnamed" outside T11-L5."""
+    return list(Vertebra)[index].value if 1 <= index < min(classes, len(Vertebra)) else "unnamed"
 
 
 def _height(points: np.ndarray, axis: np.ndarray) -> float:
