@@ -40,6 +40,7 @@ from scipy import ndimage
 
 from .card import KIND_VERTEBRAE, CardError, ModelCard
 from .end_plate_edge import EdgeSettings, edge_position, end_plate_profile
+from .operator_rewrite import prelu_as_leaky_relu
 from .geometry import FrameGeometry, SeriesImage
 from .vocabulary import Level, Vertebra
 
@@ -825,7 +826,9 @@ class _Session:
 
             if hashlib.sha256(model).hexdigest() != card.sha256:
                 raise CardError(f"model {card.name}: {card.onnx_path.name} does not match its card's sha256")
-            cls._cache[key] = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+            # The same floats, faster on the CPU (inference.operator_rewrite).
+            cls._cache[key] = ort.InferenceSession(prelu_as_leaky_relu(model).model, sess_options=options,
+                                                   providers=["CPUExecutionProvider"])
         return cls._cache[key]
 
 

@@ -575,14 +575,79 @@ def test_box_probabilities_go_onto_the_frame_as_the_whole_grid_would() -> None:
     whole[0] = 1.0
     whole[(slice(None),) + box] = inside
     expected = resample(whole, grid, frame, fill=background)
-    found = Segmenter._box_to_frame(inside, grid, box, frame, background)
+    found, _ = Segmenter._box_to_frame(inside, grid, box, frame, background)
     np.testing.assert_allclose(found, expected, atol=1e-6)
+
+
+def test_body_box_erosion_is_scipys() -> None:
+    """The body box reads the opening's bounding box off the erosion (see body_box): the erosion
+    is scipy's, and one pixel around its box is the opening's box, on random masks of all sizes."""
+    from scipy import ndimage
+
+    from inference.runtime import _eroded_3x3
+
+    rng = np.random.default_rng(11)
+    square = np.ones((3, 3), dtype=bool)
+    for _ in range(300):
+        mask = rng.random((int(rng.integers(1, 30)), int(rng.integers(1, 30)))) < rng.random()
+        eroded = _eroded_3x3(mask)
+        assert np.array_equal(eroded, ndimage.binary_erosion(mask, structure=square))
+        opened = ndimage.binary_opening(mask, structure=square)
+        assert opened.any() == eroded.any()
+        for axis in (0, 1) if opened.any() else ():
+            want = np.flatnonzero(opened.any(axis=1 - axis))
+            found = np.flatnonzero(eroded.any(axis=1 - axis))
+            assert (want[0], want[-1]) == (max(0, found[0] - 1), min(mask.shape[axis] - 1, found[-1] + 1))
+
+
+def test_probabilities_go_onto_the_frame_only_where_a_muscle_can_win() -> None:
+    """Where the box is certain background, nothing is resampled: the labels (argmax) are those
+    of resampling the whole grid, and so are the probabilities at every labelled pixel; outside
+    the returned region every frame pixel is background."""
+    from inference.resample import canonical_grid, resample
+
+    frame = _frame(*ORIENTATIONS["oblique"], size=(120, 140), spacing=(0.9, 1.3))
+    grid = canonical_grid(frame, ["P", "L"], [1.0, 1.0])
+    box = (slice(10, 90), slice(20, 120))
+    rng = np.random.default_rng(6)
+    inside = np.zeros((3, 80, 100), np.float32)
+    inside[0] = rng.uniform(0.6, 1.0, (80, 100))  # certain background ...
+    blob = (slice(30, 45), slice(50, 70))
+    inside[0][blob] = rng.uniform(0.0, 0.6, (15, 20))  # ... but for a blob where muscles can win
+    inside[1] = (1.0 - inside[0]) * rng.uniform(0.0, 1.0, (80, 100))
+    inside[2] = 1.0 - inside[0] - inside[1]
+    background = [1.0, 0.0, 0.0]
+    whole = np.zeros((3,) + grid.shape, np.float32)
+    whole[0] = 1.0
+    whole[(slice(None),) + box] = inside
+    expected = resample(whole, grid, frame, fill=background)
+    found, region = Segmenter._box_to_frame(inside, grid, box, frame, background)
+    labels = np.argmax(expected, axis=0)
+    assert labels.any() and np.array_equal(np.argmax(found, axis=0), labels)
+    np.testing.assert_allclose(found[:, labels > 0], expected[:, labels > 0], atol=1e-6)
+    outside = np.ones(frame.shape, bool)
+    outside[region] = False
+    assert outside.sum() > 0.5 * outside.size  # most of the frame was never resampled
+    assert np.all(found[0][outside] == 1.0) and np.all(labels[outside] == 0)
+    # A box that is background everywhere resamples nothing.
+    found, region = Segmenter._box_to_frame(np.stack([np.ones((80, 100), np.float32), *np.zeros((2, 80, 100),
+                                                                                             np.float32)]),
+                                            grid, box, frame, background)
+    assert np.all(found[0] == 1.0) and found[0][region].size == 0
+
+
+def test_windows_per_call_follow_the_tuning(side_card: ModelCard) -> None:
+    """One window a call on the CPU (faster per window there; each window's scores are the same
+    whatever its batch), four untuned, and what the caller asks for."""
+    assert Segmenter(side_card, providers="cpu", threads=1).batch_size == 1
+    assert Segmenter(side_card, providers="cpu", threads=1, tuning=UNTUNED).batch_size == 4
+    assert Segmenter(side_card, providers="cpu", threads=1, batch_size=3).batch_size == 3
 
 
 def test_sessions_do_not_spin_unless_untuned(side_card: ModelCard) -> None:
     tuned = Segmenter(side_card, providers="cpu", threads=2)
     untuned = Segmenter(side_card, providers="cpu", threads=2, tuning=UNTUNED)
-    assert tuned.tuning == Tuning(body_crop=True, spinning=False)
+    assert tuned.tuning == Tuning(body_crop=True, spinning=False, leaky_relu=True, cpu_windows_per_call=1)
     spinning = "session.intra_op.allow_spinning"
     assert tuned.session.get_session_options().get_session_config_entry(spinning) == "0"
     assert untuned.session.get_session_options().get_session_config_entry(spinning) == "1"
