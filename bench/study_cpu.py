@@ -5,8 +5,10 @@ through the whole pipeline (:func:`reports.pipeline.run`: read, segment, measure
 summary) in a process of its own per configuration:
 
 * **untuned**: :data:`inference.runtime.UNTUNED`, the runtime before the tuning (windows over
-  the whole canonical grid, spinning ONNX Runtime threads);
-* **tuned**: the default :class:`inference.runtime.Tuning` (body crop, no spinning);
+  the whole canonical grid, spinning ONNX Runtime threads, the model's PRelu as exported, four
+  windows a call, probabilities resampled over the whole frame);
+* **tuned**: the default :class:`inference.runtime.Tuning` (body crop, no spinning, PRelu run as
+  LeakyRelu, one window a call, probabilities resampled only where a muscle can win);
 * with ``--quantised`` also **tuned + int8**: the same with the card's model quantised to int8
   by ONNX Runtime's static QDQ quantisation, calibrated on the windows of this very study (the
   most favourable calibration there can be).

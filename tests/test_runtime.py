@@ -694,6 +694,27 @@ def test_body_crop_runs_fewer_windows_and_keeps_the_labels_on_the_real_study(tmp
         assert abs(moved) < 0.005, (value, moved)
 
 
+@pytest.mark.slow
+def test_exact_tuning_keeps_every_label_on_the_real_study(tmp_path: Path) -> None:
+    """LeakyRelu for PRelu and one window a call change no label of the real study's 29 slices
+    (nor the laterality findings), and the uncertainty only in float64 rounding."""
+    from inference.geometry import read_series
+
+    studies.require_data()
+    card = ModelCard.load(_REPO / "inference" / "models" / "musclenode-lumbar-dixon.json")
+    study = studies.write_dixon_study(tmp_path, seed="exact-tuning", contrasts=("water",))
+    series = read_series(study.series["water"].files)
+    found = {}
+    for name, tuning in (("as exported", Tuning(leaky_relu=False, cpu_windows_per_call=4)), ("tuned", Tuning())):
+        found[name] = Segmenter(card, providers="cpu", threads=1, tuning=tuning).segment(series)
+    before, after = found["as exported"], found["tuned"]
+    assert all(np.array_equal(a, b) for a, b in zip(before.labels, after.labels))
+    assert sum(int(np.count_nonzero(a)) for a in after.labels) > 0
+    assert before.findings == after.findings
+    for a, b in zip(before.uncertainty, after.uncertainty):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-12 for k in a)
+
+
 def test_runtime_imports_no_torch() -> None:
     code = ("import sys; import inference.runtime, inference.geometry, inference.registry, inference.resample, "
             "node.cli, node.service; assert 'torch' not in sys.modules, 'torch was imported'; "
