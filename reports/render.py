@@ -469,7 +469,8 @@ def _draw_slice(figure, rect, item: DisplaySlice, window, meaning, title: str, a
         mask = item.labels == value
         if not mask.any():
             continue
-        contours = ax.contour(x, y, mask.astype(np.float32), levels=[0.5],
+        rows, columns = _around(mask)
+        contours = ax.contour(x[columns], y[rows], mask[rows, columns].astype(np.float32), levels=[0.5],
                               colors=[_colour(info.muscle, info.side)], linewidths=2.4)
         contours.set_path_effects(_halo(4.2))
     x0, x1, y0, y1 = window
@@ -499,6 +500,15 @@ def _draw_slice(figure, rect, item: DisplaySlice, window, meaning, title: str, a
         for spine in ax.spines.values():
             spine.set_color(_ALERT)
             spine.set_linewidth(3)
+
+
+def _around(mask: np.ndarray) -> tuple[slice, slice]:
+    """Rows and columns of the mask's bounding box and one pixel more on each side (within the
+    image): the outline of the mask on this part alone is the same outline, vertex for vertex
+    (nothing crosses the zero border), at a fraction of the cost of contouring the whole image."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    columns = np.flatnonzero(mask.any(axis=0))
+    return (slice(max(rows[0] - 1, 0), rows[-1] + 2), slice(max(columns[0] - 1, 0), columns[-1] + 2))
 
 
 def _slice_title(series: SeriesImage, index: int, levels: dict[int, str], disc: str | None = None) -> str:
@@ -668,10 +678,11 @@ def _legend_block(figure, label_map: LabelMap, left: float, top: float) -> float
 
     _text_px(figure, left, top, "Outlines", fontsize=17, fontweight="bold")
     y = top + 38
-    values = set(label_map.values_present())
     present: dict[Muscle, set[Side]] = {}
     for value, info in label_map.meaning.items():
-        if value in values:
+        # Stops at the first frame with the value: far cheaper than LabelMap.values_present(),
+        # which takes np.unique of every frame.
+        if any((labels == value).any() for labels in label_map.labels):
             present.setdefault(info.muscle, set()).add(info.side)
     if not present:
         _text_px(figure, left, y, "No muscle was found in this series.", fontsize=15, color=_ALERT)

@@ -685,3 +685,23 @@ def test_a_range_row_comes_last_and_the_note_names_the_slice_levels() -> None:
     assert any(line.startswith("L3-L5: every slice from the first body to the last") for line in page.general)
     assert any(line.startswith("Reference: reference-v1 has no per-level values for these muscles at these "
                                "levels (L1-L2 to L5); ") for line in page.general), page.general
+
+
+def test_an_outline_contoured_around_its_mask_is_the_outline_of_the_whole_image() -> None:
+    """The key slices' outlines are contoured on the mask's bounding box and one pixel more
+    (render._around): the same paths, vertex for vertex, for a mask cut by the image's edge and
+    with a hole, and for one in a corner."""
+    from reports.render import _around, _figure
+
+    rows, columns = np.mgrid[:60, :80]
+    ring = np.abs(np.hypot(rows - 30, columns - 6) - 9) < 3  # cut by the left edge, with a hole
+    corner = (rows > 45) & (columns > 66)
+    x, y = (np.arange(80) + 0.5) * 0.8, (np.arange(60) + 0.5) * 1.2
+    ax = _figure().add_axes([0, 0, 1, 1])
+    for mask in (ring, corner):
+        part = _around(mask)
+        assert mask[part].size < mask.size and mask[part].sum() == mask.sum()
+        whole = ax.contour(x, y, mask.astype(np.float32), levels=[0.5]).get_paths()
+        cropped = ax.contour(x[part[1]], y[part[0]], mask[part].astype(np.float32), levels=[0.5]).get_paths()
+        assert [(p.vertices.tolist(), p.codes.tolist()) for p in cropped] == \
+            [(p.vertices.tolist(), p.codes.tolist()) for p in whole]
