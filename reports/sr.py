@@ -261,7 +261,7 @@ def _volumetric(assessment: Assessment, segment: SegmentRef, seg: Dataset,
         referenced_segment=ReferencedSegment(
             sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, segment_number=segment.number,
             source_series=SourceSeriesForSegmentation(series_uid)),
-        finding_type=metrics.muscle.code,
+        finding_type=_coded(metrics.muscle.code),
         finding_sites=finding_sites(metrics.muscle, metrics.side),
         measurements=_measurements(assessment),
         qualitative_evaluations=coded or None,
@@ -281,7 +281,7 @@ def _image_free(assessment: Assessment, identity: ResultIdentity,
                                         identifier=_label(assessment)))
     return MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
-        finding_type=metrics.muscle.code,
+        finding_type=_coded(metrics.muscle.code),
         finding_sites=finding_sites(metrics.muscle, metrics.side, level),
         measurements=_measurements(assessment),
         qualitative_evaluations=coded or None,
@@ -319,7 +319,7 @@ def _planar(area: SliceArea, assessment: Assessment, segment: SegmentRef, seg: D
         referenced_segment=ReferencedSegmentationFrame(
             sop_class_uid=seg.SOPClassUID, sop_instance_uid=seg.SOPInstanceUID, frame_number=seg_frame,
             segment_number=segment.number, source_image=source),
-        finding_type=metrics.muscle.code,
+        finding_type=_coded(metrics.muscle.code),
         finding_sites=finding_sites(metrics.muscle, metrics.side),
         measurements=slice_measurements(area, metrics),
     )
@@ -401,7 +401,7 @@ def _key_slice_outline(assessment: Assessment, label_map: LabelMap, source_class
                              str(area.frame_number)),
             identifier=key_slice_label(assessment)),
         referenced_region=region,
-        finding_type=metrics.muscle.code,
+        finding_type=_coded(metrics.muscle.code),
         finding_sites=finding_sites(metrics.muscle, metrics.side, metrics.level),
         measurements=slice_measurements(area, metrics),
     )
