@@ -76,6 +76,7 @@ def _files(study: Path) -> dict[str, list[Path]]:
 def _worker(job: dict[str, Any]) -> dict[str, Any]:
     from inference.card import ModelCard
     from inference.runtime import UNTUNED, Segmenter, Tuning
+    from reports.heap import settle_after_first_study
     from reports.pipeline import WorkItem, run
 
     card = ModelCard.load(job["card"])
@@ -94,6 +95,7 @@ def _worker(job: dict[str, Any]) -> dict[str, Any]:
     segmenter.segment = timed
     item = WorkItem("dixon", _files(Path(job["study"])))
     run(item, segmenter, software_version="bench")  # warm-up
+    settle_after_first_study()  # as every worker of the node and of process does after its first study
     totals, inferences = [], []
     for _ in range(job["studies"]):
         inference[0] = 0.0

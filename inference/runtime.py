@@ -515,8 +515,10 @@ def sliding_window(image: np.ndarray, predict: Callable[[np.ndarray], np.ndarray
             raise InputError(f"the model returned {scores.shape} for windows {batch.shape}")
         if total is None:
             total = np.zeros((scores.shape[1],) + image.shape[1:], dtype=np.float32)
+            weighted = np.empty(scores.shape[1:], dtype=np.float32)
         for (r, c), window_scores in zip(chunk, scores):
-            total[:, r:r + wr, c:c + wc] += weights * window_scores
+            np.multiply(weights, window_scores, out=weighted)  # one buffer for every window
+            total[:, r:r + wr, c:c + wc] += weighted
             norm[r:r + wr, c:c + wc] += weights
     assert total is not None
     return total / norm

@@ -33,6 +33,7 @@ from typing import Any, Mapping
 from pydicom import dcmread
 
 from inference.vertebrae import NO_LEVEL_REFERENCE
+from reports.heap import settle_after_first_study
 from reports.pipeline import (PipelineError, PipelineSettings, WorkItem, cohort_rows, find_level_reference, run,
                               slice_rows)
 
@@ -284,3 +285,5 @@ def _process(task: StudyTask, record: dict[str, Any]) -> None:
         record["results"].extend(group["results"])
     done = sum(g["outcome"] == "done" for g in record["groups"])
     record["status"] = "done" if done == len(record["groups"]) else ("partial" if done else "failed")
+    if done:
+        settle_after_first_study()

@@ -25,6 +25,7 @@ from typing import Sequence
 from pydicom.dataset import Dataset
 
 from ..config import Config
+from reports.heap import settle_after_first_study
 from reports.pipeline import PipelineError, WorkItem, cohort_rows, run
 
 from .. import __version__
@@ -203,6 +204,7 @@ class Workers:
             self._fail(job.id, unexpected_reason(exc), transient=False)
             return
         self.inference_seconds += results.seconds.get("inference", 0.0)
+        settle_after_first_study()
         try:
             files = self._keep(results.datasets)
         except OSError as exc:
