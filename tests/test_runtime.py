@@ -561,21 +561,29 @@ def test_body_box_is_the_bright_part_with_a_margin_and_at_least_a_window() -> No
     assert rows.stop == 300 and columns.start == 0
 
 
+def _whole_and_box(inside: np.ndarray, grid, box, frame):
+    """Three-class probabilities over ``box`` resampled onto ``frame`` the long way (the whole grid,
+    background outside the box) and by Segmenter._box_to_frame."""
+    from inference.resample import resample
+
+    background = [1.0, 0.0, 0.0]
+    whole = np.zeros((3,) + grid.shape, np.float32)
+    whole[0] = 1.0
+    whole[(slice(None),) + box] = inside
+    return (resample(whole, grid, frame, fill=background),
+            Segmenter._box_to_frame(inside, grid, box, frame, background))
+
+
 def test_box_probabilities_go_onto_the_frame_as_the_whole_grid_would() -> None:
     """Resampling only the box's footprint gives the numbers of resampling the whole grid."""
-    from inference.resample import canonical_grid, resample
+    from inference.resample import canonical_grid
 
     frame = _frame(*ORIENTATIONS["oblique"], size=(90, 110), spacing=(0.9, 1.3))
     grid = canonical_grid(frame, ["P", "L"], [1.0, 1.0])
     box = (slice(20, 61), slice(30, 95))
     rng = np.random.default_rng(5)
     inside = rng.random((3, 41, 65)).astype(np.float32)
-    background = [1.0, 0.0, 0.0]
-    whole = np.zeros((3,) + grid.shape, np.float32)
-    whole[0] = 1.0
-    whole[(slice(None),) + box] = inside
-    expected = resample(whole, grid, frame, fill=background)
-    found, _ = Segmenter._box_to_frame(inside, grid, box, frame, background)
+    expected, (found, _) = _whole_and_box(inside, grid, box, frame)
     np.testing.assert_allclose(found, expected, atol=1e-6)
 
 
@@ -604,7 +612,7 @@ def test_probabilities_go_onto_the_frame_only_where_a_muscle_can_win() -> None:
     """Where the box is certain background, nothing is resampled: the labels (argmax) are those
     of resampling the whole grid, and so are the probabilities at every labelled pixel; outside
     the returned region every frame pixel is background."""
-    from inference.resample import canonical_grid, resample
+    from inference.resample import canonical_grid
 
     frame = _frame(*ORIENTATIONS["oblique"], size=(120, 140), spacing=(0.9, 1.3))
     grid = canonical_grid(frame, ["P", "L"], [1.0, 1.0])
@@ -616,12 +624,7 @@ def test_probabilities_go_onto_the_frame_only_where_a_muscle_can_win() -> None:
     inside[0][blob] = rng.uniform(0.0, 0.6, (15, 20))  # ... but for a blob where muscles can win
     inside[1] = (1.0 - inside[0]) * rng.uniform(0.0, 1.0, (80, 100))
     inside[2] = 1.0 - inside[0] - inside[1]
-    background = [1.0, 0.0, 0.0]
-    whole = np.zeros((3,) + grid.shape, np.float32)
-    whole[0] = 1.0
-    whole[(slice(None),) + box] = inside
-    expected = resample(whole, grid, frame, fill=background)
-    found, region = Segmenter._box_to_frame(inside, grid, box, frame, background)
+    expected, (found, region) = _whole_and_box(inside, grid, box, frame)
     labels = np.argmax(expected, axis=0)
     assert labels.any() and np.array_equal(np.argmax(found, axis=0), labels)
     np.testing.assert_allclose(found[:, labels > 0], expected[:, labels > 0], atol=1e-6)
@@ -632,7 +635,7 @@ def test_probabilities_go_onto_the_frame_only_where_a_muscle_can_win() -> None:
     # A box that is background everywhere resamples nothing.
     found, region = Segmenter._box_to_frame(np.stack([np.ones((80, 100), np.float32), *np.zeros((2, 80, 100),
                                                                                              np.float32)]),
-                                            grid, box, frame, background)
+                                            grid, box, frame, [1.0, 0.0, 0.0])
     assert np.all(found[0] == 1.0) and found[0][region].size == 0
 
 
