@@ -554,10 +554,12 @@ def _levels(args: argparse.Namespace) -> int:
     results = study_levels(args.paths, card)
     if args.json:
         print(json.dumps(levels_as_rows(results), indent=1))
-        return 0
     if not results:
-        print("no DICOM images found")
+        # The same exit status with --json (which still writes a valid, empty list).
+        print("no DICOM images found", file=sys.stderr if args.json else sys.stdout)
         return 1
+    if args.json:
+        return 0
     for study in results:
         print(f"study {study.study_instance_uid}")
         reference = study.reference

@@ -146,5 +146,9 @@ def levels_as_rows(results: Sequence[StudyLevels]) -> list[dict]:
                     "level": level,
                     "reference_series_instance_uid": study.reference.series_instance_uid if study.reference else None,
                     "reason": levels.reason,
+                    # What the plain output prints under the reference: a JSON reader must see a
+                    # body named by its order, or a gap, as well.
+                    "bodies_found": list(study.reference.names) if study.reference else [],
+                    "reference_problems": list(study.reference.problems) if study.reference else [],
                 })
     return rows

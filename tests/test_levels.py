@@ -359,7 +359,7 @@ def test_cli_json_equals_the_python_levels(studies, level_card, capsys):
     from node.cli import main
 
     study, _ = studies["myosegmentum-07"]
-    _, levels = _levels_of_study(study, level_card)
+    reference, levels = _levels_of_study(study, level_card)
     expected = {}
     for series, result in levels.values():
         for frame, level in zip(series.geometry, result.levels):
@@ -369,9 +369,22 @@ def test_cli_json_equals_the_python_levels(studies, level_card, capsys):
     got = {(r["series_instance_uid"], r["sop_instance_uid"]): r["level"] for r in rows}
     assert got == expected
     assert all(r["reference_series_instance_uid"] == study.series["sagittal"].series_uid for r in rows)
+    assert all(r["bodies_found"] == list(reference.names) and r["reference_problems"] == list(reference.problems)
+               for r in rows)
+    assert rows[0]["bodies_found"][-1] == "L5"
     assert main(["levels", str(study.root)]) == 0
     text = capsys.readouterr().out
     assert "reference: sagittal series" in text and "(T2)" in text and "bodies found: " in text
+
+
+def test_cli_on_a_folder_without_images_exits_1_with_or_without_json(tmp_path, capsys):
+    from node.cli import main
+
+    assert main(["levels", str(tmp_path), "--json"]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == [] and "no DICOM images found" in captured.err
+    assert main(["levels", str(tmp_path)]) == 1
+    assert "no DICOM images found" in capsys.readouterr().out
 
 
 def test_cli_without_sagittal_says_why(tmp_path, capsys):
