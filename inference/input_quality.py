@@ -93,11 +93,15 @@ class SliceQuality:
     band_ratio : float or None
         Median of the subcutaneous band over median of the interior; None when the body is too
         small to have both (or the interior median is not positive).
+    body_cut : bool
+        The body runs off the slice on two opposite sides (left and right, or top and bottom):
+        a field of view narrower than the body, where the slice's edges stand in for skin.
     """
 
     body_fraction: float
     neighbour_correlation: float
     band_ratio: float | None
+    body_cut: bool = False
 
 
 def _otsu_threshold(values: np.ndarray) -> float:
@@ -266,7 +270,21 @@ def measure_slice(pixels: np.ndarray, pixel_spacing: Sequence[float], body: np.n
         body = body_mask(values)
     fraction = float(body.mean()) if body.size else 0.0
     correlation = _neighbour_correlation(values) if min(values.shape) > 1 else 0.0
-    return SliceQuality(fraction, correlation, _band_ratio(values, body, pixel_spacing) if band_ratio else None)
+    return SliceQuality(fraction, correlation, _band_ratio(values, body, pixel_spacing) if band_ratio else None,
+                        _runs_off(body))
+
+
+def _runs_off(body: np.ndarray) -> bool:
+    """:attr:`SliceQuality.body_cut` of a body mask: it reaches two opposite edges of the slice.
+
+    :func:`body_mask` closes the body as if the slice were surrounded by air, which takes up to
+    :data:`_CLOSING` pixels off a body cut by the slice's edge: reaching within
+    ``_CLOSING + 1`` pixels of an edge counts as reaching it.
+    """
+    reach = _CLOSING + 1
+    if min(body.shape) <= 2 * reach:
+        return False
+    return bool((body[:, :reach].any() and body[:, -reach:].any()) or (body[:reach].any() and body[-reach:].any()))
 
 
 def _band_ratio(values: np.ndarray, body: np.ndarray, pixel_spacing: Sequence[float]) -> float | None:
@@ -317,10 +335,22 @@ def fat_suppression_problem(qualities: Sequence[SliceQuality]) -> str | None:
     The median over slices of :attr:`SliceQuality.band_ratio` (slices without one are left out)
     must reach :data:`MIN_BAND_RATIO`. Nothing is decided when no slice has a ratio (the slice
     checks refuse such a series).
+
+    Slices whose body runs off the image on two opposite sides (:attr:`SliceQuality.body_cut`)
+    have no subcutaneous band at their cut edges, only muscle and organs the ratio was not made
+    for: they are left out, and when they are most of the slices the fat signal cannot be
+    checked, which refuses the series too, saying so.
     """
-    ratios = [q.band_ratio for q in qualities if q.band_ratio is not None]
-    if not ratios:
+    measured = [q for q in qualities if q.band_ratio is not None]
+    if not measured:
         return None
+    whole = [q.band_ratio for q in measured if not q.body_cut]
+    if 2 * len(whole) < len(measured):
+        return (f"the fat signal cannot be checked: the body runs off the image on two opposite sides in "
+                f"{len(measured) - len(whole)} of {len(measured)} slices (a field of view narrower than the body), so "
+                "the subcutaneous fat that tells an image with fat signal from a fat-suppressed one cannot be "
+                "measured; a series whose field of view holds the whole body, or a Dixon series, can be measured")
+    ratios = whole
     ratio = float(np.median(ratios))
     if ratio < MIN_BAND_RATIO:
         return (f"the image looks fat suppressed: subcutaneous fat is {ratio:.2f} times as bright as the inside of "

@@ -114,6 +114,27 @@ def test_pixel_spacing_limit() -> None:
     assert reason is not None and "2.5 mm is coarser than the 2 mm" in reason
 
 
+@pytest.mark.parametrize("contrast", ["water", "in_phase"])
+def test_a_body_cut_by_a_narrow_field_of_view_cannot_be_checked_for_fat_signal(contrast: str) -> None:
+    """The real slices cut to a 77-pixel strip through the spine (the body runs off left and right,
+    as in a small field of view) are refused as "cannot be checked", not as fat suppressed or
+    fat-containing from a ratio the strip cannot give; the whole slices are never called cut."""
+    studies.require_data()
+    whole, strips = [], []
+    for pixels in _slices(contrast):
+        columns = np.flatnonzero((pixels > 0.1 * pixels.max()).any(axis=0))
+        middle = (int(columns[0]) + int(columns[-1])) // 2
+        whole.append(measure_slice(pixels, _spacing()))
+        strips.append(measure_slice(pixels[:, middle - 38:middle + 39], _spacing()))
+    assert not any(q.body_cut for q in whole) and all(q.body_cut for q in strips)
+    reason = fat_suppression_problem(strips)
+    assert reason is not None and reason.startswith("the fat signal cannot be checked")
+    assert "29 of 29 slices" in reason
+    # A minority of cut slices is left out and the rest decide, as for the whole slices.
+    mixed = whole[:20] + strips[20:]
+    assert fat_suppression_problem(mixed) == fat_suppression_problem(whole[:20])
+
+
 def test_no_ratio_decides_nothing() -> None:
     assert fat_suppression_problem([SliceQuality(0.0, 0.0, None)]) is None
     assert fat_suppression_problem([]) is None
