@@ -344,13 +344,12 @@ def fat_suppression_problem(qualities: Sequence[SliceQuality]) -> str | None:
     measured = [q for q in qualities if q.band_ratio is not None]
     if not measured:
         return None
-    whole = [q.band_ratio for q in measured if not q.body_cut]
-    if 2 * len(whole) < len(measured):
+    ratios = [q.band_ratio for q in measured if not q.body_cut]
+    if 2 * len(ratios) < len(measured):
         return (f"the fat signal cannot be checked: the body runs off the image on two opposite sides in "
-                f"{len(measured) - len(whole)} of {len(measured)} slices (a field of view narrower than the body), so "
+                f"{len(measured) - len(ratios)} of {len(measured)} slices (a field of view narrower than the body), so "
                 "the subcutaneous fat that tells an image with fat signal from a fat-suppressed one cannot be "
                 "measured; a series whose field of view holds the whole body, or a Dixon series, can be measured")
-    ratios = whole
     ratio = float(np.median(ratios))
     if ratio < MIN_BAND_RATIO:
         return (f"the image looks fat suppressed: subcutaneous fat is {ratio:.2f} times as bright as the inside of "

@@ -72,17 +72,19 @@ def prelu_as_leaky_relu(model: bytes) -> Rewrite:
     graph_model = onnx.load_model_from_string(model)
     graph = graph_model.graph
     constants = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
-    constant_nodes = {}
+    constant_outputs = set()
     for node in graph.node:
         if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-            constant_nodes[node.output[0]] = node
+            constant_outputs.add(node.output[0])
     nodes, rewritten, kept = [], 0, 0
     for node in graph.node:
-        slope = constants.get(node.input[1]) if node.op_type == "PRelu" and len(node.input) == 2 else None
-        if node.op_type == "PRelu" and (slope is None or slope.size != 1):
-            kept += 1
+        if node.op_type != "PRelu":
+            nodes.append(node)
+            continue
+        slope = constants.get(node.input[1]) if len(node.input) == 2 else None
         if slope is None or slope.size != 1:
+            kept += 1
             nodes.append(node)
             continue
         # float(float32) is exact, and the attribute is stored as float32 again: the same slope.
@@ -92,7 +94,7 @@ def prelu_as_leaky_relu(model: bytes) -> Rewrite:
     if not rewritten:
         return Rewrite(model, 0, kept)
     read = {name for node in nodes for name in node.input} | {output.name for output in graph.output}
-    nodes = [node for node in nodes if not (node.op_type == "Constant" and node.output[0] in constant_nodes
+    nodes = [node for node in nodes if not (node.op_type == "Constant" and node.output[0] in constant_outputs
                                             and node.output[0] not in read)]
     initializers = [tensor for tensor in graph.initializer if tensor.name in read]
     dropped = {tensor.name for tensor in graph.initializer} - {tensor.name for tensor in initializers}

@@ -833,6 +833,7 @@ class Segmenter:
         # Probabilities, so that what the model never saw (outside the crop) can be certain
         # background and interpolation mixes comparable numbers.
         background = [1.0] + [0.0] * (card.classes - 1)
+        region = None  # the whole frame
         if not self.tuning.body_crop:
             probabilities = np.zeros((card.classes,) + grid.shape, dtype=np.float32)
             probabilities[0] = 1.0
@@ -841,8 +842,7 @@ class Segmenter:
         else:
             on_frame, region = self._box_to_frame(_softmax(self._windows(normalised, box)), grid, box, frame,
                                                   background)
-            return self._finish(on_frame, frame, frame_index, region=region)
-        return self._finish(on_frame, frame, frame_index)
+        return self._finish(on_frame, frame, frame_index, region=region)
 
     @staticmethod
     def _box_to_frame(probabilities: np.ndarray, grid: FrameGeometry, box: tuple[slice, slice],
