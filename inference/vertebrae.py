@@ -576,13 +576,15 @@ def name_candidates(votes: Sequence[np.ndarray], naming: str = NAMING) -> tuple[
                 best = (score, offset)
         offset = best[1]
         direct = [int(np.argmax(v[1:]) + 1) for v in votes]
-        disagree = [i for i in range(n) if direct[i] != offset + i]
+        # A body the order leaves outside T11-L5 is not named at all, and said so below.
+        disagree = [i for i in range(n) if direct[i] != offset + i and 1 <= offset + i < classes]
         if disagree:
             # Which bodies, so that a reader can look at them on the sagittal series.
             which = ", ".join(f"{_vertebra_name(offset + i, classes)} (the model: {_vertebra_name(direct[i], classes)})"
                               for i in disagree)
-            problems.append(f"{len(disagree)} of {n} bodies were named by their order: the model's own "
-                            f"name for them differed: {which}")
+            problems.append(f"{len(disagree)} of {n} bodies {'was' if len(disagree) == 1 else 'were'} named by "
+                            f"their order: the model's own name for {'it' if len(disagree) == 1 else 'them'} "
+                            f"differed: {which}")
     else:
         raise ValueError(f"naming must be direct, order or consensus, not {naming!r}")
     names = [offset + i if 1 <= offset + i < classes else None for i in range(n)]

@@ -217,7 +217,8 @@ def _process(args: argparse.Namespace) -> int:
           f" {summary.nothing_selected} with nothing selected; {summary.groups - summary.groups_failed} of"
           f" {summary.groups} selected groups processed ({summary.groups_not_measured} not measured: their"
           f" segmentation failed quality control), {summary.skipped_series} series skipped")
-    print(f"results, cohort, slices, studies and skipped_and_failed tables (CSV, Parquet) and process.log in {out}")
+    print(f"SEG, SR and summary per study; cohort, slices, studies and skipped_and_failed tables (CSV, Parquet); "
+          f"process.log: in {out}")
     if summary.exit_code:
         print(f"exit status {summary.exit_code}: {EXIT_CODES[summary.exit_code]}")
     return summary.exit_code
@@ -947,7 +948,8 @@ def build_parser() -> argparse.ArgumentParser:
         "levels", help="vertebral level of every axial slice, from the study's sagittal series (level model)")
     levels.add_argument("paths", nargs="+", metavar="PATH", help="DICOM files or folders (one or more studies)")
     levels.add_argument("--json", action="store_true",
-                        help="one object per axial slice: series_instance_uid, sop_instance_uid, level (or null)")
+                        help="one object per axial slice: its UIDs, level (or null), the reason for none, and the "
+                             "reference's bodies_found and reference_problems")
     levels.add_argument("--model", help="level model, NAME or NAME@VERSION (default: musclenode-lumbar-vertebrae)")
     levels.add_argument("--dir", action="append", help=folder_help)
     levels.set_defaults(run=_levels)

@@ -223,11 +223,12 @@ def test_naming_by_consensus_fixes_one_wrong_vote():
     names, problems = name_candidates(votes, "consensus")
     assert names == [3, 4, 5, 6, 7]
     # The problem names the body, and what the model called it.
-    assert problems == ["1 of 5 bodies were named by their order: the model's own name for them differed: "
+    assert problems == ["1 of 5 bodies was named by their order: the model's own name for it differed: "
                         "L3 (the model: L2)"], problems
-    # A body above T11 cannot be named: one body, said so.
+    # A body above T11 cannot be named: one body, said so, and not also as "named by its order".
     _, above = name_candidates([np.eye(8)[k] * 100 for k in (1, 1, 2, 3)], "consensus")
     assert "1 body outside T11-L5 was not named" in above, above
+    assert not any("unnamed" in problem for problem in above), above
     direct, direct_problems = name_candidates(votes, "direct")
     assert direct.count(4) == 1 and None in direct and direct_problems
     order, _ = name_candidates([np.eye(8)[1] * 10] * 3, "order")
